@@ -1,0 +1,52 @@
+"""argparse flags built from the config dataclasses: field name -> --flag, field docstring -> help."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import typing
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
+            docs[prev.target.id] = " ".join(str(node.value.value).split())
+    return docs
+
+
+def _scalar(tp: object) -> type:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp  # type: ignore[return-value]
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per dataclass field, in a group named after the class."""
+    group = parser.add_argument_group(cls.__doc__.strip().rstrip(".") if cls.__doc__ else cls.__name__)
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = _scalar(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_ = docs.get(f.name, "") + (f" (default: {default})" if default not in (None, "") else "")
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        else:
+            group.add_argument(flag, type=tp, default=default, help=help_, metavar=f.name.upper().split("_")[-1])
+
+
+def build(cls: type, ns: argparse.Namespace):
+    """The dataclass instance from parsed arguments."""
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})

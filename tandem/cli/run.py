@@ -1,0 +1,67 @@
+"""`tandem run`: one generation on the terminal; accepted draft tokens in green, then a stats line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.text import Text
+
+from tandem.cli.options import add_options, build
+from tandem.cli.progress import load_progress
+from tandem.config import ModelOptions, SamplingOptions, SpecOptions
+from tandem.errors import BadInputError
+from tandem.runtime import Runtime
+from tandem.spec.generate import Done, GenParams
+from tandem.spec.sampling import SamplingParams
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", help="prompt text (default: read standard input)")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and stats")
+    p.add_argument("--no-color", action="store_true", help="plain text output")
+    add_options(p, ModelOptions)
+    add_options(p, SpecOptions)
+    add_options(p, SamplingOptions)
+
+
+def main(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise BadInputError("the prompt is empty", "pass --prompt TEXT or pipe text on standard input")
+    err = Console(stderr=True, no_color=args.no_color)
+    sampling = SamplingParams(**vars(build(SamplingOptions, args)))
+    spec = build(SpecOptions, args)
+    gp = GenParams(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop),
+                   draft_max=spec.draft_max, draft_min=spec.draft_min, draft_p_min=spec.draft_p_min)
+    with load_progress(err, quiet=args.json) as progress:
+        rt = Runtime(build(ModelOptions, args), announce=lambda s: err.print(s), progress=progress)
+    tokens = rt.prompt(text=prompt, raw=args.raw)
+    out = Console(no_color=args.no_color, highlight=False, soft_wrap=True)
+    records = []
+    for ev in rt.generate(tokens, gp):
+        if isinstance(ev, Done):
+            stats = ev.stats
+            if ev.tail:
+                records.append({"id": -1, "text": ev.tail, "source": "main"})
+                if not args.json:
+                    out.print(ev.tail, end="")
+            break
+        records.append({"id": ev.id, "text": ev.text, "source": ev.source})
+        if not args.json:
+            out.print(Text(ev.text, style="green" if ev.source == "draft" else ""), end="")
+    if args.json:
+        print(json.dumps({"text": "".join(r["text"] for r in records),
+                          "tokens": [r for r in records if r["id"] >= 0], "stats": stats.to_dict()}))
+        return 0
+    out.print()
+    err.print(f"[dim]{stats.tokens_per_second:.1f} tok/s · {stats.generated_tokens} tokens · "
+              f"acceptance {stats.acceptance_rate:.0%} · drafted {stats.drafted} / accepted {stats.accepted} / "
+              f"rejected {stats.rejected} / ignored {stats.ignored} · draft {stats.draft_model or 'none'} · "
+              f"stop {stats.stop_reason}[/dim]")
+    return 0

@@ -1,0 +1,57 @@
+"""One typed dataclass per concern. Each field's docstring is its CLI help (see tandem.cli.options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelOptions:
+    """Which models to load and how."""
+
+    model: str | None = None
+    """Main model GGUF path (default: the embedded SmolLM2-135M pair)."""
+    draft: str | None = None
+    """Draft model GGUF path, or 'none' for no speculation (default: the embedded draft when --model is not given)."""
+    ctx_size: int = 4096
+    """Main model context size in tokens."""
+    ctx_size_draft: int = 0
+    """Draft model context size in tokens; 0 means the same as --ctx-size."""
+    threads: int = 0
+    """CPU threads; 0 means all cores."""
+    cache_type_k: str = "f16"
+    """Main model KV cache type for K: f16, q8_0, q4_0, f32."""
+    cache_type_v: str = "f16"
+    """Main model KV cache type for V."""
+    cache_type_k_draft: str = "f16"
+    """Draft model KV cache type for K."""
+    cache_type_v_draft: str = "f16"
+    """Draft model KV cache type for V."""
+
+
+@dataclass
+class SpecOptions:
+    """Speculative decoding knobs (defaults; requests may override them)."""
+
+    draft_max: int = 8
+    """Most tokens drafted per verification step."""
+    draft_min: int = 0
+    """Drafts shorter than this are not verified."""
+    draft_p_min: float = 0.5
+    """Stop drafting when the draft's top probability falls below this."""
+
+
+@dataclass
+class SamplingOptions:
+    """How tokens are chosen."""
+
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy."""
+    top_k: int = 0
+    """Top-k filter; 0 is off."""
+    top_p: float = 1.0
+    """Top-p (nucleus) filter; 1 is off."""
+    min_p: float = 0.0
+    """Min-p filter; 0 is off."""
+    seed: int | None = None
+    """Random seed for reproducible sampling."""

@@ -1,0 +1,296 @@
+"""A small typed layer over llama-cpp-python's low-level API.
+
+Everything else in Tandem reaches llama.cpp through `Model` and `Context` only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tandem.engine.vocab import VocabInfo
+from tandem.errors import EngineError, ModelNotFoundError, NotGGUFError
+
+log = logging.getLogger("tandem.llama")
+
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+"""KV cache types accepted on the command line, by llama.cpp's ggml_type number."""
+
+_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
+"""ggml log levels (3 warn, 4 error) that surface above DEBUG."""
+
+_VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
+
+
+def _lib():
+    import llama_cpp  # imported lazily so pure modules and --help work without the native library
+
+    return llama_cpp
+
+
+@functools.cache
+def init_backend() -> object:
+    """Initialise llama.cpp once; route its log lines to Python logging. Returns the callback (kept alive)."""
+    lib = _lib()
+    llama_log = logging.getLogger("llama.cpp")
+
+    @lib.llama_log_callback
+    def _forward(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        msg = text.decode("utf-8", "replace").rstrip()
+        if msg:
+            llama_log.log(_LOG_LEVELS.get(level, logging.DEBUG), msg)
+
+    lib.llama_log_set(_forward, ctypes.c_void_p(0))
+    lib.llama_backend_init()
+    return _forward
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    """Everything llama.cpp needs to create a context. Built by the memory plan, nowhere else."""
+
+    n_ctx: int = 4096
+    """Context size in tokens (KV cache cells)."""
+    n_batch: int = 512
+    """Most tokens one llama_decode call takes."""
+    n_threads: int = 0
+    """CPU threads; 0 means all cores."""
+    type_k: str = "f16"
+    """KV cache type for K (f16, q8_0, ...)."""
+    type_v: str = "f16"
+    """KV cache type for V."""
+    n_seq_max: int = 1
+    """Parallel sequences sharing the context."""
+
+    def threads(self) -> int:
+        return self.n_threads or (os.cpu_count() or 1)
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.exists():
+        raise ModelNotFoundError(f"model file {path} does not exist",
+                                 "check the path, or run `tandem models` to list the models found")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise NotGGUFError(f"{path} is not a GGUF model (starts with {magic!r})",
+                           "convert it with llama.cpp's convert_hf_to_gguf.py, or pass a .gguf file")
+
+
+class Model:
+    """Loaded weights plus their vocabulary."""
+
+    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0,
+                 progress: Callable[[float], None] | None = None):
+        lib = _lib()
+        init_backend()
+        self.path = Path(path)
+        _check_gguf(self.path)
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        if progress is not None:
+            @lib.llama_progress_callback
+            def _cb(p: float, _user: ctypes.c_void_p) -> bool:
+                progress(p)
+                return True
+            self._progress_cb = _cb  # keep alive while loading
+            params.progress_callback = _cb
+        self._ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._ptr:
+            raise EngineError(f"llama.cpp could not load {self.path}",
+                              "check that the file is complete and of an architecture this llama.cpp supports")
+        self._vocab = lib.llama_model_get_vocab(self._ptr)
+        self.n_vocab: int = lib.llama_vocab_n_tokens(self._vocab)
+        self.bos: int = lib.llama_vocab_bos(self._vocab)
+        self.eos: int = lib.llama_vocab_eos(self._vocab)
+        self.add_bos: bool = bool(lib.llama_vocab_get_add_bos(self._vocab))
+        self._eog = frozenset(t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self._vocab, t))
+        self._pieces: list[bytes | None] = [None] * self.n_vocab
+        self.name = self.path.stem
+
+    # -- facts -------------------------------------------------------------------------------
+    @property
+    def size_bytes(self) -> int:
+        return int(_lib().llama_model_size(self._ptr))
+
+    @property
+    def n_params(self) -> int:
+        return int(_lib().llama_model_n_params(self._ptr))
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = _lib().llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.meta("tokenizer.chat_template")
+
+    @property
+    def can_shift(self) -> bool:
+        """Whether RoPE positions can be shifted in the KV cache (needed by the sliding draft window)."""
+        return int(_lib().llama_model_rope_type(self._ptr)) >= 0
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary's text for a token (special tokens included, unlike piece())."""
+        return _lib().llama_vocab_get_text(self._vocab, token).decode("utf-8", "surrogateescape")
+
+    def vocab_info(self) -> VocabInfo:
+        lib = _lib()
+        texts = tuple(self.token_text(i) for i in range(self.n_vocab))
+        vtype = _VOCAB_TYPES.get(int(lib.llama_vocab_type(self._vocab)), "unknown")
+        return VocabInfo(vtype, self.n_vocab, self.bos, self.eos, self.add_bos, texts)
+
+    # -- text <-> tokens -----------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        lib = _lib()
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (lib.llama_token * cap)()
+        n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (lib.llama_token * cap)()
+            n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token renders to (special tokens render empty). Cached per token."""
+        p = self._pieces[token]
+        if p is None:
+            buf = ctypes.create_string_buffer(64)
+            n = _lib().llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = _lib().llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            p = self._pieces[token] = buf.raw[:n]
+        return p
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return token in self._eog
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            _lib().llama_model_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Context:
+    """A KV cache and compute state over a Model. Not thread-safe: one engine thread owns it."""
+
+    def __init__(self, model: Model, params: ContextParams):
+        lib = _lib()
+        self.model = model
+        self.params = params
+        cp = lib.llama_context_default_params()
+        cp.n_ctx = params.n_ctx
+        cp.n_batch = params.n_batch
+        cp.n_ubatch = params.n_batch
+        cp.n_seq_max = params.n_seq_max
+        cp.n_threads = cp.n_threads_batch = params.threads()
+        cp.type_k = GGML_TYPES[params.type_k]
+        cp.type_v = GGML_TYPES[params.type_v]
+        self._ptr = lib.llama_init_from_model(model._ptr, cp)
+        if not self._ptr:
+            raise EngineError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {model.name}",
+                              "lower --ctx-size or use a smaller KV cache type (--cache-type-k q8_0)")
+        self._mem = lib.llama_get_memory(self._ptr)
+        self.n_ctx: int = lib.llama_n_ctx(self._ptr)
+        self._batch = lib.llama_batch_init(params.n_batch, 0, max(1, params.n_seq_max))
+        self.tokens_processed = 0
+        """How many tokens this context has decoded in all: the draft window's cost counter."""
+        self.decode_calls = 0
+
+    def decode(self, tokens: Sequence[int], pos0: int, *, seq_id: int = 0,
+               logits: str | Sequence[int] = "last") -> np.ndarray:
+        """Decode tokens at positions pos0.. in one sequence.
+
+        `logits` is "last", "all", "none" or the indices (into `tokens`) whose logits to return.
+        Returns an array [n_requested, n_vocab] (float32, a copy). Long inputs are split into n_batch chunks.
+        """
+        n = len(tokens)
+        if logits == "last":
+            want = [n - 1]
+        elif logits == "all":
+            want = list(range(n))
+        elif logits == "none":
+            want = []
+        else:
+            want = list(logits)
+        step = self.params.n_batch
+        out: list[np.ndarray] = []
+        for start in range(0, n, step):
+            chunk_want = [i - start for i in want if start <= i < start + step]
+            chunk = tokens[start:start + step]
+            out.append(self._decode_chunk(chunk, pos0 + start, seq_id, chunk_want))
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def _decode_chunk(self, tokens: Sequence[int], pos0: int, seq_id: int, want: Sequence[int]) -> np.ndarray:
+        lib = _lib()
+        b = self._batch
+        n = len(tokens)
+        wanted = set(want)
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq_id
+            b.logits[i] = i in wanted
+        b.n_tokens = n
+        rc = lib.llama_decode(self._ptr, b)
+        self.decode_calls += 1
+        if rc != 0:
+            hint = ("the KV cache is full: lower max_tokens or raise --ctx-size" if rc == 1
+                    else "see the log for llama.cpp's message")
+            raise EngineError(f"llama_decode failed with code {rc} for {self.model.name}", hint)
+        self.tokens_processed += n
+        if not want:
+            return np.empty((0, self.model.n_vocab), dtype=np.float32)
+        ptr = lib.llama_get_logits(self._ptr)
+        return np.ctypeslib.as_array(ptr, shape=(len(want), self.model.n_vocab)).copy()
+
+    def rollback(self, pos: int, *, seq_id: int = 0) -> None:
+        """Forget every cell of the sequence at position >= pos: the one place the KV cache is rewound."""
+        if not _lib().llama_memory_seq_rm(self._mem, seq_id, pos, -1):
+            raise EngineError(f"llama.cpp refused to roll back sequence {seq_id} to position {pos}",
+                              "this model's memory cannot be partially removed (recurrent models); "
+                              "disable speculation with --draft none")
+
+    def shift(self, p0: int, p1: int, delta: int, *, seq_id: int = 0) -> None:
+        """Drop cells [p0, p1) of the sequence and add `delta` to the positions of all later cells."""
+        lib = _lib()
+        lib.llama_memory_seq_rm(self._mem, seq_id, p0, p1)
+        lib.llama_memory_seq_add(self._mem, seq_id, p1, -1, delta)
+
+    def pos_max(self, seq_id: int = 0) -> int:
+        """Largest position held for the sequence, -1 when empty."""
+        return int(_lib().llama_memory_seq_pos_max(self._mem, seq_id))
+
+    def clear(self) -> None:
+        _lib().llama_memory_clear(self._mem, True)
+
+    def state_bytes(self) -> int:
+        return int(_lib().llama_state_get_size(self._ptr))
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            lib = _lib()
+            lib.llama_batch_free(self._batch)
+            lib.llama_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self) -> None:
+        self.close()

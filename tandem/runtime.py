@@ -1,0 +1,90 @@
+"""A main model and an optional draft, loaded, checked for compatibility, ready to generate."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tandem import chat
+from tandem.config import ModelOptions
+from tandem.engine.llama import Context, ContextParams, Model
+from tandem.engine.vocab import check_compatible
+from tandem.errors import BadInputError
+from tandem.models.defaults import default_pair
+from tandem.spec.drafters import ModelDrafter
+from tandem.spec.generate import Done, GenParams, Token, generate
+
+log = logging.getLogger("tandem.runtime")
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    main: Path
+    draft: Path | None
+
+
+def resolve_paths(opts: ModelOptions, announce: Callable[[str], None] = print) -> ModelPaths:
+    """Main and draft paths: the embedded default pair unless --model is given; --draft none turns drafting off."""
+    no_draft = opts.draft is not None and opts.draft.lower() == "none"
+    if opts.model is None:
+        pair = default_pair(announce=announce)
+        draft = None if no_draft else Path(opts.draft) if opts.draft else pair.draft
+        return ModelPaths(pair.main, draft)
+    return ModelPaths(Path(opts.model), None if no_draft or not opts.draft else Path(opts.draft))
+
+
+def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
+    if draft:
+        n_ctx = opts.ctx_size_draft or opts.ctx_size
+        if n_ctx > opts.ctx_size:
+            raise BadInputError(f"--ctx-size-draft {n_ctx} is larger than --ctx-size {opts.ctx_size}",
+                                "use a draft context no larger than the main context")
+        return ContextParams(n_ctx=n_ctx, n_batch=512, n_threads=opts.threads,
+                             type_k=opts.cache_type_k_draft, type_v=opts.cache_type_v_draft)
+    return ContextParams(n_ctx=opts.ctx_size, n_batch=512, n_threads=opts.threads,
+                         type_k=opts.cache_type_k, type_v=opts.cache_type_v)
+
+
+class Runtime:
+    """Owns the llama contexts of one main model and its draft. Use from one thread only."""
+
+    def __init__(self, opts: ModelOptions, *, announce: Callable[[str], None] = print,
+                 progress: Callable[[str, float], None] | None = None):
+        paths = resolve_paths(opts, announce)
+        self.opts = opts
+        self.main_model = Model(paths.main, progress=_named(progress, paths.main.name))
+        self.main = Context(self.main_model, context_params(opts, draft=False))
+        self.drafter: ModelDrafter | None = None
+        if paths.draft is not None:
+            draft_model = Model(paths.draft, progress=_named(progress, paths.draft.name))
+            check_compatible(self.main_model.vocab_info(), draft_model.vocab_info(),
+                             main_name=self.main_model.name, draft_name=draft_model.name)
+            self.drafter = ModelDrafter(Context(draft_model, context_params(opts, draft=True)))
+
+    @property
+    def draft_name(self) -> str | None:
+        return self.drafter.name if self.drafter else None
+
+    def prompt(self, *, text: str | None = None, messages: Sequence[dict] | None = None,
+               raw: bool = False) -> list[int]:
+        """Prompt tokens, from chat messages (through the model's template) or from text."""
+        m = self.main_model
+        if messages is None:
+            messages = [{"role": "user", "content": text or ""}]
+            if raw:
+                return m.tokenize(text or "", add_special=True, parse_special=False)
+        bos = m.token_text(m.bos) if m.bos >= 0 else ""
+        eos = m.token_text(m.eos) if m.eos >= 0 else ""
+        rendered = chat.render(m.chat_template, messages, bos_token=bos, eos_token=eos)
+        has_bos = bool(bos) and rendered.startswith(bos)
+        return m.tokenize(rendered, add_special=not has_bos, parse_special=True)
+
+    def generate(self, prompt: Sequence[int], gp: GenParams, *, use_draft: bool = True,
+                 cancel: Callable[[], bool] | None = None) -> Iterator[Token | Done]:
+        return generate(self.main, prompt, gp, self.drafter if use_draft else None, cancel)
+
+
+def _named(progress: Callable[[str, float], None] | None, name: str) -> Callable[[float], None] | None:
+    return None if progress is None else (lambda p: progress(name, p))

