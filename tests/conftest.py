@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny GGUF models built once per test session with the gguf package."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tandem.testing.tiny import build_fixture_set
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Paths of the tiny models: main, draft_same, draft_close, draft_small, different_vocab, main_f16.
+
+    Built into TANDEM_FIXTURE_DIR when set (reused between runs), else a session temp dir.
+    """
+    root = os.environ.get("TANDEM_FIXTURE_DIR")
+    out = Path(root) if root else tmp_path_factory.mktemp("tiny")
+    return build_fixture_set(out)
