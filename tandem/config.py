@@ -19,9 +19,10 @@ class ModelOptions:
     """Draft model context size in tokens; 0 means the same as --ctx-size."""
     threads: int = 0
     """CPU threads; 0 means all cores."""
-    cache_type_k: str = "f16"
-    """Main model KV cache type for K: f16, q8_0, q4_0, f32."""
-    cache_type_v: str = "f16"
+    cache_type_k: str = "f32"
+    """Main model KV cache type for K: f32, f16, q8_0, q4_0. f32 keeps speculative output token-for-token equal
+    to plain decoding; with f16, near-tied logits can flip (batched and one-at-a-time attention differ by ~3e-3)."""
+    cache_type_v: str = "f32"
     """Main model KV cache type for V."""
     cache_type_k_draft: str = "f16"
     """Draft model KV cache type for K."""

@@ -9,6 +9,7 @@ import ctypes
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +63,9 @@ class ContextParams:
     """Most tokens one llama_decode call takes."""
     n_threads: int = 0
     """CPU threads; 0 means all cores."""
-    type_k: str = "f16"
-    """KV cache type for K (f16, q8_0, ...)."""
-    type_v: str = "f16"
+    type_k: str = "f32"
+    """KV cache type for K (f32, f16, q8_0, ...). f32 makes batched verification match one-at-a-time decoding."""
+    type_v: str = "f32"
     """KV cache type for V."""
     n_seq_max: int = 1
     """Parallel sequences sharing the context."""
@@ -183,7 +184,7 @@ class Model:
         return token in self._eog
 
     def close(self) -> None:
-        if getattr(self, "_ptr", None):
+        if getattr(self, "_ptr", None) and not sys.is_finalizing():
             _lib().llama_model_free(self._ptr)
             self._ptr = None
 
@@ -290,7 +291,7 @@ class Context:
         return int(_lib().llama_state_get_size(self._ptr))
 
     def close(self) -> None:
-        if getattr(self, "_ptr", None):
+        if getattr(self, "_ptr", None) and not sys.is_finalizing():
             lib = _lib()
             lib.llama_batch_free(self._batch)
             lib.llama_free(self._ptr)

@@ -1,0 +1,149 @@
+"""The decode loop on the real engine with the tiny fixtures: losslessness and the stats identity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tandem.engine.llama import Context, ContextParams, Model
+from tandem.errors import ContextOverflowError
+from tandem.prompts import dev_prompts
+from tandem.spec.drafters import ModelDrafter
+from tandem.spec.generate import Done, GenParams, Token, generate
+from tandem.spec.sampling import SamplingParams
+
+EXTRA = ["The capital of France is", "def fizzbuzz(n):", "Once upon a time", "SELECT * FROM", "1, 2, 3, 4,",
+         "Dear Sir or Madam,", "import numpy as np", "The weather today", "In 1492, Columbus",
+         "<html><body>"]
+PROMPTS = dev_prompts() + EXTRA
+PARAMS = ContextParams(n_ctx=512, n_batch=128, n_threads=2)
+
+
+@pytest.fixture(scope="module")
+def main(tiny):
+    return Context(Model(tiny["main"]), PARAMS)
+
+
+@pytest.fixture(scope="module")
+def drafters(tiny):
+    return {k: ModelDrafter(Context(Model(tiny[k]), PARAMS)) for k in ("draft_same", "draft_close", "draft_small")}
+
+
+def run(main, prompt_text, gp, drafter=None):
+    prompt = main.model.tokenize(prompt_text)
+    events = list(generate(main, prompt, gp, drafter))
+    done = events[-1]
+    assert isinstance(done, Done)
+    toks = [e for e in events[:-1] if isinstance(e, Token)]
+    assert done.stats.identity_holds(), done.stats
+    return toks, done
+
+
+def ids(toks):
+    return [t.id for t in toks]
+
+
+def test_fixture_output_is_diverse(main):
+    """Equivalence tests only mean something if the model does not repeat one token."""
+    toks, _ = run(main, PROMPTS[0], GenParams(max_tokens=64))
+    assert len(set(ids(toks))) > 20
+
+
+@pytest.mark.parametrize("draft", ["draft_close", "draft_small"])
+def test_speculative_greedy_equals_plain_greedy(main, drafters, draft):
+    gp = GenParams(max_tokens=64, draft_max=6)
+    total_accepted = total_rejected = 0
+    assert len(PROMPTS) >= 20
+    for text in PROMPTS:
+        plain, plain_done = run(main, text, gp)
+        spec, done = run(main, text, gp, drafters[draft])
+        assert ids(spec) == ids(plain), f"diverged on {text!r}"
+        assert "".join(t.text for t in spec) + done.tail == "".join(t.text for t in plain) + plain_done.tail
+        assert sum(t.source == "draft" for t in spec) == done.stats.accepted
+        total_accepted += done.stats.accepted
+        total_rejected += done.stats.rejected
+    assert total_rejected > 0  # rollback was exercised
+    if draft == "draft_close":
+        assert total_accepted > 0
+
+
+def test_draft_equal_to_main_is_always_accepted(main, drafters):
+    for text in PROMPTS[:5]:
+        _, done = run(main, text, GenParams(max_tokens=64, draft_max=4), drafters["draft_same"])
+        assert done.stats.drafted > 0
+        assert done.stats.acceptance_rate == 1.0
+
+
+def test_draft_processes_each_token_about_once(main, drafters):
+    d = drafters["draft_close"]
+    before = d.ctx.tokens_processed
+    toks, done = run(main, PROMPTS[1], GenParams(max_tokens=64, draft_max=6), d)
+    s = done.stats
+    used = d.ctx.tokens_processed - before
+    assert used <= s.prompt_tokens + s.generated_tokens + s.rejected
+
+
+def test_sampling_is_reproducible_with_a_seed(main, drafters):
+    gp = GenParams(max_tokens=32, sampling=SamplingParams(temperature=0.8, seed=42))
+    a, _ = run(main, PROMPTS[2], gp, drafters["draft_close"])
+    b, _ = run(main, PROMPTS[2], gp, drafters["draft_close"])
+    c, _ = run(main, PROMPTS[2], GenParams(max_tokens=32, sampling=SamplingParams(temperature=0.8, seed=43)),
+               drafters["draft_close"])
+    assert ids(a) == ids(b) and ids(a) != ids(c)
+
+
+def test_t1_token_frequencies_agree_with_and_without_draft(main, drafters):
+    """At T = 1 the draft must not change the distribution of what is generated (positions 2 and 3)."""
+    n = 1500
+    sp = dict(temperature=1.0, top_k=6)
+    prompt = main.model.tokenize("The capital of France is")
+    counts: dict[str, list[dict[int, int]]] = {}
+    accepted = rejected = 0
+    for arm, drafter in (("plain", None), ("draft", drafters["draft_close"])):
+        pos = [{}, {}]
+        for seed in range(n):
+            gp = GenParams(max_tokens=3, draft_max=3, sampling=SamplingParams(seed=seed, **sp))
+            ev = list(generate(main, prompt, gp, drafter))
+            toks = [e.id for e in ev if isinstance(e, Token)]
+            for j in (0, 1):
+                pos[j][toks[j + 1]] = pos[j].get(toks[j + 1], 0) + 1
+            if drafter is not None:
+                accepted += ev[-1].stats.accepted
+                rejected += ev[-1].stats.rejected
+        counts[arm] = pos
+    assert accepted > n // 4 and rejected > n // 20  # both branches of rejection sampling ran
+    for j in (0, 1):
+        keys = sorted(set(counts["plain"][j]) | set(counts["draft"][j]))
+        a = np.array([counts["plain"][j].get(k, 0) for k in keys]) / n
+        b = np.array([counts["draft"][j].get(k, 0) for k in keys]) / n
+        pooled = (a + b) / 2
+        bound = 0.5 * 4 * np.sqrt(2 * pooled * (1 - pooled) / n).sum()  # 4 sigma per cell, two samples
+        assert 0.5 * np.abs(a - b).sum() < bound
+
+
+def test_stop_conditions(main, drafters):
+    d = drafters["draft_close"]
+    toks, done = run(main, PROMPTS[0], GenParams(max_tokens=5), d)
+    assert len(toks) == 5 and done.stats.stop_reason == "length"
+    full, _ = run(main, PROMPTS[0], GenParams(max_tokens=40))
+    text = "".join(t.text for t in full)
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    first = text.index(stop)
+    toks, done = run(main, PROMPTS[0], GenParams(max_tokens=40, stop=(stop,)), d)
+    assert done.stats.stop_reason == "stop"
+    assert "".join(t.text for t in toks) + done.tail == text[:first]
+
+
+def test_context_full_stops_cleanly(tiny):
+    small = Context(Model(tiny["main"]), ContextParams(n_ctx=32, n_batch=32, n_threads=2))
+    drafter = ModelDrafter(Context(Model(tiny["draft_close"]), ContextParams(n_ctx=32, n_batch=32, n_threads=2)))
+    toks, done = run(small, "Once upon a time", GenParams(max_tokens=2000), drafter)
+    assert done.stats.stop_reason == "context"
+    assert done.stats.prompt_tokens + len(toks) == small.n_ctx + 1  # the last token is emitted, not decoded
+
+
+def test_prompt_longer_than_context_is_refused(tiny):
+    small = Context(Model(tiny["main"]), ContextParams(n_ctx=32, n_batch=32, n_threads=2))
+    with pytest.raises(ContextOverflowError, match=f"context holds {small.n_ctx}") as e:
+        list(generate(small, list(range(100, 100 + small.n_ctx + 5)), GenParams()))
+    assert "--ctx-size" in e.value.message
