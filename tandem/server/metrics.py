@@ -1,0 +1,69 @@
+"""Prometheus metrics, in a registry owned by one app (several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-exported for the route)
+
+from tandem.spec.stats import SpecStats
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    """All of the server's metrics. The engine thread records generations; the HTTP layer records requests."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("tandem_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.request_duration = Histogram("tandem_request_duration_seconds",
+                                          "Time from request arrival to the end of the response",
+                                          ["endpoint"], buckets=_DURATION_BUCKETS, registry=r)
+        self.ttft = Histogram("tandem_time_to_first_token_seconds",
+                              "Time from a generation's submission (queue wait included) to its first token",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.generations = Counter("tandem_generations", "Finished generations by stop reason",
+                                   ["stop_reason"], registry=r)
+        self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens evaluated", registry=r)
+        self.generated_tokens = Counter("tandem_generated_tokens", "Tokens generated", registry=r)
+        self.drafts = Counter("tandem_spec_drafts", "Verification steps that carried a draft", registry=r)
+        self.draft_tokens = Counter("tandem_spec_draft_tokens", "Draft tokens proposed", registry=r)
+        self.accepted = Counter("tandem_spec_accepted_tokens", "Draft tokens accepted and used", registry=r)
+        self.rejected = Counter("tandem_spec_rejected_tokens", "Draft tokens rejected by the main model",
+                                registry=r)
+        self.ignored = Counter("tandem_spec_ignored_tokens", "Draft tokens unused because generation stopped",
+                               registry=r)
+        self.accepted_by_pos = Counter("tandem_spec_accepted_tokens_per_pos",
+                                       "Draft tokens accepted at each draft position (0-based)", ["position"],
+                                       registry=r)
+        self.drafted_by_pos = Counter("tandem_spec_draft_tokens_per_pos",
+                                      "Draft tokens proposed at each draft position (0-based)", ["position"],
+                                      registry=r)
+        self.queue_depth = Gauge("tandem_queue_depth", "Requests waiting for the engine", registry=r)
+        self.engine_ready = Gauge("tandem_engine_ready", "1 when the models are loaded and serving", registry=r)
+
+    def record_generation(self, stats: SpecStats, first_token_s: float | None) -> None:
+        """Count one finished generation (called by the engine thread before it reports Done)."""
+        self.generations.labels(stats.stop_reason or "unknown").inc()
+        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.generated_tokens.inc(stats.generated_tokens)
+        self.drafts.inc(stats.draft_steps)
+        self.draft_tokens.inc(stats.drafted)
+        self.accepted.inc(stats.accepted)
+        self.rejected.inc(stats.rejected)
+        self.ignored.inc(stats.ignored)
+        # Position counts are of verified drafts; accepted-then-unused ones stay counted here.
+        for pos, (d, a) in enumerate(zip(stats.drafted_by_position, stats.accepted_by_position)):
+            self.drafted_by_pos.labels(str(pos)).inc(d)
+            self.accepted_by_pos.labels(str(pos)).inc(a)
+        if first_token_s is not None:
+            self.ttft.observe(first_token_s)
+
+    def record_request(self, endpoint: str, status: int, duration_s: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.request_duration.labels(endpoint).observe(duration_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,21 @@
+"""Server settings. Each field's docstring is its `tandem serve` help (see tandem.cli.options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerOptions:
+    """HTTP server."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0 listens on every interface)."""
+    port: int = 8080
+    """TCP port to listen on; 0 picks a free one."""
+    api_key: str | None = None
+    """Require 'Authorization: Bearer KEY' on /v1 endpoints (default: no key)."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body accepted, in bytes; larger bodies get HTTP 413."""
+    draft_paths: bool = True
+    """Let a request's draft_model name a draft GGUF by file path, loaded on demand (--no-draft-paths refuses)."""

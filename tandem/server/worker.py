@@ -1,0 +1,286 @@
+"""The engine thread and the small client interface HTTP handlers use to talk to it.
+
+One thread owns the Runtime (the llama contexts): it loads the models after the HTTP server is up, then
+serves queued jobs one at a time. Handlers never touch the Runtime: they `submit()` a JobSpec and read
+events from the JobHandle. Errors travel as values (TandemError instances on the job's event queue);
+the handle raises them in the handler, where the app's single exception handler maps them to HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tandem.errors import BadInputError, CancelledError, EngineError, LoadingError, TandemError
+from tandem.runtime import Runtime
+from tandem.server.drafts import DraftSelector
+from tandem.server.metrics import Metrics
+from tandem.spec.generate import Done, GenParams, Token, generate
+from tandem.spec.stats import SpecStats
+
+log = logging.getLogger("tandem.server")
+
+Event = Token | Done
+State = Literal["loading", "ready", "degraded", "stopped"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What handlers may know about the loaded models (plain values, safe to read from any thread)."""
+
+    id: str
+    path: str
+    aliases: frozenset[str]
+    n_ctx: int
+    created: int
+    draft_model: str | None
+    draft_path: str | None
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    state: State
+    reason: str | None = None
+    model: ModelInfo | None = None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One generation request: chat messages, or a text/token prompt, and its parameters."""
+
+    endpoint: str
+    params: GenParams
+    messages: Sequence[dict] | None = None
+    prompt: str | Sequence[int] | None = None
+    draft_model: str | None = None
+
+
+class _Job:
+    """Engine-side state of one job; events cross to the handler's event loop thread-safely."""
+
+    def __init__(self, job_id: str, spec: JobSpec, loop: asyncio.AbstractEventLoop):
+        self.id, self.spec, self.loop = job_id, spec, loop
+        self.events: asyncio.Queue[Event | TandemError] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+
+    def put(self, ev: Event | TandemError) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+        except RuntimeError:  # the handler's loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+
+class JobHandle:
+    """The handler's side of a job: read events in order, or cancel it."""
+
+    def __init__(self, job: _Job):
+        self._job = job
+
+    @property
+    def id(self) -> str:
+        return self._job.id
+
+    async def next(self, gone: Callable[[], Awaitable[bool]] | None = None) -> Event:
+        """The next event; raises the job's TandemError. With `gone`, polls it and cancels when it says so."""
+        get = asyncio.ensure_future(self._job.events.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({get}, timeout=0.2 if gone else None)
+                if done:
+                    break
+                if gone is not None and await gone():
+                    self.cancel()
+                    raise CancelledError("the client closed the connection", "nothing to do")
+        finally:
+            if not get.done():
+                get.cancel()
+        ev = get.result()
+        if isinstance(ev, TandemError):
+            raise ev
+        return ev
+
+    def ready(self) -> list[Event]:
+        """Events already waiting, without blocking; stops at (and raises) an error."""
+        out: list[Event] = []
+        q = self._job.events
+        while not q.empty():
+            ev = q.get_nowait()
+            if isinstance(ev, TandemError):
+                raise ev
+            out.append(ev)
+            if isinstance(ev, Done):
+                break
+        return out
+
+    def cancel(self) -> None:
+        """Stop the generation at its next step (or skip it if still queued)."""
+        self._job.cancelled.set()
+
+
+class Engine:
+    """The engine thread: loads the Runtime, then runs jobs one at a time from a FIFO queue."""
+
+    def __init__(self, runtime_factory: Callable[[], Runtime], metrics: Metrics, *, allow_draft_paths: bool = True,
+                 on_status: Callable[[EngineStatus], None] | None = None):
+        self._factory = runtime_factory
+        self._metrics = metrics
+        self._allow_paths = allow_draft_paths
+        self._on_status = on_status
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._status = EngineStatus("loading")
+        self._current: _Job | None = None
+        self._ids = itertools.count(1)
+        self._thread = threading.Thread(target=self._main, name="tandem-engine", daemon=True)
+
+    # -- client interface (event-loop side) ---------------------------------------------------------------
+    @property
+    def status(self) -> EngineStatus:
+        return self._status
+
+    def submit(self, spec: JobSpec) -> JobHandle:
+        """Queue a job (call from the event loop); 503 unless the models are loaded."""
+        st = self._status
+        if st.state != "ready":
+            raise not_ready_error(st)
+        job = _Job(f"req-{next(self._ids)}", spec, asyncio.get_running_loop())
+        self._jobs.put(job)
+        self._metrics.queue_depth.set(self._jobs.qsize())
+        return JobHandle(job)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the running job, refuse the queued ones, and end the thread."""
+        self._set_status(EngineStatus("stopped", "the server is shutting down", self._status.model))
+        current = self._current
+        if current is not None:
+            current.cancelled.set()
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- engine thread --------------------------------------------------------------------------------------
+    def _set_status(self, status: EngineStatus) -> None:
+        self._status = status
+        self._metrics.engine_ready.set(1 if status.state == "ready" else 0)
+        if self._on_status is not None:
+            self._on_status(status)
+
+    def _load(self) -> tuple[Runtime, DraftSelector] | None:
+        try:
+            rt = self._factory()
+        except TandemError as e:
+            self._set_status(EngineStatus("degraded", f"loading the models failed: {e.message}"))
+            return None
+        except Exception as e:  # noqa: BLE001 - any load failure must leave the server up and say why
+            log.exception("loading the models failed")
+            self._set_status(EngineStatus("degraded", f"loading the models failed: {type(e).__name__}: {e}"))
+            return None
+        self._set_status(EngineStatus("ready", model=_model_info(rt)))
+        return rt, DraftSelector(rt, allow_paths=self._allow_paths)
+
+    def _main(self) -> None:
+        loaded = self._load()
+        while True:
+            job = self._jobs.get()
+            self._metrics.queue_depth.set(self._jobs.qsize())
+            if job is None:
+                break
+            if loaded is None or self._status.state != "ready":
+                job.put(not_ready_error(self._status))
+                continue
+            self._current = job
+            try:
+                self._run(*loaded, job)
+            finally:
+                self._current = None
+        while True:  # refuse whatever is still queued
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.put(not_ready_error(self._status))
+        if loaded is not None:
+            loaded[1].release()
+
+    def _run(self, rt: Runtime, drafts: DraftSelector, job: _Job) -> None:
+        if job.cancelled.is_set():
+            job.put(CancelledError("the client went away before its turn", "nothing to do"))
+            return
+        first: float | None = None
+        debug = log.isEnabledFor(logging.DEBUG)
+        try:
+            prompt = _prompt_tokens(rt, job.spec)
+            drafter = drafts.select(job.spec.draft_model)
+            for ev in generate(rt.main, prompt, job.spec.params, drafter, cancel=job.cancelled.is_set):
+                if isinstance(ev, Token):
+                    if first is None:
+                        first = time.perf_counter() - job.submitted
+                    if debug:
+                        log.debug("%s token %d %r (%s)", job.id, ev.id, ev.text, ev.source)
+                else:
+                    self._metrics.record_generation(ev.stats, first)
+                    _log_done(job, ev.stats)
+                job.put(ev)
+        except TandemError as e:
+            job.put(e)
+        except Exception as e:  # noqa: BLE001 - an engine failure becomes a 500 for this request only
+            log.exception("%s failed", job.id)
+            job.put(EngineError(f"generation failed: {type(e).__name__}: {e}", "see the server log; retry"))
+
+
+def not_ready_error(st: EngineStatus) -> LoadingError:
+    """The 503 for a request that arrives while the engine cannot serve: loading, failed, or stopping."""
+    if st.state == "loading":
+        return LoadingError("the server is still loading its models", "retry in a few seconds; GET /health "
+                            "says 'ready' when it can serve", code="model_loading")
+    if st.state == "stopped":
+        return LoadingError("the server is shutting down", "retry against a running server", code="shutting_down")
+    return LoadingError(st.reason or "the models could not be loaded",
+                        "fix the model paths or options and restart `tandem serve`", code="model_load_failed")
+
+
+def _prompt_tokens(rt: Runtime, spec: JobSpec) -> list[int]:
+    if spec.messages is not None:
+        return rt.prompt(messages=spec.messages)
+    if isinstance(spec.prompt, str):
+        return rt.prompt(text=spec.prompt, raw=True)
+    tokens = list(spec.prompt or ())
+    n_vocab = rt.main_model.n_vocab
+    bad = [t for t in tokens if not 0 <= t < n_vocab]
+    if bad:
+        raise BadInputError(f"prompt holds token id {bad[0]}, outside the vocabulary (0..{n_vocab - 1})",
+                            "send token ids produced by this model's tokenizer, or send text", param="prompt")
+    return tokens
+
+
+def _model_info(rt: Runtime) -> ModelInfo:
+    path = rt.main_model.path
+    d = rt.drafter
+    try:
+        created = int(path.stat().st_mtime)
+    except OSError:
+        created = 0
+    return ModelInfo(id=rt.main_model.name, path=str(path),
+                     aliases=frozenset({rt.main_model.name, path.name, str(path), str(Path(path).resolve())}),
+                     n_ctx=rt.main.n_ctx, created=created, draft_model=d.name if d else None,
+                     draft_path=str(d.ctx.model.path) if d else None)
+
+
+def _log_done(job: _Job, s: SpecStats) -> None:
+    spec = (f"draft {s.draft_model}: acceptance {s.acceptance_rate:.0%} ({s.accepted}/{s.drafted}), "
+            f"mean accepted length {s.mean_accepted_length:.2f}" if s.draft_model else "no draft")
+    log.info("%s %s: %d prompt + %d tokens in %.2f s, %.1f tok/s, %s, stop %s", job.id, job.spec.endpoint,
+             s.prompt_tokens, s.generated_tokens, s.prompt_time + s.generation_time, s.tokens_per_second,
+             spec, s.stop_reason)

@@ -1,0 +1,87 @@
+"""Helpers for the server tests (no tests here): a real uvicorn server on the tiny models, metric scraping."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from tandem.config import ModelOptions, SpecOptions
+from tandem.runtime import Runtime
+from tandem.server import ServerOptions, create_app
+from tandem.server.serving import ServerThread
+
+TEST_KEY = "test-key-123"
+HELLO = [{"role": "user", "content": "Hello, who are you?"}]
+
+
+def model_options(tiny: dict[str, Path], *, draft: str | None = "draft_close", ctx: int = 2048) -> ModelOptions:
+    """Tiny main (+ draft) on one thread: steady timings even when other test runs share the CPU."""
+    return ModelOptions(model=str(tiny["main"]), draft=str(tiny[draft]) if draft else "none", ctx_size=ctx,
+                        threads=1)
+
+
+def tiny_app(tiny: dict[str, Path], *, draft: str | None = "draft_close", ctx: int = 2048,
+             api_key: str | None = TEST_KEY, max_body_bytes: int = 1 << 20,
+             factory: Callable[[], Runtime] | None = None) -> FastAPI:
+    opts = model_options(tiny, draft=draft, ctx=ctx)
+    return create_app(ServerOptions(api_key=api_key, max_body_bytes=max_body_bytes),
+                      factory or (lambda: Runtime(opts, announce=lambda _s: None)),
+                      SpecOptions(draft_max=8, draft_min=0, draft_p_min=0.0))
+
+
+def wait_ready(url: str, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{url}/health")
+        if r.json()["status"] == "ready":
+            return r.json()
+        assert r.json()["status"] == "loading", r.json()
+        time.sleep(0.02)
+    raise AssertionError(f"{url} did not become ready")
+
+
+def start(app: FastAPI) -> ServerThread:
+    srv = ServerThread(app).start()
+    wait_ready(srv.url)
+    return srv
+
+
+def client(srv: ServerThread, key: str | None = TEST_KEY, timeout: float = 60.0) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=srv.url, headers=headers, timeout=timeout)
+
+
+def metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of GET /metrics by (name, sorted labels)."""
+    text = httpx.get(f"{url}/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def sample(scrape: dict, name: str, **labels: str) -> float:
+    return scrape.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def assert_identity(stats: dict) -> None:
+    """accepted + rejected + ignored == total, in the response's own stats."""
+    assert stats["accepted_draft_tokens_count"] + stats["rejected_draft_tokens_count"] \
+        + stats["ignored_draft_tokens_count"] == stats["total_draft_tokens_count"], stats
+
+
+def assert_openai_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    """The response is an OpenAI error body with the given status (and param, when given)."""
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and len(err["message"]) > 20, err
+    assert ": " in err["message"], f"no cause/fix in {err['message']!r}"
+    if param is not None:
+        assert err["param"] == param, err
+    return err
