@@ -55,12 +55,14 @@ class Runtime:
         paths = resolve_paths(opts, announce)
         self.opts = opts
         self.main_model = Model(paths.main, progress=_named(progress, paths.main.name))
-        self.main = Context(self.main_model, context_params(opts, draft=False))
-        self.drafter: ModelDrafter | None = None
-        if paths.draft is not None:
+        draft_model = None
+        if paths.draft is not None:  # refuse an unusable draft before allocating any KV cache
             draft_model = Model(paths.draft, progress=_named(progress, paths.draft.name))
             check_compatible(self.main_model.vocab_info(), draft_model.vocab_info(),
                              main_name=self.main_model.name, draft_name=draft_model.name)
+        self.main = Context(self.main_model, context_params(opts, draft=False))
+        self.drafter: ModelDrafter | None = None
+        if draft_model is not None:
             self.drafter = ModelDrafter(Context(draft_model, context_params(opts, draft=True)))
 
     @property

@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,8 @@ class Context:
         self.tokens_processed = 0
         """How many tokens this context has decoded in all: the draft window's cost counter."""
         self.decode_calls = 0
+        self.decode_seconds = 0.0
+        """Wall time spent inside llama_decode: the rest of a step's time is Python overhead."""
 
     def decode(self, tokens: Sequence[int], pos0: int, *, seq_id: int = 0,
                logits: str | Sequence[int] = "last") -> np.ndarray:
@@ -255,7 +258,9 @@ class Context:
             b.seq_id[i][0] = seq_id
             b.logits[i] = i in wanted
         b.n_tokens = n
+        t0 = time.perf_counter()
         rc = lib.llama_decode(self._ptr, b)
+        self.decode_seconds += time.perf_counter() - t0
         self.decode_calls += 1
         if rc != 0:
             hint = ("the KV cache is full: lower max_tokens or raise --ctx-size" if rc == 1
@@ -279,6 +284,11 @@ class Context:
         lib = _lib()
         lib.llama_memory_seq_rm(self._mem, seq_id, p0, p1)
         lib.llama_memory_seq_add(self._mem, seq_id, p1, -1, delta)
+
+    @property
+    def can_shift(self) -> bool:
+        """Whether shift() is supported: the model has RoPE and llama.cpp's memory can shift positions."""
+        return self.model.can_shift and bool(_lib().llama_memory_can_shift(self._mem))
 
     def pos_max(self, seq_id: int = 0) -> int:
         """Largest position held for the sequence, -1 when empty."""
