@@ -73,5 +73,9 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(server, lambda: Runtime(models, announce=lambda s: print(s, flush=True)), spec,
                      on_status=_on_status)
     level = str(getattr(args, "log_level", "WARNING")).lower()
-    serve(app, sock, log_level=level if level in UVICORN_LEVELS else "warning")
+    try:
+        serve(app, sock, log_level=level if level in UVICORN_LEVELS else "warning")
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
+        pass
+    print("stopped", flush=True)
     return 0

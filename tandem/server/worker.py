@@ -223,7 +223,12 @@ class Engine:
         try:
             prompt = _prompt_tokens(rt, job.spec)
             drafter = drafts.select(job.spec.draft_model)
-            for ev in generate(rt.main, prompt, job.spec.params, drafter, cancel=job.cancelled.is_set):
+            if drafter is None or drafter is rt.drafter:  # the Runtime's own path (and whatever state it keeps)
+                events = rt.generate(prompt, job.spec.params, use_draft=drafter is not None,
+                                     cancel=job.cancelled.is_set)
+            else:  # a draft loaded on demand for this request
+                events = generate(rt.main, prompt, job.spec.params, drafter, cancel=job.cancelled.is_set)
+            for ev in events:
                 if isinstance(ev, Token):
                     if first is None:
                         first = time.perf_counter() - job.submitted

@@ -1,0 +1,201 @@
+"""Bad input: each case gets the right 4xx with an OpenAI error body, and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from test_server_support import TEST_KEY, assert_openai_error, client, metrics, sample, start, tiny_app
+
+from tandem.server.serving import ServerThread
+
+LIMIT = 64 * 1024
+CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
+MSG = [{"role": "user", "content": "hi"}]
+AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny) -> Iterator[ServerThread]:
+    srv = start(tiny_app(tiny, ctx=256, max_body_bytes=LIMIT))
+    yield srv
+    srv.stop()
+
+
+@dataclass
+class Case:
+    status: int
+    body: Any = None
+    """A JSON body (dict/list), or raw bytes."""
+    param: str | None = None
+    path: str = CHAT
+    method: str = "POST"
+    headers: dict[str, str] = field(default_factory=lambda: dict(AUTH))
+    code: str | None = None
+
+
+def chat(**kw: Any) -> dict:
+    return {"messages": MSG, **kw}
+
+
+def text(**kw: Any) -> dict:
+    return {"prompt": "Once upon a time", **kw}
+
+
+def _cases(tiny_paths: dict) -> dict[str, Case]:
+    return {
+        # -- the body itself
+        "malformed-json": Case(400, b'{"messages": [', code="invalid_json"),
+        "body-not-object": Case(400, b"[1, 2]", code="invalid_json"),
+        "empty-body": Case(400, b""),
+        "body-too-large": Case(413, chat(pad="x" * (LIMIT + 10)), code="body_too_large"),
+        # -- messages
+        "messages-missing": Case(400, {"max_tokens": 3}, "messages"),
+        "messages-empty": Case(400, {"messages": []}, "messages"),
+        "messages-not-list": Case(400, {"messages": "hi"}, "messages"),
+        "message-not-object": Case(400, {"messages": [5]}, "messages[0]"),
+        "unknown-role": Case(400, {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        "content-wrong-type": Case(400, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        "content-image-part": Case(400, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content[0]"),
+        "prompt-over-context": Case(400, {"messages": [{"role": "user", "content": "hello " * 300}]},
+                                    "messages", code="context_length_exceeded"),
+        # -- a wrong type or value for every generation field
+        "max_tokens-negative": Case(400, chat(max_tokens=-5), "max_tokens"),
+        "max_tokens-zero": Case(400, chat(max_tokens=0), "max_tokens"),
+        "max_tokens-string": Case(400, chat(max_tokens="10"), "max_tokens"),
+        "max_tokens-float": Case(400, chat(max_tokens=10.5), "max_tokens"),
+        "max_completion_tokens-negative": Case(400, chat(max_completion_tokens=-1), "max_completion_tokens"),
+        "temperature-negative": Case(400, chat(temperature=-1), "temperature"),
+        "temperature-string": Case(400, chat(temperature="hot"), "temperature"),
+        "temperature-too-high": Case(400, chat(temperature=3), "temperature"),
+        "top_p-zero": Case(400, chat(top_p=0), "top_p"),
+        "top_p-string": Case(400, chat(top_p="x"), "top_p"),
+        "top_k-negative": Case(400, chat(top_k=-1), "top_k"),
+        "top_k-float": Case(400, chat(top_k=1.5), "top_k"),
+        "min_p-too-high": Case(400, chat(min_p=2), "min_p"),
+        "seed-string": Case(400, chat(seed="abc"), "seed"),
+        "seed-negative": Case(400, chat(seed=-1), "seed"),
+        "stop-number": Case(400, chat(stop=5), "stop"),
+        "stop-list-of-numbers": Case(400, chat(stop=[1]), "stop[0]"),
+        "stream-string": Case(400, chat(stream="yes"), "stream"),
+        "stream_options-without-stream": Case(400, chat(stream_options={"include_usage": True})),
+        "include_usage-string": Case(400, chat(stream=True, stream_options={"include_usage": "yes"}),
+                                     "stream_options.include_usage"),
+        "n-two": Case(400, chat(n=2), "n"),
+        "n-string": Case(400, chat(n="1"), "n"),
+        "model-number": Case(400, chat(model=5), "model"),
+        "draft_model-number": Case(400, chat(draft_model=5), "draft_model"),
+        "draft_max-negative": Case(400, chat(draft_max=-1), "draft_max"),
+        "draft_max-string": Case(400, chat(draft_max="8"), "draft_max"),
+        "draft_min-over-draft_max": Case(400, chat(draft_min=5, draft_max=2)),
+        "draft_p_min-too-high": Case(400, chat(draft_p_min=1.5), "draft_p_min"),
+        "return_token_sources-string": Case(400, chat(return_token_sources="yes"), "return_token_sources"),
+        "logprobs-unsupported": Case(400, chat(logprobs=True)),
+        "presence_penalty-unsupported": Case(400, chat(presence_penalty=0.5), "presence_penalty"),
+        "tools-unsupported": Case(400, chat(tools=[{"type": "function", "function": {"name": "f"}}])),
+        "response_format-unsupported": Case(400, chat(response_format={"type": "json_object"})),
+        # -- names that cannot be used
+        "unknown-model": Case(404, chat(model="gpt-4"), "model", code="model_not_found"),
+        "unknown-draft": Case(404, chat(draft_model="no-such-draft"), "draft_model", code="model_not_found"),
+        "incompatible-draft": Case(422, chat(draft_model=str(tiny_paths["different_vocab"])), "draft_model",
+                                   code="incompatible_draft"),
+        "draft-not-gguf": Case(400, chat(draft_model=__file__)),
+        # -- text completions
+        "prompt-missing": Case(400, {"max_tokens": 3}, "prompt", path=TEXT),
+        "prompt-number": Case(400, text(prompt=5), "prompt", path=TEXT),
+        "prompt-batch": Case(400, text(prompt=["a", "b"]), "prompt", path=TEXT),
+        "prompt-empty-list": Case(400, text(prompt=[]), "prompt", path=TEXT),
+        "prompt-token-out-of-vocab": Case(400, text(prompt=[1, 999_999_999]), "prompt", path=TEXT),
+        "prompt-tokens-over-context": Case(400, text(prompt=[1] * 300), code="context_length_exceeded", path=TEXT),
+        "echo-unsupported": Case(400, text(echo=True), path=TEXT),
+        "best_of-unsupported": Case(400, text(best_of=3), path=TEXT),
+        "text-unknown-model": Case(404, text(model="davinci"), "model", path=TEXT),
+        # -- authentication and routing
+        "no-api-key": Case(401, chat(), headers={}, code="missing_api_key"),
+        "wrong-api-key": Case(401, chat(), headers={"Authorization": "Bearer wrong"}, code="invalid_api_key"),
+        "wrong-auth-scheme": Case(401, chat(), headers={"Authorization": f"Basic {TEST_KEY}"}),
+        "models-without-key": Case(401, None, path="/v1/models", method="GET", headers={}),
+        "unknown-route": Case(404, chat(), path="/v1/nope"),
+        "wrong-method": Case(405, None, path=CHAT, method="GET"),
+    }
+
+
+CASE_IDS = list(_cases({"different_vocab": "x"}))
+
+
+@pytest.mark.parametrize("name", CASE_IDS)
+def test_bad_input(server, tiny, name):
+    case = _cases(tiny)[name]
+    kw: dict[str, Any] = {"headers": case.headers}
+    if isinstance(case.body, bytes):
+        kw["content"] = case.body
+        kw["headers"] = {**case.headers, "Content-Type": "application/json"}
+    elif case.body is not None:
+        kw["json"] = case.body
+    r = httpx.request(case.method, f"{server.url}{case.path}", timeout=30, **kw)
+    err = assert_openai_error(r, case.status, case.param)
+    if case.code is not None:
+        assert err["code"] == case.code, err
+    if case.status == 401:
+        assert err["type"] == "authentication_error"
+    # The server is unharmed: the next good request succeeds.
+    with client(server) as c:
+        ok = c.post(CHAT, json={"messages": MSG, "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_at_least_25_cases():
+    assert len(CASE_IDS) >= 25
+
+
+def test_streamed_body_over_the_limit(server):
+    """No Content-Length (chunked upload): the limit is enforced as the body streams in."""
+    def chunks() -> Iterator[bytes]:
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(LIMIT // 1024 + 2):
+            yield b"x" * 1024
+        yield b'"}]}'
+
+    with client(server) as c:
+        r = c.post(CHAT, content=chunks(), headers={"Content-Type": "application/json"})
+    assert "content-length" not in r.request.headers
+    err = assert_openai_error(r, 413)
+    assert str(LIMIT) in err["message"] and "--max-body-bytes" in err["message"]
+
+
+def test_body_just_under_the_limit_is_accepted(server):
+    body = json.dumps({"messages": MSG, "max_tokens": 1, "pad": ""})
+    pad = "x" * (LIMIT - len(body))
+    with client(server) as c:
+        r = c.post(CHAT, content=json.dumps({"messages": MSG, "max_tokens": 1, "pad": pad}),
+                   headers={"Content-Type": "application/json"})
+    assert len(r.request.content) == LIMIT
+    assert r.status_code == 200, r.text
+
+
+def test_error_messages_name_cause_and_fix(server, tiny):
+    with client(server) as c:
+        err = c.post(CHAT, json=chat(model="gpt-4")).json()["error"]
+        assert tiny["main"].stem in err["message"] and "/v1/models" in err["message"]
+        err = c.post(CHAT, json={"messages": [{"role": "user", "content": "hello " * 300}]}).json()["error"]
+        assert "256" in err["message"] and "--ctx-size" in err["message"]
+        err = c.post(CHAT, json=chat(draft_model="no-such-draft")).json()["error"]
+        assert tiny["draft_close"].stem in err["message"] and "none" in err["message"]
+        err = c.post(CHAT, json=chat(temperature=-1)).json()["error"]
+        assert "temperature" in err["message"] and "-1" in err["message"]
+
+
+def test_error_statuses_are_counted(server):
+    before = metrics(server.url)
+    httpx.post(f"{server.url}{CHAT}", json=chat(temperature=-1), headers=AUTH)
+    httpx.post(f"{server.url}{CHAT}", json=chat())
+    after = metrics(server.url)
+    for status in ("400", "401"):
+        labels = {"endpoint": CHAT, "status": status}
+        assert sample(after, "tandem_requests_total", **labels) - sample(before, "tandem_requests_total", **labels) == 1
