@@ -9,8 +9,13 @@ from typing import Any
 
 import httpx
 import pytest
-from test_server_support import TEST_KEY, assert_openai_error, client, metrics, sample, start, tiny_app
+from test_server_support import TEST_KEY, assert_openai_error, client, metrics, sample, start, tiny_app, wait_ready
 
+from tandem.config import ModelOptions, SpecOptions
+from tandem.errors import IncompatibleDraftError
+from tandem.runtime import Runtime
+from tandem.server import ServerOptions, create_app
+from tandem.server.errors import error_response, to_tandem_error
 from tandem.server.serving import ServerThread
 
 LIMIT = 64 * 1024
@@ -199,3 +204,26 @@ def test_error_statuses_are_counted(server):
     for status in ("400", "401"):
         labels = {"endpoint": CHAT, "status": status}
         assert sample(after, "tandem_requests_total", **labels) - sample(before, "tandem_requests_total", **labels) == 1
+
+
+def test_unexpected_exceptions_become_500_engine_errors():
+    """The one mapping: an exception that is not a TandemError is a 500 in OpenAI's shape, naming its type."""
+    err = to_tandem_error(RuntimeError("llama exploded"))
+    assert err.http_status == 500
+    body = json.loads(error_response(err).body)
+    assert body["error"]["type"] == "server_error" and "RuntimeError: llama exploded" in body["error"]["message"]
+    same = IncompatibleDraftError("x", "y")
+    assert to_tandem_error(same) is same and same.http_status == 422
+
+
+def test_draft_paths_can_be_refused(tiny):
+    opts = ModelOptions(model=str(tiny["main"]), draft="none", ctx_size=256, threads=1)
+    app = create_app(ServerOptions(draft_paths=False), lambda: Runtime(opts, announce=lambda _s: None),
+                     SpecOptions())
+    with ServerThread(app) as srv:
+        wait_ready(srv.url)
+        r = httpx.post(f"{srv.url}{CHAT}", json=chat(draft_model=str(tiny["draft_small"])), timeout=30)
+        err = assert_openai_error(r, 404, "draft_model")
+        assert "none" in err["message"] and "path" not in err["message"].split("use one of:")[1]
+        ok = httpx.post(f"{srv.url}{CHAT}", json=chat(draft_model="none", max_tokens=2), timeout=30)
+        assert ok.status_code == 200 and ok.json()["stats"]["draft_model"] is None

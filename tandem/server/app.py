@@ -124,9 +124,14 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
             raise not_ready_error(st)
         return st.model
 
-    async def run(request: Request, req: ChatRequest | CompletionRequest, job: JobSpec) -> Response:
+    async def run(request: Request, req: ChatRequest | CompletionRequest, job: JobSpec, model_id: str) -> Response:
+        """Queue the job and answer from its events: a stream once the first event is in, or one JSON body.
+
+        Waiting for the first event before answering means errors found by the engine (unknown or
+        incompatible draft, prompt over the context) still get their HTTP status, even when streaming.
+        """
+        builder = Builder(job.endpoint, model_id, token_sources=req.return_token_sources)
         handle = engine.submit(job)
-        builder = Builder(job.endpoint, ready_model().id, token_sources=req.return_token_sources)
         try:
             first = [await handle.next(request.is_disconnected)]
         except BaseException:
@@ -154,8 +159,8 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         info = ready_model()
         _check_model(req.model, info)
         gp = _gen_params(req, req.token_limit or info.n_ctx, spec)
-        return await run(request, req, JobSpec("chat", gp, messages=req.message_dicts(),
-                                               draft_model=req.draft_model))
+        job = JobSpec("chat", gp, messages=req.message_dicts(), draft_model=req.draft_model)
+        return await run(request, req, job, info.id)
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
@@ -163,8 +168,8 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         info = ready_model()
         _check_model(req.model, info)
         gp = _gen_params(req, req.token_limit, spec)
-        return await run(request, req, JobSpec("completion", gp, prompt=req.prompt_value(),
-                                               draft_model=req.draft_model))
+        job = JobSpec("completion", gp, prompt=req.prompt_value(), draft_model=req.draft_model)
+        return await run(request, req, job, info.id)
 
     @v1.get("/models")
     async def models() -> dict:

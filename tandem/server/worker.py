@@ -84,6 +84,7 @@ class JobHandle:
 
     def __init__(self, job: _Job):
         self._job = job
+        self._error: TandemError | None = None  # met by ready() after some events; raised by the next next()
 
     @property
     def id(self) -> str:
@@ -91,6 +92,8 @@ class JobHandle:
 
     async def next(self, gone: Callable[[], Awaitable[bool]] | None = None) -> Event:
         """The next event; raises the job's TandemError. With `gone`, polls it and cancels when it says so."""
+        if self._error is not None:
+            raise self._error
         get = asyncio.ensure_future(self._job.events.get())
         try:
             while True:
@@ -109,13 +112,16 @@ class JobHandle:
         return ev
 
     def ready(self) -> list[Event]:
-        """Events already waiting, without blocking; stops at (and raises) an error."""
+        """Events already waiting, without blocking. An error is raised once the events before it are returned."""
         out: list[Event] = []
         q = self._job.events
         while not q.empty():
             ev = q.get_nowait()
             if isinstance(ev, TandemError):
-                raise ev
+                if not out:
+                    raise ev
+                self._error = ev
+                break
             out.append(ev)
             if isinstance(ev, Done):
                 break
