@@ -99,6 +99,7 @@ def _cases(tiny_paths: dict) -> dict[str, Case]:
         "draft_max-string": Case(400, chat(draft_max="8"), "draft_max"),
         "draft_min-over-draft_max": Case(400, chat(draft_min=5, draft_max=2)),
         "draft_p_min-too-high": Case(400, chat(draft_p_min=1.5), "draft_p_min"),
+        "draft_policy-unknown": Case(400, chat(draft_policy="bogus"), "draft_policy"),
         "return_token_sources-string": Case(400, chat(return_token_sources="yes"), "return_token_sources"),
         "logprobs-unsupported": Case(400, chat(logprobs=True)),
         "presence_penalty-unsupported": Case(400, chat(presence_penalty=0.5), "presence_penalty"),

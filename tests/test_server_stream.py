@@ -142,3 +142,21 @@ def test_disconnect_while_queued_skips_the_request(server):
     generations = sum(v - sample(before, name, **dict(labels)) for (name, labels), v in after.items()
                       if name == "tandem_generations_total")
     assert generations == 2, "the abandoned queued request must not have been generated"
+
+
+def test_held_back_text_is_streamed_at_the_end(server):
+    """Text that might begin a stop string is held back; when the stop never completes it still arrives."""
+    body = {"messages": HELLO, "max_tokens": 25, "temperature": 0, "return_token_sources": True}
+    with client(server) as c:
+        base = c.post(CHAT, json=body).json()["choices"][0]["message"]["content"]
+        stop = base[-3:] + "\x00never"  # its start is the very end of the text: held until the end
+        whole = c.post(CHAT, json={**body, "stop": stop}).json()
+    assert whole["choices"][0]["message"]["content"] == base
+    assert whole["choices"][0]["token_sources"][-1]["source"] == "main"
+    chunks = [json.loads(d) for d in events(raw_lines(server, CHAT, {**body, "stop": stop, "stream": True}))[:-1]]
+    deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]]
+    assert "".join(deltas) == base
+    assert base[-3:] in [d for d in deltas if d][-1], "the held-back tail comes in the last text chunk"
+    for c in chunks[1:]:
+        choice = c["choices"][0]
+        assert "".join(s["text"] for s in choice["token_sources"]) == (choice["delta"].get("content") or "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,13 +26,20 @@ def model_options(tiny: dict[str, Path], *, draft: str | None = "draft_close", c
                         threads=1)
 
 
+def spec_options() -> SpecOptions:
+    """Draft up to 8 tokens whatever the draft's confidence; fixed lengths where the build has a draft
+    policy, so that the tiny models (drafting costs as much as verifying) still show drafts."""
+    fixed = {"draft_policy": "fixed"} if "draft_policy" in {f.name for f in dataclasses.fields(SpecOptions)} else {}
+    return SpecOptions(draft_max=8, draft_min=0, draft_p_min=0.0, **fixed)
+
+
 def tiny_app(tiny: dict[str, Path], *, draft: str | None = "draft_close", ctx: int = 2048,
              api_key: str | None = TEST_KEY, max_body_bytes: int = 1 << 20,
              factory: Callable[[], Runtime] | None = None) -> FastAPI:
     opts = model_options(tiny, draft=draft, ctx=ctx)
     return create_app(ServerOptions(api_key=api_key, max_body_bytes=max_body_bytes),
                       factory or (lambda: Runtime(opts, announce=lambda _s: None)),
-                      SpecOptions(draft_max=8, draft_min=0, draft_p_min=0.0))
+                      spec_options())
 
 
 def wait_ready(url: str, timeout: float = 60.0) -> dict:

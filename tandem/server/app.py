@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -18,7 +19,7 @@ from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tandem.config import SpecOptions
-from tandem.errors import ModelNotFoundError, TandemError
+from tandem.errors import BadInputError, ModelNotFoundError, TandemError
 from tandem.runtime import Runtime
 from tandem.server.body import check_api_key, parse, read_json
 from tandem.server.errors import install_error_handlers
@@ -66,15 +67,27 @@ def _check_model(name: str | None, info: ModelInfo) -> None:
                                  param="model", code="model_not_found")
 
 
+_SPEC_FIELDS = tuple(sorted({f.name for f in dataclasses.fields(SpecOptions)}
+                            & {f.name for f in dataclasses.fields(GenParams)}))
+"""Speculation knobs that are both server defaults (SpecOptions) and per-generation settings (GenParams)."""
+_SPEC_REQUEST_FIELDS = ("draft_max", "draft_min", "draft_p_min", "draft_policy")
+
+
 def _gen_params(req: ChatRequest | CompletionRequest, max_tokens: int, spec: SpecOptions) -> GenParams:
-    """GenParams from a request; values are range-checked again by SamplingParams and GenParams."""
+    """GenParams from a request over the server's defaults; values are range-checked again by
+    SamplingParams and GenParams (their BadInputErrors are 400s too)."""
     sampling = SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
                               top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
                               min_p=req.min_p or 0.0, seed=req.seed)
-    return GenParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_list,
-                     draft_max=spec.draft_max if req.draft_max is None else req.draft_max,
-                     draft_min=spec.draft_min if req.draft_min is None else req.draft_min,
-                     draft_p_min=spec.draft_p_min if req.draft_p_min is None else req.draft_p_min)
+    knobs = {name: getattr(spec, name) for name in _SPEC_FIELDS}
+    for name in _SPEC_REQUEST_FIELDS:
+        value = getattr(req, name)
+        if value is None:
+            continue
+        if name not in _SPEC_FIELDS:
+            raise BadInputError(f"{name} is not supported by this server", f"omit {name}", param=name)
+        knobs[name] = value
+    return GenParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_list, **knobs)
 
 
 async def _stream(handle: JobHandle, first: list, builder: Builder, include_usage: bool) -> AsyncIterator[str]:

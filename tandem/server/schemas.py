@@ -68,6 +68,7 @@ class _GenRequest(_Strict):
     draft_max: int | None = Field(None, ge=0, le=64)
     draft_min: int | None = Field(None, ge=0, le=64)
     draft_p_min: float | None = Field(None, ge=0.0, le=1.0)
+    draft_policy: str | None = Field(None, min_length=1)
     return_token_sources: bool = False
     # Known OpenAI fields whose non-default values are not supported (checked in _unsupported).
     logprobs: Any = None
