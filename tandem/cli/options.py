@@ -29,6 +29,15 @@ def _scalar(tp: object) -> type:
     return args[0] if args else tp  # type: ignore[return-value]
 
 
+def _metavar(name: str, tp: type) -> str:
+    if tp is int:
+        return "N"
+    if tp is float:
+        return "X"
+    words = [w for w in name.upper().split("_") if w != "DRAFT"]
+    return words[-1] if words else "NAME"
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
     """Add one flag per dataclass field, in a group named after the class."""
     group = parser.add_argument_group(cls.__doc__.strip().rstrip(".") if cls.__doc__ else cls.__name__)
@@ -44,7 +53,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, 
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         else:
-            group.add_argument(flag, type=tp, default=default, help=help_, metavar=f.name.upper().split("_")[-1])
+            group.add_argument(flag, type=tp, default=default, help=help_, metavar=_metavar(f.name, tp))
 
 
 def build(cls: type, ns: argparse.Namespace):
