@@ -19,6 +19,12 @@ from tandem.spec.drafters import ModelDrafter
 log = logging.getLogger("tandem.server")
 
 
+CONFIGURED = "configured"
+"""select(): speculate as the server was configured (its draft, or none when it has none)."""
+NONE = "none"
+"""select(): no speculation for this request."""
+
+
 def _aliases(path: Path, name: str) -> set[str]:
     return {name, path.name, str(path), str(path.resolve())}
 
@@ -41,18 +47,16 @@ class DraftSelector:
             names.append("the path of a compatible draft GGUF")
         return ", ".join(names)
 
-    def select(self, name: str | None) -> ModelDrafter | None:
-        """The drafter for draft_model `name` (None = the configured one; "none" = no speculation)."""
-        if name is None:
-            return self.rt.drafter
+    def select(self, name: str | None) -> ModelDrafter | str:
+        """CONFIGURED (the server's own speculation), NONE, or a draft loaded on demand, for draft_model `name`."""
+        if name is None or name in self._configured:
+            return CONFIGURED
         if name.lower() == "none":
-            return None
-        if name in self._configured:
-            return self.rt.drafter
+            return NONE
         path = Path(name).expanduser()
         if self.allow_paths and path.is_file():
             if str(path.resolve()) in self._configured:
-                return self.rt.drafter
+                return CONFIGURED
             return self._load(path)
         raise ModelNotFoundError(f"draft_model {name!r} is neither the loaded draft nor a draft GGUF file",
                                  f"use one of: {self.choices()}", param="draft_model", code="model_not_found")

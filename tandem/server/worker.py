@@ -21,7 +21,7 @@ from typing import Literal
 
 from tandem.errors import BadInputError, CancelledError, EngineError, LoadingError, TandemError
 from tandem.runtime import Runtime
-from tandem.server.drafts import DraftSelector
+from tandem.server.drafts import CONFIGURED, DraftSelector
 from tandem.server.metrics import Metrics
 from tandem.spec.generate import Done, GenParams, Token, generate
 from tandem.spec.stats import SpecStats
@@ -143,7 +143,7 @@ class Engine:
         self._on_status = on_status
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._status = EngineStatus("loading")
-        self._current: _Job | None = None
+        self._stopping = threading.Event()
         self._ids = itertools.count(1)
         self._thread = threading.Thread(target=self._main, name="tandem-engine", daemon=True)
 
@@ -168,9 +168,7 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel the running job, refuse the queued ones, and end the thread."""
         self._set_status(EngineStatus("stopped", "the server is shutting down", self._status.model))
-        current = self._current
-        if current is not None:
-            current.cancelled.set()
+        self._stopping.set()
         self._jobs.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -205,11 +203,7 @@ class Engine:
             if loaded is None or self._status.state != "ready":
                 job.put(not_ready_error(self._status))
                 continue
-            self._current = job
-            try:
-                self._run(*loaded, job)
-            finally:
-                self._current = None
+            self._run(*loaded, job)
         while True:  # refuse whatever is still queued
             try:
                 job = self._jobs.get_nowait()
@@ -220,6 +214,10 @@ class Engine:
         if loaded is not None:
             loaded[1].release()
 
+    def _cancelled(self, job: _Job) -> Callable[[], bool]:
+        """generate()'s cancel check: the client left, or the server is stopping."""
+        return lambda: job.cancelled.is_set() or self._stopping.is_set()
+
     def _run(self, rt: Runtime, drafts: DraftSelector, job: _Job) -> None:
         if job.cancelled.is_set():
             job.put(CancelledError("the client went away before its turn", "nothing to do"))
@@ -228,12 +226,12 @@ class Engine:
         debug = log.isEnabledFor(logging.DEBUG)
         try:
             prompt = _prompt_tokens(rt, job.spec)
-            drafter = drafts.select(job.spec.draft_model)
-            if drafter is None or drafter is rt.drafter:  # the Runtime's own path (and whatever state it keeps)
-                events = rt.generate(prompt, job.spec.params, use_draft=drafter is not None,
-                                     cancel=job.cancelled.is_set)
+            choice = drafts.select(job.spec.draft_model)
+            cancel = self._cancelled(job)
+            if isinstance(choice, str):  # CONFIGURED or NONE: the Runtime's own path (and whatever state it keeps)
+                events = rt.generate(prompt, job.spec.params, use_draft=choice == CONFIGURED, cancel=cancel)
             else:  # a draft loaded on demand for this request
-                events = generate(rt.main, prompt, job.spec.params, drafter, cancel=job.cancelled.is_set)
+                events = generate(rt.main, prompt, job.spec.params, choice, cancel=cancel)
             for ev in events:
                 if isinstance(ev, Token):
                     if first is None:
@@ -278,14 +276,14 @@ def _prompt_tokens(rt: Runtime, spec: JobSpec) -> list[int]:
 
 def _model_info(rt: Runtime) -> ModelInfo:
     path = rt.main_model.path
-    d = rt.drafter
+    d = rt.drafter  # the draft model; rt.draft_name names whatever the Runtime speculates with
     try:
         created = int(path.stat().st_mtime)
     except OSError:
         created = 0
     return ModelInfo(id=rt.main_model.name, path=str(path),
                      aliases=frozenset({rt.main_model.name, path.name, str(path), str(Path(path).resolve())}),
-                     n_ctx=rt.main.n_ctx, created=created, draft_model=d.name if d else None,
+                     n_ctx=rt.main.n_ctx, created=created, draft_model=rt.draft_name,
                      draft_path=str(d.ctx.model.path) if d else None)
 
 
