@@ -11,10 +11,11 @@ import numpy as np
 from tandem.engine.llama import Context
 from tandem.errors import BadInputError, ContextOverflowError
 from tandem.spec.drafters import Drafter
+from tandem.spec.policy import POLICIES, CostModel, DraftPolicy, make_policy
 from tandem.spec.sampling import SamplingParams, probs, sample
 from tandem.spec.stats import SpecStats
 from tandem.spec.text import TextAssembler
-from tandem.spec.verify import EMPTY, uniforms_needed, verify
+from tandem.spec.verify import EMPTY, DraftProposal, uniforms_needed, verify
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class GenParams:
     """Drafts shorter than this are not verified (a plain step is taken instead)."""
     draft_p_min: float = 0.0
     """Drafting stops when the draft's top probability falls below this."""
+    draft_policy: str = "adaptive"
+    """adaptive: draft the number of tokens (0 included) with the most expected tokens per second;
+    fixed: always up to draft_max. A seed at T > 0 uses fixed, so that the same seed gives the same text."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -44,6 +48,9 @@ class GenParams:
         if not 0.0 <= self.draft_p_min <= 1.0:
             raise BadInputError(f"draft_p_min must be in [0, 1], got {self.draft_p_min}", "use e.g. 0.5",
                                 param="draft_p_min")
+        if self.draft_policy not in POLICIES:
+            raise BadInputError(f"draft_policy must be one of {', '.join(POLICIES)}, got {self.draft_policy!r}",
+                                "use adaptive (the default) or fixed", param="draft_policy")
 
 
 @dataclass(frozen=True)
@@ -99,15 +106,47 @@ class _Output:
         return self.gp.max_tokens - self.stats.generated_tokens
 
 
+class _Speculator:
+    """A drafter and the policy choosing its draft lengths; times drafts and verifications for the cost model."""
+
+    def __init__(self, drafter: Drafter, gp: GenParams, cost: CostModel):
+        self.drafter, self.gp, self.cost = drafter, gp, cost
+        # Wall-clock timings must not steer a seeded sampling run: the draft length changes which random
+        # numbers are drawn, so the same seed would give different text.
+        name = "fixed" if gp.sampling.seed is not None and not gp.sampling.greedy else gp.draft_policy
+        self.policy: DraftPolicy = make_policy(name, cost, gp.draft_max, draft_min=gp.draft_min)
+        self.asked = 0
+        self._drafted_last_step = False  # then the drafter catches up on one step's tokens only
+
+    def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator) -> DraftProposal:
+        """The policy's number of draft tokens (at most max_k), or EMPTY for a plain step."""
+        self.asked = self.policy.choose(max_k) if max_k > 0 else 0
+        typical, self._drafted_last_step = self._drafted_last_step, self.asked > 0
+        if self.asked == 0:
+            return EMPTY
+        t0 = time.perf_counter()
+        proposal = self.drafter.propose(history, self.asked, self.gp.sampling, rng, p_min=self.gp.draft_p_min)
+        if typical:  # after plain steps or the prompt, the drafter's catch-up would inflate the per-step cost
+            self.cost.observe_draft(len(proposal.tokens), time.perf_counter() - t0)
+        return proposal if len(proposal.tokens) >= max(self.gp.draft_min, 1) else EMPTY
+
+    def verified(self, n_drafted: int, accepted: int, seconds: float) -> None:
+        """Feed the step's verification time and outcome to the cost model and the policy."""
+        self.cost.observe_verify(n_drafted + 1, seconds)
+        if self.asked > 0:
+            self.policy.observe(n_drafted, accepted)
+
+
 def _pick(logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator) -> int:
     return int(logits.argmax()) if sp.greedy else sample(probs(logits, sp), rng.random())
 
 
 def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Drafter | None = None,
-             cancel: Callable[[], bool] | None = None) -> Iterator[Token | Done]:
+             cancel: Callable[[], bool] | None = None, cost: CostModel | None = None) -> Iterator[Token | Done]:
     """Generate from `prompt` with the main model, speculating with `drafter` when given.
 
-    Output equals the main model's alone: token for token at T = 0, in distribution at T > 0.
+    Output equals the main model's alone: token for token at T = 0, in distribution at T > 0. `cost` holds
+    the drafter's measured draft and verify costs across generations (a fresh one when None).
     """
     if not prompt:
         raise BadInputError("the prompt is empty", "send at least one token of text")
@@ -118,6 +157,7 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
     stats = SpecStats(prompt_tokens=len(prompt), draft_model=drafter.name if drafter else None)
     out = _Output(main, gp, stats)
     rng = np.random.default_rng(gp.sampling.seed)
+    spec = _Speculator(drafter, gp, cost if cost is not None else CostModel()) if drafter is not None else None
     t0 = time.perf_counter()
     # 1. Evaluate the prompt with the main model and choose the first token.
     main.rollback(0)
@@ -135,22 +175,23 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         if n_past + 1 > main.n_ctx:
             out.finish("context")
             break
-        # 3. Draft, within what is left of max_tokens and of the context.
+        # 3. Draft as many tokens as the policy finds worth it (0: a plain step), within max_tokens and the context.
         k = min(gp.draft_max, out.remaining - 1, main.n_ctx - n_past - 1)
-        proposal = drafter.propose(history, k, gp.sampling, rng, p_min=gp.draft_p_min) if drafter is not None and k > 0 else EMPTY
-        if len(proposal.tokens) < max(gp.draft_min, 1):
-            proposal = EMPTY
+        proposal = spec.propose(history, k, rng) if spec is not None else EMPTY
         # 4. Verify the newest token and the drafts in ONE llama_decode, then keep the agreed prefix.
-        keep = n_past
+        keep, t_verify = n_past, time.perf_counter()
         try:
             logits = main.decode([history[-1], *proposal.tokens], n_past, logits="all")
             result = verify(proposal, logits, gp.sampling, rng.random(uniforms_needed(len(proposal.tokens))))
-            keep = n_past + 1 + result.accepted
+            keep, t_verify = n_past + 1 + result.accepted, time.perf_counter() - t_verify
         finally:
             # 5. Roll the main KV back past the rejected drafts (on error, past the whole step).
             main.rollback(keep)
+        # 6. Record the step; let the cost model and the policy learn from it.
         stats.record_step(len(proposal.tokens), result.accepted)
-        # 6. Emit the accepted drafts and the main model's own token; stop early if needed.
+        if spec is not None:
+            spec.verified(len(proposal.tokens), result.accepted, t_verify)
+        # 7. Emit the accepted drafts and the main model's own token; stop early if needed.
         new = result.tokens(proposal)
         yield from out.emit(new, result.accepted)
         history.extend(new)
