@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 from collections.abc import Iterator
 
 import openai
 import pytest
-from test_server_support import HELLO, TEST_KEY, assert_identity, client, metrics, sample, start, tiny_app
+from test_server_support import FIXED_DRAFTS, HELLO, TEST_KEY, assert_identity, client, metrics, sample, start, tiny_app
 
 from tandem.server.serving import ServerThread
 
@@ -34,7 +35,7 @@ def model_id(oai) -> str:
 def chat(server, content: str, **kw) -> dict:
     with client(server) as c:
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
-                                                 "temperature": 0, **kw})
+                                                 "temperature": 0, **FIXED_DRAFTS, **kw})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -130,10 +131,8 @@ def test_token_sources_concatenate_to_content(server):
 def test_token_sources_in_stream_chunks(server):
     with client(server) as c, c.stream("POST", "/v1/completions", json={
             "prompt": PROMPTS[3], "max_tokens": 40, "temperature": 0, "stream": True,
-            "return_token_sources": True}) as r:
+            "return_token_sources": True, **FIXED_DRAFTS}) as r:
         chunks = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: {")]
-    import json
-
     seen_draft = False
     for chunk in map(json.loads, chunks):
         choice = chunk["choices"][0]
@@ -221,3 +220,12 @@ def test_seeded_sampling_is_reproducible(server):
     b = chat(server, PROMPTS[1], max_tokens=24, temperature=0.9, seed=7)
     assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
     assert_identity(a["stats"])
+
+
+@pytest.mark.skipif(not FIXED_DRAFTS, reason="this build has no draft policies")
+def test_draft_policy_per_request_is_lossless(server):
+    plain = chat(server, PROMPTS[2], max_tokens=40, draft_model="none")["choices"][0]["message"]["content"]
+    for policy in ("fixed", "adaptive"):
+        r = chat(server, PROMPTS[2], max_tokens=40, draft_policy=policy)
+        assert r["choices"][0]["message"]["content"] == plain, policy
+        assert_identity(r["stats"])

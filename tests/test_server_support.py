@@ -15,6 +15,7 @@ from tandem.config import ModelOptions, SpecOptions
 from tandem.runtime import Runtime
 from tandem.server import ServerOptions, create_app
 from tandem.server.serving import ServerThread
+from tandem.spec.generate import GenParams
 
 TEST_KEY = "test-key-123"
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
@@ -26,10 +27,15 @@ def model_options(tiny: dict[str, Path], *, draft: str | None = "draft_close", c
                         threads=1)
 
 
+FIXED_DRAFTS: dict[str, str] = (
+    {"draft_policy": "fixed"} if "draft_policy" in {f.name for f in dataclasses.fields(GenParams)} else {})
+"""Request fields that pin draft lengths to draft_max where the build has an adaptive policy: on the tiny
+models drafting costs as much as verifying, so an adaptive policy would rarely draft."""
+
+
 def spec_options() -> SpecOptions:
-    """Draft up to 8 tokens whatever the draft's confidence; fixed lengths where the build has a draft
-    policy, so that the tiny models (drafting costs as much as verifying) still show drafts."""
-    fixed = {"draft_policy": "fixed"} if "draft_policy" in {f.name for f in dataclasses.fields(SpecOptions)} else {}
+    """Draft up to 8 tokens whatever the draft's confidence (fixed lengths where SpecOptions has a policy)."""
+    fixed = FIXED_DRAFTS if "draft_policy" in {f.name for f in dataclasses.fields(SpecOptions)} else {}
     return SpecOptions(draft_max=8, draft_min=0, draft_p_min=0.0, **fixed)
 
 

@@ -67,10 +67,11 @@ def _check_model(name: str | None, info: ModelInfo) -> None:
                                  param="model", code="model_not_found")
 
 
-_SPEC_FIELDS = tuple(sorted({f.name for f in dataclasses.fields(SpecOptions)}
-                            & {f.name for f in dataclasses.fields(GenParams)}))
-"""Speculation knobs that are both server defaults (SpecOptions) and per-generation settings (GenParams)."""
+_GEN_FIELDS = frozenset(f.name for f in dataclasses.fields(GenParams))
+_SPEC_DEFAULTS = tuple(f.name for f in dataclasses.fields(SpecOptions) if f.name in _GEN_FIELDS)
+"""Speculation knobs the server's SpecOptions sets by default for every generation."""
 _SPEC_REQUEST_FIELDS = ("draft_max", "draft_min", "draft_p_min", "draft_policy")
+"""Speculation knobs a request may set, where GenParams has them."""
 
 
 def _gen_params(req: ChatRequest | CompletionRequest, max_tokens: int, spec: SpecOptions) -> GenParams:
@@ -79,12 +80,12 @@ def _gen_params(req: ChatRequest | CompletionRequest, max_tokens: int, spec: Spe
     sampling = SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
                               top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
                               min_p=req.min_p or 0.0, seed=req.seed)
-    knobs = {name: getattr(spec, name) for name in _SPEC_FIELDS}
+    knobs = {name: getattr(spec, name) for name in _SPEC_DEFAULTS}
     for name in _SPEC_REQUEST_FIELDS:
         value = getattr(req, name)
         if value is None:
             continue
-        if name not in _SPEC_FIELDS:
+        if name not in _GEN_FIELDS:
             raise BadInputError(f"{name} is not supported by this server", f"omit {name}", param=name)
         knobs[name] = value
     return GenParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_list, **knobs)
