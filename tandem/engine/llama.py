@@ -85,7 +85,7 @@ def _check_gguf(path: Path) -> None:
     with path.open("rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
-        raise NotGGUFError(f"{path} is not a GGUF model (starts with {magic!r})",
+        raise NotGGUFError(f"{path} is not a GGUF model (no GGUF header)",
                            "convert it with llama.cpp's convert_hf_to_gguf.py, or pass a .gguf file")
 
 
