@@ -63,7 +63,8 @@ class Runtime:
         self.main = Context(self.main_model, context_params(opts, draft=False))
         self.drafter: ModelDrafter | None = None
         if draft_model is not None:
-            self.drafter = ModelDrafter(Context(draft_model, context_params(opts, draft=True)))
+            self.drafter = ModelDrafter(Context(draft_model, context_params(opts, draft=True)),
+                                        main_n_ctx=self.main.n_ctx)
 
     @property
     def draft_name(self) -> str | None:

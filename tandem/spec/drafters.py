@@ -8,8 +8,10 @@ from typing import Protocol
 import numpy as np
 
 from tandem.engine.llama import Context
+from tandem.errors import BadInputError
 from tandem.spec.sampling import SamplingParams, probs, sample, top_prob
 from tandem.spec.verify import EMPTY, DraftProposal
+from tandem.spec.window import DEFAULT_DISCARD, DEFAULT_KEEP, Window
 
 
 class Drafter(Protocol):
@@ -30,45 +32,97 @@ class Drafter(Protocol):
 class ModelDrafter:
     """Drafts with a small model that shares the main model's vocabulary.
 
-    Its KV cache mirrors a prefix of the history. Each step it rewinds to the longest prefix the
-    history still agrees with, feeds the newly accepted tokens in one batch, then drafts one token per
-    decode. The prompt is evaluated once; each accepted token is decoded once.
+    Its KV cache mirrors the history through a sliding `Window` (tandem.spec.window): all of it while it
+    fits, else the pinned first tokens plus the most recent ones. Each step it rewinds to the longest
+    prefix the history still agrees with, slides the window if the step would not fit (one KV shift drops
+    a whole chunk), feeds the newly accepted tokens in one batch, then drafts one token per decode.
+    The prompt is evaluated once; each accepted token is decoded once; slid-out tokens are never re-read.
     """
 
-    def __init__(self, ctx: Context, *, p_min: float = 0.0, name: str | None = None):
+    def __init__(self, ctx: Context, *, p_min: float = 0.0, name: str | None = None,
+                 main_n_ctx: int | None = None, keep: int = DEFAULT_KEEP, discard: float = DEFAULT_DISCARD):
+        """`main_n_ctx`: the main context's size; a draft context smaller than it must be able to shift.
+
+        The window is the *requested* draft context (ContextParams.n_ctx; llama.cpp rounds small contexts
+        up to 256 cells), unless the real context already holds the whole main context.
+        """
         self.ctx = ctx
         self.p_min = p_min
         self.name = name or ctx.model.name
+        size = window_size(ctx, main_n_ctx)
+        self.window = Window(size, keep=min(keep, size // 2), discard=discard)
+        self.shifts = 0
+        """KV shifts done, over all sequences (each drops a chunk of the window)."""
         self._kv: list[int] = []  # tokens held in the draft KV cache, by position
-        self._committed = 0       # prefix of _kv known to equal the history
+        self._committed = 0       # prefix of _kv known to equal the history (through the window mapping)
+        if main_n_ctx is not None and size < main_n_ctx:
+            self._require_shift()
 
     def reset(self) -> None:
         self._kv.clear()
         self._committed = 0
+        self.window.reset()
         self.ctx.rollback(0)
 
+    def _require_shift(self) -> None:
+        """Refuse a draft whose KV positions cannot be shifted (no RoPE, or memory that cannot shift)."""
+        if not self.ctx.can_shift:
+            raise BadInputError(
+                f"the draft model {self.name} cannot slide its {self.window.size}-token context window: llama.cpp "
+                "cannot shift its KV cache (no RoPE positions, or recurrent memory)",
+                "use --ctx-size-draft equal to --ctx-size", param="ctx_size_draft")
+
     def _sync(self, history: Sequence[int]) -> int:
-        """Rewind the draft KV to the longest prefix shared with history; return its length."""
+        """Rewind the draft KV to the longest prefix shared with history; return its length.
+
+        The newest history token is always left to feed, so the next decode has logits to draft from.
+        """
+        w = self.window
+        if w.index(self._committed) > len(history):  # a shorter, unrelated history: start over
+            self.reset()
         n = self._committed
-        limit = min(len(self._kv), len(history))
-        while n < limit and self._kv[n] == history[n]:
+        limit = min(len(self._kv), w.n_positions(len(history)) - 1)
+        while n < limit and self._kv[n] == history[w.index(n)]:
             n += 1
         if n < len(self._kv):
             self.ctx.rollback(n)
             del self._kv[n:]
         return n
 
+    def _slide(self, drop: int) -> None:
+        """Drop the `drop` oldest unpinned history tokens from the window, shifting later cells down."""
+        if drop <= 0:
+            return
+        w = self.window
+        held = len(self._kv) - w.keep  # unpinned cells in the KV cache
+        cut = min(drop, held)
+        if 0 < cut < held:
+            self._require_shift()
+            self.ctx.shift(w.keep, w.keep + cut, -cut)
+            self.shifts += 1
+        elif cut > 0:  # every unpinned cell goes: nothing to shift
+            self.ctx.rollback(w.keep)
+        if cut > 0:
+            del self._kv[w.keep:w.keep + cut]
+        w.dropped += drop
+
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
                 rng: np.random.Generator, p_min: float | None = None) -> DraftProposal:
         p_min = self.p_min if p_min is None else p_min
-        max_tokens = min(max_tokens, self.ctx.n_ctx - len(history))
-        if max_tokens <= 0:
+        max_tokens = min(max_tokens, self.window.max_draft)
+        if max_tokens <= 0 or not history:
             return EMPTY
-        n = self._sync(history)
-        pending = list(history[n:])
-        logits = self.ctx.decode(pending, n, logits="last")[0]
+        self._sync(history)
+        self._slide(self.window.overflow(len(history), max_tokens))
+        pending = self.window.view(history, len(self._kv))
+        logits = self.ctx.decode(pending, len(self._kv), logits="last")[0]
         self._kv.extend(pending)
-        self._committed = len(history)
+        self._committed = len(self._kv)
+        return self._draft(logits, max_tokens, sp, rng, p_min)
+
+    def _draft(self, logits: np.ndarray, max_tokens: int, sp: SamplingParams,
+               rng: np.random.Generator, p_min: float) -> DraftProposal:
+        """Draft up to max_tokens tokens, one decode each, starting from the logits after the history."""
         tokens: list[int] = []
         rows: list[np.ndarray] = []
         for i in range(max_tokens):
@@ -85,3 +139,10 @@ class ModelDrafter:
                 logits = self.ctx.decode([tok], len(self._kv), logits="last")[0]
                 self._kv.append(tok)
         return DraftProposal(tokens, np.stack(rows) if rows else None)
+
+
+def window_size(ctx: Context, main_n_ctx: int | None = None) -> int:
+    """Cells the draft window may use: the requested context, or all of it when it covers the main context."""
+    if main_n_ctx is not None and ctx.n_ctx >= main_n_ctx:
+        return ctx.n_ctx
+    return min(ctx.params.n_ctx, ctx.n_ctx)
