@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tandem.errors import BadInputError
+from tandem.spec.policy import POLICIES
+
+SPEC_TYPES = ("draft-model", "ngram", "both")
+"""Values of --spec-type."""
+
 
 @dataclass
 class ModelOptions:
@@ -40,6 +46,20 @@ class SpecOptions:
     """Drafts shorter than this are not verified."""
     draft_p_min: float = 0.5
     """Stop drafting when the draft's top probability falls below this."""
+    draft_policy: str = "adaptive"
+    """adaptive: each step draft the number of tokens (0 included) with the most expected tokens per second,
+    from measured draft and verify costs and the running acceptance; fixed: always draft up to --draft-max."""
+    spec_type: str = "draft-model"
+    """What drafts: draft-model (the --draft model), ngram (prompt lookup: repeats of earlier text, no draft
+    model needed), or both (an n-gram match of 3+ tokens, else the draft model)."""
+
+    def __post_init__(self) -> None:
+        if self.draft_policy not in POLICIES:
+            raise BadInputError(f"--draft-policy must be one of {', '.join(POLICIES)}, got {self.draft_policy!r}",
+                                "use adaptive or fixed", param="draft_policy")
+        if self.spec_type not in SPEC_TYPES:
+            raise BadInputError(f"--spec-type must be one of {', '.join(SPEC_TYPES)}, got {self.spec_type!r}",
+                                "use draft-model, ngram or both", param="spec_type")
 
 
 @dataclass

@@ -8,15 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem import chat
-from tandem.config import ModelOptions
+from tandem.config import ModelOptions, SpecOptions
 from tandem.engine.llama import Context, ContextParams, Model
 from tandem.engine.vocab import check_compatible
 from tandem.errors import BadInputError
 from tandem.models.defaults import default_pair
-from tandem.spec.drafters import ModelDrafter
+from tandem.spec.drafters import Drafter, ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token, generate
+from tandem.spec.ngram import CombinedDrafter, NgramDrafter
+from tandem.spec.policy import CostModel
 
 log = logging.getLogger("tandem.runtime")
+
+_MAX_COSTS = 16
+"""Cost models kept (one per drafter name; on-demand drafts can add more)."""
 
 
 @dataclass(frozen=True)
@@ -48,15 +53,25 @@ def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
 
 
 class Runtime:
-    """Owns the llama contexts of one main model and its draft. Use from one thread only."""
+    """Owns the llama contexts of one main model and its draft. Use from one thread only.
 
-    def __init__(self, opts: ModelOptions, *, announce: Callable[[str], None] = print,
+    `drafter` is the draft model (None without one, and with --spec-type ngram, which loads none);
+    `speculator()` is what generation drafts with, per --spec-type.
+    """
+
+    def __init__(self, opts: ModelOptions, *, spec: SpecOptions | None = None,
+                 announce: Callable[[str], None] = print,
                  progress: Callable[[str, float], None] | None = None):
+        self.spec = spec if spec is not None else SpecOptions()
         paths = resolve_paths(opts, announce)
+        if self.spec.spec_type == "both" and paths.draft is None:
+            raise BadInputError("--spec-type both needs a draft model", "pass --draft PATH, or use --spec-type ngram")
         self.opts = opts
         self.main_model = Model(paths.main, progress=_named(progress, paths.main.name))
+        self.ngram = NgramDrafter() if self.spec.spec_type in ("ngram", "both") else None
+        self._costs: dict[str, CostModel] = {}
         draft_model = None
-        if paths.draft is not None:  # refuse an unusable draft before allocating any KV cache
+        if paths.draft is not None and self.spec.spec_type != "ngram":  # refuse an unusable draft before any KV
             draft_model = Model(paths.draft, progress=_named(progress, paths.draft.name))
             check_compatible(self.main_model.vocab_info(), draft_model.vocab_info(),
                              main_name=self.main_model.name, draft_name=draft_model.name)
@@ -68,7 +83,25 @@ class Runtime:
 
     @property
     def draft_name(self) -> str | None:
-        return self.drafter.name if self.drafter else None
+        d = self.speculator()
+        return d.name if d else None
+
+    def speculator(self, model: ModelDrafter | None = None) -> Drafter | None:
+        """The drafter generation uses with draft model `model` (default: the loaded one), per --spec-type."""
+        model = self.drafter if model is None else model
+        if self.spec.spec_type == "ngram":
+            return self.ngram
+        if self.spec.spec_type == "both" and self.ngram is not None:
+            return CombinedDrafter(self.ngram, model) if model is not None else self.ngram
+        return model
+
+    def cost(self, drafter: Drafter) -> CostModel:
+        """The measured costs of drafting with `drafter` (by name), kept across generations."""
+        if drafter.name not in self._costs:
+            if len(self._costs) >= _MAX_COSTS:
+                del self._costs[next(iter(self._costs))]
+            self._costs[drafter.name] = CostModel()
+        return self._costs[drafter.name]
 
     def prompt(self, *, text: str | None = None, messages: Sequence[dict] | None = None,
                raw: bool = False) -> list[int]:
@@ -86,7 +119,8 @@ class Runtime:
 
     def generate(self, prompt: Sequence[int], gp: GenParams, *, use_draft: bool = True,
                  cancel: Callable[[], bool] | None = None) -> Iterator[Token | Done]:
-        return generate(self.main, prompt, gp, self.drafter if use_draft else None, cancel)
+        drafter = self.speculator() if use_draft else None
+        return generate(self.main, prompt, gp, drafter, cancel, cost=self.cost(drafter) if drafter else None)
 
 
 def _named(progress: Callable[[str, float], None] | None, name: str) -> Callable[[float], None] | None:

@@ -38,9 +38,10 @@ def main(args: argparse.Namespace) -> int:
     sampling = SamplingParams(**vars(build(SamplingOptions, args)))
     spec = build(SpecOptions, args)
     gp = GenParams(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop),
-                   draft_max=spec.draft_max, draft_min=spec.draft_min, draft_p_min=spec.draft_p_min)
+                   draft_max=spec.draft_max, draft_min=spec.draft_min, draft_p_min=spec.draft_p_min,
+                   draft_policy=spec.draft_policy)
     with load_progress(err, quiet=args.json) as progress:
-        rt = Runtime(build(ModelOptions, args), announce=lambda s: err.print(s), progress=progress)
+        rt = Runtime(build(ModelOptions, args), spec=spec, announce=lambda s: err.print(s), progress=progress)
     tokens = rt.prompt(text=prompt, raw=args.raw)
     out = Console(no_color=args.no_color, highlight=False, soft_wrap=True)
     records = []

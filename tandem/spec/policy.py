@@ -166,7 +166,8 @@ class AdaptivePolicy:
     """
 
     def __init__(self, cost: CostModel, draft_max: int, *, draft_min: int = 0, prior: float = 0.5,
-                 prior_weight: float = 2.0, decay: float = 0.95, idle_decay: float = 0.99, probe_k: int = 1, probe_budget: float = 0.02, levels: tuple[int, int] = (-4, 2), probe_max: int = 256):
+                 prior_weight: float = 2.0, decay: float = 0.95, idle_decay: float = 0.99, probe_k: int = 1,
+                 probe_budget: float = 0.02, levels: tuple[int, int] = (-4, 2), probe_max: int = 256):
         self.cost = cost
         self.draft_max = draft_max
         self.draft_min = draft_min
@@ -227,7 +228,7 @@ class AdaptivePolicy:
         else:
             self._asked = self.best(hi)
             if self._asked > 0:
-                self._streak = 0
+                self._streak, self._confirm = 0, False
             else:
                 self._scale(self.idle_decay)
                 self._streak += 1
