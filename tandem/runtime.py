@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem import chat
-from tandem.config import ModelOptions, SpecOptions
+from tandem.config import SPEC_TYPES, ModelOptions, SpecOptions
 from tandem.engine.llama import Context, ContextParams, Model
 from tandem.engine.vocab import check_compatible
 from tandem.errors import BadInputError
@@ -68,7 +68,7 @@ class Runtime:
             raise BadInputError("--spec-type both needs a draft model", "pass --draft PATH, or use --spec-type ngram")
         self.opts = opts
         self.main_model = Model(paths.main, progress=_named(progress, paths.main.name))
-        self.ngram = NgramDrafter() if self.spec.spec_type in ("ngram", "both") else None
+        self.ngram = NgramDrafter()  # no model, a dict per sequence: always there for spec_type per call
         self._costs: dict[str, CostModel] = {}
         draft_model = None
         if paths.draft is not None and self.spec.spec_type != "ngram":  # refuse an unusable draft before any KV
@@ -86,14 +86,22 @@ class Runtime:
         d = self.speculator()
         return d.name if d else None
 
-    def speculator(self, model: ModelDrafter | None = None) -> Drafter | None:
-        """The drafter generation uses with draft model `model` (default: the loaded one), per --spec-type."""
+    def speculator(self, model: ModelDrafter | None = None, spec_type: str | None = None) -> Drafter | None:
+        """The drafter generation uses with draft model `model` (default: the loaded one), per `spec_type`
+        (default: --spec-type). A type needing a draft model that is not loaded raises BadInputError."""
         model = self.drafter if model is None else model
-        if self.spec.spec_type == "ngram":
+        spec_type = self.spec.spec_type if spec_type is None else spec_type
+        if spec_type not in SPEC_TYPES:
+            raise BadInputError(f"spec_type must be one of {', '.join(SPEC_TYPES)}, got {spec_type!r}",
+                                "use draft-model, ngram or both", param="spec_type")
+        if spec_type == "ngram":
             return self.ngram
-        if self.spec.spec_type == "both" and self.ngram is not None:
-            return CombinedDrafter(self.ngram, model) if model is not None else self.ngram
-        return model
+        if model is None:
+            if spec_type == self.spec.spec_type:  # the configured type without a draft: plain decoding
+                return None
+            raise BadInputError(f"spec_type {spec_type} needs a draft model and none is loaded",
+                                "start with --draft PATH, or use spec_type ngram", param="spec_type")
+        return CombinedDrafter(self.ngram, model) if spec_type == "both" else model
 
     def cost(self, drafter: Drafter) -> CostModel:
         """The measured costs of drafting with `drafter` (by name), kept across generations."""
@@ -117,9 +125,12 @@ class Runtime:
         has_bos = bool(bos) and rendered.startswith(bos)
         return m.tokenize(rendered, add_special=not has_bos, parse_special=True)
 
-    def generate(self, prompt: Sequence[int], gp: GenParams, *, use_draft: bool = True,
+    def generate(self, prompt: Sequence[int], gp: GenParams, *, use_draft: bool = True, spec_type: str | None = None,
+                 model: ModelDrafter | None = None,
                  cancel: Callable[[], bool] | None = None) -> Iterator[Token | Done]:
-        drafter = self.speculator() if use_draft else None
+        """Generate; `use_draft=False` decodes plainly, `spec_type` overrides --spec-type for this call and
+        `model` the draft model (one loaded on demand)."""
+        drafter = self.speculator(model, spec_type) if use_draft else None
         return generate(self.main, prompt, gp, drafter, cancel, cost=self.cost(drafter) if drafter else None)
 
 

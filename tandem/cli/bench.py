@@ -19,8 +19,12 @@ from tandem.spec.generate import GenParams
 
 CONFIGS = {
     "no-draft": BenchConfig("no-draft", {"use_draft": False}),
-    "draft-model": BenchConfig("draft-model", {"use_draft": True}),
+    "draft-model": BenchConfig("draft-model", {"spec_type": "draft-model"}),
+    "ngram": BenchConfig("ngram", {"spec_type": "ngram"}),
+    "both": BenchConfig("both", {"spec_type": "both"}),
 }
+NEEDS_DRAFT = ("draft-model", "both")
+"""Configurations that need a draft model (skipped, with a note, when it is --draft none)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,11 +55,15 @@ def main(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, args.only)
     spec = build(SpecOptions, args)
     gp = GenParams(max_tokens=args.max_tokens, draft_max=spec.draft_max, draft_min=spec.draft_min,
-                   draft_p_min=spec.draft_p_min)
+                   draft_p_min=spec.draft_p_min, draft_policy=spec.draft_policy)
     opts = build(ModelOptions, args)
     with load_progress(console) as progress:
-        rt = Runtime(opts, announce=console.print, progress=progress)
-    configs = [CONFIGS["no-draft"]] + [CONFIGS[c] for c in args.configs if c != "no-draft"]
+        rt = Runtime(opts, spec=spec, announce=console.print, progress=progress)
+    names = [c for c in args.configs if c != "no-draft"]
+    if rt.drafter is None and any(c in NEEDS_DRAFT for c in names):
+        console.print(f"no draft model loaded: skipping {', '.join(c for c in names if c in NEEDS_DRAFT)}")
+        names = [c for c in names if c not in NEEDS_DRAFT]
+    configs = [CONFIGS["no-draft"]] + [CONFIGS[c] for c in names]
     tokens = {pid: rt.prompt(text=text) for pid, text in prompts.items()}
     samples = run_suite(rt, tokens, configs, gp, args.reps, log=lambda s: console.print(s, highlight=False))
     rows = summarize(samples)

@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"  draft:      {_draft_line(models, spec)}")
     print(f"  api key:    {'required (Authorization: Bearer ...)' if server.api_key else 'not required'}")
     print("  loading the models in the background; GET /health says 'ready' when done", flush=True)
-    app = create_app(server, lambda: Runtime(models, announce=lambda s: print(s, flush=True)), spec,
+    app = create_app(server, lambda: Runtime(models, spec=spec, announce=lambda s: print(s, flush=True)), spec,
                      on_status=_on_status)
     level = str(getattr(args, "log_level", "WARNING")).lower()
     try:

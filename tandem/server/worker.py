@@ -23,7 +23,7 @@ from tandem.errors import BadInputError, CancelledError, EngineError, LoadingErr
 from tandem.runtime import Runtime
 from tandem.server.drafts import CONFIGURED, DraftSelector
 from tandem.server.metrics import Metrics
-from tandem.spec.generate import Done, GenParams, Token, generate
+from tandem.spec.generate import Done, GenParams, Token
 from tandem.spec.stats import SpecStats
 
 log = logging.getLogger("tandem.server")
@@ -231,7 +231,7 @@ class Engine:
             if isinstance(choice, str):  # CONFIGURED or NONE: the Runtime's own path (and whatever state it keeps)
                 events = rt.generate(prompt, job.spec.params, use_draft=choice == CONFIGURED, cancel=cancel)
             else:  # a draft loaded on demand for this request
-                events = generate(rt.main, prompt, job.spec.params, choice, cancel=cancel)
+                events = rt.generate(prompt, job.spec.params, model=choice, cancel=cancel)
             for ev in events:
                 if isinstance(ev, Token):
                     if first is None:

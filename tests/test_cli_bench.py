@@ -1,0 +1,46 @@
+"""`tandem bench` on the tiny fixtures: all configurations side by side, the three outputs written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+PROMPTS = [{"id": "story", "prompt": "Once upon a time"}, {"id": "list", "prompt": "one two three one two three"}]
+
+
+def test_bench_writes_markdown_json_and_png_for_every_config(tiny, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in PROMPTS) + "\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "tandem", "bench", "--model", str(tiny["main"]),
+                        "--draft", str(tiny["draft_same"]), "--prompts", str(prompts), "--max-tokens", "24",
+                        "--reps", "2", "--ctx-size", "256", "--draft-policy", "fixed", "--draft-p-min", "0",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "bench.md").read_text()
+    rows = {(row["config"], row["prompt_id"]): row for row in data["rows"]}
+    for cfg in ("no-draft", "draft-model", "ngram", "both"):
+        assert f"| {cfg} | all |" in table
+        for pid in ("story", "list", "all"):
+            row = rows[(cfg, pid)]
+            assert row["same_output"], (cfg, pid)  # greedy output equals no-draft's, every rep
+            assert row["tokens_per_second"] > 0
+    assert rows[("no-draft", "all")]["ratio"] == 1.0
+    assert rows[("draft-model", "all")]["acceptance"] == 1.0  # draft == main
+    assert len(data["samples"]) == 4 * len(PROMPTS) * 2
+    assert {s["config"] for s in data["samples"] if s["drafted"] > 0} >= {"draft-model", "both"}
+
+
+def test_bench_without_a_draft_model_skips_the_configs_that_need_one(tiny, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(PROMPTS[1]) + "\n")
+    r = subprocess.run([sys.executable, "-m", "tandem", "bench", "--model", str(tiny["main"]), "--draft", "none",
+                        "--prompts", str(prompts), "--max-tokens", "8", "--reps", "1", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "skipping draft-model, both" in r.stderr
+    configs = {row["config"] for row in json.loads((tmp_path / "o" / "bench.json").read_text())["rows"]}
+    assert configs == {"no-draft", "ngram"}
