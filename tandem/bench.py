@@ -25,6 +25,8 @@ class BenchConfig:
     """Label in tables and plots."""
     generate_kwargs: dict = field(default_factory=dict)
     """Passed to Runtime.generate (e.g. use_draft=False)."""
+    peer: object | None = None
+    """A tandem.bench_peer.LlamaServerPeer that generates instead of Tandem (greedy only)."""
 
 
 @dataclass
@@ -50,8 +52,20 @@ class Sample:
     token_ids: list[int] = field(repr=False, default_factory=list)
 
 
+def measure_peer(prompt: Sequence[int], gp: GenParams, cfg: BenchConfig, prompt_id: str, rep: int) -> Sample:
+    """One greedy generation by a llama-server peer, from its own timings (no model bound: llama_seconds 0)."""
+    r = cfg.peer.complete(prompt, gp.max_tokens)
+    acc = r.accepted / r.drafted if r.drafted else 0.0
+    steps = r.tokens - r.accepted  # every verification step yields one token of the main model's own
+    return Sample(cfg.name, prompt_id, rep, r.tokens, r.seconds, r.tokens_per_second, r.time_to_first_token,
+                  r.drafted, r.accepted, acc, r.accepted / steps if r.drafted and steps else 0.0, 0, 0, 0.0,
+                  r.token_ids)
+
+
 def measure(rt, prompt: Sequence[int], gp: GenParams, cfg: BenchConfig, prompt_id: str, rep: int) -> Sample:
     """Run one generation and collect its numbers."""
+    if cfg.peer is not None:
+        return measure_peer(prompt, gp, cfg, prompt_id, rep)
     ctxs = [rt.main] + ([rt.drafter.ctx] if getattr(rt, "drafter", None) is not None and hasattr(rt.drafter, "ctx")
                         else [])
     ids: list[int] = []
@@ -95,7 +109,8 @@ class Row:
     prompt_id: str
     tokens_per_second: float
     ratio: float
-    """Median over reps of tok/s divided by no-draft's tok/s in the same rep."""
+    """Median over reps of tok/s divided by no-draft's tok/s in the same rep (a llama-server peer: divided by
+    llama-server's without a draft)."""
     bound_ratio: float
     """The same ratio from llama_decode time only: what a zero-overhead loop would reach."""
     acceptance: float
@@ -115,7 +130,7 @@ def summarize(samples: Sequence[Sample], baseline: str = "no-draft") -> list[Row
         for pid in [*prompts, "all"]:
             pids = prompts if pid == "all" else [pid]
             mine = [by[(cfg, p, r)] for p in pids for r in reps]
-            base = [by[(baseline, p, r)] for p in pids for r in reps]
+            base = [by[(_baseline(cfg, configs, baseline), p, r)] for p in pids for r in reps]
             ratios = [m.tokens_per_second / b.tokens_per_second for m, b in zip(mine, base) if b.tokens_per_second]
             bounds = [(m.tokens / m.llama_seconds) / (b.tokens / b.llama_seconds)
                       for m, b in zip(mine, base) if m.llama_seconds and b.llama_seconds]
@@ -127,6 +142,23 @@ def summarize(samples: Sequence[Sample], baseline: str = "no-draft") -> list[Row
                             statistics.median(m.time_to_first_token for m in mine),
                             all(m.token_ids == b.token_ids for m, b in zip(mine, base))))
     return rows
+
+
+def _baseline(cfg: str, configs: Sequence[str], baseline: str) -> str:
+    """A llama-server peer is compared with llama-server without a draft when that ran, Tandem with Tandem."""
+    return PEER if cfg.startswith(PEER) and PEER in configs else baseline
+
+
+PEER = "llama-server"
+"""Name of the llama-server peer without a draft; its speculative peers are named llama-server-*."""
+
+
+def versus(samples: Sequence[Sample], a: str, b: str) -> float | None:
+    """Median over (prompt, rep) of tok/s of config a divided by config b's in the same rep (None if absent)."""
+    by = {(s.config, s.prompt_id, s.rep): s for s in samples}
+    ratios = [s.tokens_per_second / by[(b, s.prompt_id, s.rep)].tokens_per_second for s in samples
+              if s.config == a and (b, s.prompt_id, s.rep) in by and by[(b, s.prompt_id, s.rep)].tokens_per_second]
+    return statistics.median(ratios) if ratios else None
 
 
 def markdown(rows: Sequence[Row]) -> str:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 PROMPTS = [{"id": "story", "prompt": "Once upon a time"}, {"id": "list", "prompt": "one two three one two three"}]
 
@@ -44,3 +47,29 @@ def test_bench_without_a_draft_model_skips_the_configs_that_need_one(tiny, tmp_p
     assert "skipping draft-model, both" in r.stderr
     configs = {row["config"] for row in json.loads((tmp_path / "o" / "bench.json").read_text())["rows"]}
     assert configs == {"no-draft", "ngram"}
+
+
+def test_a_missing_llama_server_binary_is_bad_input(tiny, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(PROMPTS[0]) + "\n")
+    r = subprocess.run([sys.executable, "-m", "tandem", "bench", "--model", str(tiny["main"]), "--draft", "none",
+                        "--prompts", str(prompts), "--llama-server", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "llama-server binary" in r.stderr and "does not exist" in r.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("TANDEM_LLAMA_SERVER"), reason="set TANDEM_LLAMA_SERVER to a llama-server binary")
+def test_llama_server_peer_runs_side_by_side(tiny, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(PROMPTS[1]) + "\n")
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-m", "tandem", "bench", "--model", str(tiny["main"]),
+                        "--draft", str(tiny["draft_same"]), "--prompts", str(prompts), "--max-tokens", "16",
+                        "--reps", "1", "--ctx-size", "256", "--llama-server", os.environ["TANDEM_LLAMA_SERVER"],
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = {(row["config"], row["prompt_id"]): row for row in json.loads((out / "bench.json").read_text())["rows"]}
+    assert rows[("llama-server", "all")]["tokens_per_second"] > 0
+    assert rows[("llama-server-draft", "all")]["acceptance"] > 0.9  # draft == main
+    assert "vs llama-server-draft" in r.stdout

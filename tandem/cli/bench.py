@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 
-from tandem.bench import BenchConfig, markdown, now_iso, run_suite, summarize, write_outputs
+from tandem.bench import PEER, BenchConfig, markdown, now_iso, run_suite, summarize, versus, write_outputs
+from tandem.bench_peer import LlamaServerPeer, PeerSettings
 from tandem.cli.options import add_options, build
 from tandem.cli.progress import load_progress
 from tandem.config import ModelOptions, SpecOptions
@@ -36,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=200, help="tokens per generation (default: 200)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of every (prompt, config) (default: 3)")
     p.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder (default: bench/out)")
+    p.add_argument("--llama-server", type=Path, default=None, metavar="PATH",
+                   help="also run llama.cpp's llama-server binary at PATH as a peer, on loopback with the same models "
+                        "and settings: without a draft, with the draft (llama-server-draft) and with ngram-mod "
+                        "(llama-server-ngram), for the configs chosen")
     add_options(p, ModelOptions)
     add_options(p, SpecOptions)
 
@@ -64,13 +70,48 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"no draft model loaded: skipping {', '.join(c for c in names if c in NEEDS_DRAFT)}")
         names = [c for c in names if c not in NEEDS_DRAFT]
     configs = [CONFIGS["no-draft"]] + [CONFIGS[c] for c in names]
-    tokens = {pid: rt.prompt(text=text) for pid, text in prompts.items()}
-    samples = run_suite(rt, tokens, configs, gp, args.reps, log=lambda s: console.print(s, highlight=False))
+    peers = start_peers(args.llama_server, rt, spec, names, console) if args.llama_server else []
+    try:
+        configs += [BenchConfig(p.name, peer=p) for p in peers]
+        tokens = {pid: rt.prompt(text=text) for pid, text in prompts.items()}
+        samples = run_suite(rt, tokens, configs, gp, args.reps, log=lambda s: console.print(s, highlight=False))
+    finally:
+        for p in peers:
+            p.close()
     rows = summarize(samples)
     meta = {"when": now_iso(), "main": rt.main_model.name, "draft": rt.draft_name, "max_tokens": args.max_tokens,
             "reps": args.reps, "threads": rt.main.params.threads(), "spec": vars(spec),
             "title": f"{rt.main_model.name} + {rt.draft_name}"}
     paths = write_outputs(rows, samples, args.out, meta)
     print(markdown(rows))
+    for mine, theirs in (("draft-model", f"{PEER}-draft"), ("ngram", f"{PEER}-ngram")):
+        r = versus(samples, mine, theirs)
+        if r is not None:
+            print(f"\nTandem {mine} vs {theirs}: {r:.2f}x tokens/s (median over prompts and reps)")
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
+
+
+def start_peers(binary: Path, rt: Runtime, spec: SpecOptions, names: list[str], console: Console) -> list:
+    """llama-server without a draft, and with each of Tandem's speculative configs it has a counterpart for."""
+    o = rt.opts
+    base = PeerSettings(main=rt.main_model.path, ctx_size=o.ctx_size, threads=rt.main.params.threads(),
+                        cache_type_k=o.cache_type_k, cache_type_v=o.cache_type_v, draft_max=spec.draft_max,
+                        draft_min=spec.draft_min, draft_p_min=spec.draft_p_min)
+    wanted = [(PEER, base)]
+    if "draft-model" in names and rt.drafter is not None:
+        wanted.append((f"{PEER}-draft", replace(base, draft=rt.drafter.ctx.model.path)))
+    if "ngram" in names:
+        wanted.append((f"{PEER}-ngram", replace(base, spec_type="ngram-mod")))
+    peers = []
+    try:
+        for name, settings in wanted:
+            console.print(f"starting {name} ({binary})")
+            peer = LlamaServerPeer(binary, settings, name=name)
+            peers.append(peer)
+            peer.start()
+    except BaseException:
+        for p in peers:
+            p.close()
+        raise
+    return peers
