@@ -33,7 +33,8 @@ class PeerSettings:
     draft: Path | None = None
     """Draft model GGUF (--spec-draft-model); None for no draft."""
     spec_type: str | None = None
-    """llama-server --spec-type (e.g. ngram-mod); None: its default for the models given."""
+    """llama-server --spec-type (e.g. ngram-mod); None: draft-simple with a draft, else none. (Its default is
+    none: without --spec-type it loads the draft and never drafts.)"""
     ctx_size: int = 4096
     """-c."""
     threads: int = 2
@@ -57,8 +58,9 @@ class PeerSettings:
              "--no-webui"]
         if self.draft is not None:
             a += ["--spec-draft-model", str(self.draft), "--spec-draft-threads", str(self.threads)]
-        if self.spec_type is not None:
-            a += ["--spec-type", self.spec_type]
+        spec_type = self.spec_type or ("draft-simple" if self.draft is not None else None)
+        if spec_type is not None:
+            a += ["--spec-type", spec_type]
         if self.draft is not None or self.spec_type is not None:
             a += ["--spec-draft-n-max", str(self.draft_max), "--spec-draft-n-min", str(self.draft_min),
                   "--spec-draft-p-min", str(self.draft_p_min)]
