@@ -132,8 +132,8 @@ def test_probes_recover_when_acceptance_rises():
 
 
 def test_probe_interval_backs_off_while_probes_fail():
-    cost = warm_cost(1 / 72)
-    policy = AdaptivePolicy(cost, 8)
+    policy = AdaptivePolicy(CostModel(), 8)  # a new drafter: starts probing early
+    policy.cost = warm_cost(1 / 72)
     _, ks = simulate(policy, lambda _: 0.0, 1 / 72, tokens=1500)
     probes = [i for i, k in enumerate(ks) if k > 0]
     gaps = [b - a for a, b in zip(probes, probes[1:])]
@@ -186,3 +186,28 @@ def test_a_step_costs_microseconds():
     for i in range(n):
         policy.observe(policy.choose(8), i % 3)
     assert (time.perf_counter() - t0) / n < 200e-6  # ~15 us measured; loose for a busy CI machine
+
+
+def test_a_new_sequence_starts_from_the_drafters_long_run_acceptance():
+    cost = warm_cost(1 / 200)  # a cheap draft: long drafts pay when acceptance is high
+    fresh_first = AdaptivePolicy(cost, 8).choose(8)
+    simulate(AdaptivePolicy(cost, 8), lambda _: 0.98, 1 / 200, seed=3)  # an earlier request, high acceptance
+    warm_first = AdaptivePolicy(cost, 8).choose(8)
+    assert fresh_first <= 2 and warm_first >= 6  # no ramp from the 0.5 prior for the next request
+    for seed in range(10):  # then the drafter fails, request after request
+        simulate(AdaptivePolicy(cost, 8), lambda _: 0.0, 1 / 200, seed=4 + seed, tokens=200)
+    assert AdaptivePolicy(cost, 8).choose(8) <= 1  # and the next request starts cautious
+
+
+def test_drafting_stops_when_realized_steps_fall_short_of_the_prediction():
+    cost = warm_cost(1 / 400)  # cheap drafts and high acceptance: drafting is predicted to pay
+    policy = AdaptivePolicy(cost, 8)
+    ks = []
+    for _ in range(200):
+        k = policy.choose(8)
+        policy.observe(k, k)
+        if k:  # but every drafting step really takes 6x its predicted time (e.g. cache thrash between models)
+            policy.observe_time(k, k + 1, 6 * (k + 1) / policy.predicted_rate(k))
+        ks.append(k)
+    assert ks[0] > 0 and cost.bias < 0.3
+    assert sum(k > 0 for k in ks[100:]) <= 10  # only the odd probe

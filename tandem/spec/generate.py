@@ -116,6 +116,7 @@ class _Speculator:
         name = "fixed" if gp.sampling.seed is not None and not gp.sampling.greedy else gp.draft_policy
         self.policy: DraftPolicy = make_policy(name, cost, gp.draft_max, draft_min=gp.draft_min)
         self.asked = 0
+        self.draft_seconds = 0.0  # the last propose() call's wall time
         self._drafted_last_step = False  # then the drafter catches up on one step's tokens only
 
     def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator) -> DraftProposal:
@@ -126,8 +127,9 @@ class _Speculator:
             return EMPTY
         t0 = time.perf_counter()
         proposal = self.drafter.propose(history, self.asked, self.gp.sampling, rng, p_min=self.gp.draft_p_min)
+        self.draft_seconds = time.perf_counter() - t0
         if typical:  # after plain steps or the prompt, the drafter's catch-up would inflate the per-step cost
-            self.cost.observe_draft(len(proposal.tokens), time.perf_counter() - t0)
+            self.cost.observe_draft(len(proposal.tokens), self.draft_seconds)
         return proposal if len(proposal.tokens) >= max(self.gp.draft_min, 1) else EMPTY
 
     def verified(self, n_drafted: int, accepted: int, seconds: float) -> None:
@@ -135,6 +137,7 @@ class _Speculator:
         self.cost.observe_verify(n_drafted + 1, seconds)
         if self.asked > 0:
             self.policy.observe(n_drafted, accepted)
+            self.policy.observe_time(n_drafted, accepted + 1, self.draft_seconds + seconds)
 
 
 def _pick(logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator) -> int:

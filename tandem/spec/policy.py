@@ -99,11 +99,21 @@ class SizeCost:
 
 
 class CostModel:
-    """Measured costs of drafting and verifying, shared by the generations of one drafter."""
+    """Measured costs of drafting and verifying, shared by the generations of one drafter, and the drafter's
+    long-run acceptance per draft position (the prior a new sequence starts from)."""
 
-    def __init__(self) -> None:
-        self.draft = SizeCost(fixed_share=0.0)
-        """Seconds of one propose() call by tokens drafted (a model draft costs about one decode a token)."""
+    def __init__(self, *, accept_decay: float = 0.99) -> None:
+        self.accept_decay = accept_decay
+        """Weight of older acceptance observations per new one (about 100 steps of memory)."""
+        self._hits: list[float] = []
+        self._seen: list[float] = []
+        self.bias = 1.0
+        """Realized over predicted tokens/s of drafting steps (running mean): corrects the policy's
+        estimates for what they miss (optimistic acceptance at rarely seen positions, per-step overhead)."""
+        self.draft = SizeCost(fixed_share=0.4)
+        """Seconds of one propose() call by tokens drafted. A model draft costs about one decode a token plus
+        a catch-up decode of the tokens the last verification added (SmolLM2 Q4_1 on 2 cores: 18 ms for 1
+        token, then 10.7 ms a token: 40% of the 1-token cost does not grow with k)."""
         self.verify = SizeCost(fixed_share=0.9)
         """Seconds of one verification by batch size (k + 1); a batch costs little more than one token."""
 
@@ -117,6 +127,27 @@ class CostModel:
 
     def observe_verify(self, batch_size: int, seconds: float) -> None:
         self.verify.observe(batch_size, seconds)
+
+    def observe_step(self, predicted_rate: float, tokens: int, seconds: float, *, alpha: float = 0.1) -> None:
+        """A drafting step yielded `tokens` in `seconds` where the policy expected `predicted_rate` tokens/s."""
+        if predicted_rate > 0.0 and seconds > 0.0:
+            ratio = min(max(tokens / seconds / predicted_rate, 0.25), 2.0)
+            self.bias += alpha * (ratio - self.bias)
+
+    def observe_accept(self, position: int, accepted: bool) -> None:
+        """A draft token at 0-based `position` was checked (its predecessors were accepted)."""
+        while len(self._seen) <= position:
+            self._hits.append(0.0)
+            self._seen.append(0.0)
+        g = self.accept_decay
+        self._seen[position] = g * self._seen[position] + 1.0
+        self._hits[position] = g * self._hits[position] + (1.0 if accepted else 0.0)
+
+    def long_run(self, position: int) -> tuple[float, float]:
+        """(accepted, checked) decayed counts at 0-based `position` across this drafter's sequences."""
+        if position < len(self._seen):
+            return self._hits[position], self._seen[position]
+        return 0.0, 0.0
 
     def draft_cost(self, k: int) -> float:
         """Seconds to draft k tokens (0 for k = 0: no propose() call)."""
@@ -136,6 +167,9 @@ class DraftPolicy(Protocol):
     def observe(self, drafted: int, accepted: int) -> None:
         """The step's outcome: drafted tokens offered for verification, the first `accepted` accepted."""
 
+    def observe_time(self, drafted: int, tokens: int, seconds: float) -> None:
+        """The step's wall time (draft + verify) and the tokens it yielded."""
+
 
 class FixedPolicy:
     """Always drafts as many tokens as allowed (--draft-policy fixed)."""
@@ -149,26 +183,38 @@ class FixedPolicy:
     def observe(self, drafted: int, accepted: int) -> None:
         """Nothing to learn."""
 
+    def observe_time(self, drafted: int, tokens: int, seconds: float) -> None:
+        """Nothing to learn."""
+
 
 class AdaptivePolicy:
     """Picks the draft length with the most expected tokens per second, per sequence.
 
     Acceptance at position i is an exponentially weighted count (`decay` per observation, `idle_decay` per
-    plain step) shrunk towards a prior: `prior` at position 1 and the estimate at position i-1 for
-    position i, each worth `prior_weight` observations. A token the drafter declined to produce
+    plain step) shrunk towards a prior worth `prior_weight` observations: the drafter's long-run acceptance
+    at position i across earlier sequences (kept in the CostModel), itself shrunk the same way towards
+    `prior` at position 1 and towards the estimate at position i-1 for position i. So a new request starts from
+    what this drafter usually achieves instead of ramping up from 0.5 (which cost short answers most). A token the drafter declined to produce
     (confidence below --draft-p-min, no n-gram match) counts as not accepted: it gained nothing.
+
+    A draft length must promise `margin` times the plain rate to be chosen: the estimates are noisy and
+    slightly optimistic (a draft step also costs numpy and bookkeeping the cost model does not see), and
+    where the best case is within 10% of plain decoding (an F16 main with a Q4_1 draft on 2 cores: 1.07x
+    at perfect acceptance) drafting lost 13% in practice (0.87x measured, 2026-11-23).
 
     Probes: while k = 0 wins, a probe of `probe_k` tokens is drafted every N plain steps, where N makes a
     failed probe's extra time `probe_budget` of the plain time in between, times 2**level: each failed
     probe raises the level by 1 (up to `levels[1]`), each successful one lowers it by 2 (down to
-    `levels[0]`, also where a sequence starts, so a new sequence probes early) and is confirmed by
+    `levels[0]`, also where a new drafter's first sequence starts, so it probes early) and is confirmed by
     another probe at the next plain step, so a rise in acceptance is confirmed within a few steps.
     """
 
     def __init__(self, cost: CostModel, draft_max: int, *, draft_min: int = 0, prior: float = 0.5,
                  prior_weight: float = 2.0, decay: float = 0.95, idle_decay: float = 0.99, probe_k: int = 1,
-                 probe_budget: float = 0.02, levels: tuple[int, int] = (-4, 2), probe_max: int = 256):
+                 probe_budget: float = 0.02, levels: tuple[int, int] = (-4, 2), probe_max: int = 256,
+                 margin: float = 1.1):
         self.cost = cost
+        self.margin = margin
         self.draft_max = draft_max
         self.draft_min = draft_min
         self.prior = prior
@@ -183,30 +229,39 @@ class AdaptivePolicy:
         self._seen = [0.0] * draft_max   # decayed observation counts per draft position
         self._asked = 0                  # k chosen for the current step
         self._probing = False            # the current step is a probe
-        self._level = levels[0]          # probe interval exponent
+        # Probe interval exponent: a drafter with a history (its cost model has seen drafts) starts at the
+        # plain budget, since its long-run acceptance already informs the first choice; a new drafter
+        # probes early. (Starting every request at levels[0] made short answers pay ~30% in probes.)
+        self._level = 0 if cost.ready else levels[0]
         self._streak = 0                 # plain steps since the last draft or probe
         self._confirm = False            # the last probe succeeded: probe again at the next plain step
+        self._predicted = 0.0            # predicted_rate of the current step's k (0: not drafting)
 
     def acceptance(self) -> list[float]:
         """Estimated conditional acceptance per draft position (1-based position i at index i-1)."""
         est: list[float] = []
         prior, w0 = self.prior, self.prior_weight
-        for hits, seen in zip(self._hits, self._seen):
+        for i, (hits, seen) in enumerate(zip(self._hits, self._seen)):
+            long_hits, long_seen = self.cost.long_run(i)
+            prior = (long_hits + w0 * prior) / (long_seen + w0)  # the long run, shrunk to the chained prior
             prior = (hits + w0 * prior) / (seen + w0)
             est.append(prior)
         return est
 
-    def best(self, max_k: int) -> int:
-        """The k in {0} U [draft_min, max_k] with the most expected tokens per second (ties: smaller k)."""
+    def best(self, max_k: int, acceptance: list[float] | None = None) -> int:
+        """The k in {0} U [draft_min, max_k] with the most expected tokens per second (ties: smaller k),
+        under the estimated acceptance (or the one given)."""
         hi = min(max_k, self.draft_max)
-        best_k, best_rate = 0, 1.0 / max(self.cost.verify_cost(1), 1e-9)
+        best_k, best_rate = 0, self.margin / max(self.cost.verify_cost(1), 1e-9)
         tokens = reach = 1.0
-        for k, a in enumerate(self.acceptance()[:hi], start=1):
+        for k, a in enumerate(self.acceptance() if acceptance is None else acceptance, start=1):
+            if k > hi:
+                break
             reach *= a
             tokens += reach
             if k < self.draft_min:
                 continue
-            rate = tokens / max(self.cost.draft_cost(k) + self.cost.verify_cost(k + 1), 1e-9)
+            rate = self.cost.bias * tokens / max(self.cost.draft_cost(k) + self.cost.verify_cost(k + 1), 1e-9)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
@@ -232,10 +287,32 @@ class AdaptivePolicy:
             else:
                 self._scale(self.idle_decay)
                 self._streak += 1
+                # When no draft length would pay even if every token were accepted, probe rarely (to notice
+                # cost changes). When the probe's own length would not pay, a success is no reason to
+                # probe again at once: chaining such confirmations drafted every other step at a loss.
                 k = self._probe_size(lo, hi)
+                if not self.best(hi, [1.0] * hi):
+                    self._confirm = False
+                    self._level = self.levels[1]
+                elif not self.best(k, [1.0] * k):
+                    self._confirm = False
                 if self._streak >= (1 if self._confirm else self.probe_interval(k)):
                     self._streak, self._probing, self._asked = 0, True, k
+        self._predicted = self.predicted_rate(self._asked) if self._asked > 0 and self.cost.ready else 0.0
         return self._asked
+
+    def predicted_rate(self, k: int) -> float:
+        """Expected tokens per second of a step drafting k tokens, before the bias correction."""
+        tokens = reach = 1.0
+        for a in self.acceptance()[:k]:
+            reach *= a
+            tokens += reach
+        return tokens / max(self.cost.draft_cost(k) + self.cost.verify_cost(k + 1), 1e-9)
+
+    def observe_time(self, drafted: int, tokens: int, seconds: float) -> None:
+        """The step's wall time (draft + verify) and the tokens it yielded; only drafting steps teach."""
+        if drafted > 0 and self._predicted > 0.0:
+            self.cost.observe_step(self._predicted, tokens, seconds)
 
     def observe(self, drafted: int, accepted: int) -> None:
         """Learn from the step's outcome; positions after the first failure are not observed."""
@@ -246,6 +323,7 @@ class AdaptivePolicy:
         for i in range(min(accepted + 1, asked)):
             self._seen[i] = g * self._seen[i] + 1.0
             self._hits[i] = g * self._hits[i] + (1.0 if i < accepted else 0.0)
+            self.cost.observe_accept(i, i < accepted)
         if self._probing:
             ok = drafted > 0 and accepted == drafted
             lo, hi = self.levels
