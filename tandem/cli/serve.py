@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from tandem.cli.options import add_options, build
-from tandem.config import ModelOptions, SpecOptions
+from tandem.cli.options import add_options, build, explicit
+from tandem.config import ModelOptions, RegistryOptions, SpecOptions
 from tandem.errors import BadInputError
+from tandem.models.library import Library
 from tandem.runtime import Runtime
 from tandem.server.app import create_app
 from tandem.server.options import ServerOptions
@@ -22,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, ModelOptions)
     add_options(p, SpecOptions)
     add_options(p, ServerOptions)
+    add_options(p, RegistryOptions)
     # SUPPRESS keeps the dispatcher's global --log-level unless this one is given (same dest, no default).
     p.add_argument("--log-level", default=argparse.SUPPRESS,
                    help="Python log level: INFO shows one line per request, DEBUG per-token detail "
@@ -57,8 +59,10 @@ def _on_status(status: EngineStatus) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    models, spec, server = build(ModelOptions, args), build(SpecOptions, args), build(ServerOptions, args)
+    server = build(ServerOptions, args)
     _check(server)
+    lib = Library.open(build(RegistryOptions, args), extra=(args.model, args.draft))
+    models, spec = lib.resolve(build(ModelOptions, args), build(SpecOptions, args), explicit(args))
     try:
         sock = bind(server.host, server.port)
     except OSError as e:
