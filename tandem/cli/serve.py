@@ -14,6 +14,7 @@ from tandem.errors import BadInputError
 from tandem.models.library import Library
 from tandem.runtime import Runtime
 from tandem.server.app import create_app
+from tandem.server.models import ModelSource
 from tandem.server.options import ServerOptions
 from tandem.server.serving import UVICORN_LEVELS, bind, serve, url_of
 from tandem.server.worker import EngineStatus
@@ -62,7 +63,8 @@ def main(args: argparse.Namespace) -> int:
     server = build(ServerOptions, args)
     _check(server)
     lib = Library.open(build(RegistryOptions, args), extra=(args.model, args.draft))
-    models, spec = lib.resolve(build(ModelOptions, args), build(SpecOptions, args), explicit(args))
+    source = ModelSource(lib, build(ModelOptions, args), build(SpecOptions, args), explicit(args))
+    models, spec = lib.resolve(source.model_options, source.spec, source.explicit)
     try:
         sock = bind(server.host, server.port)
     except OSError as e:
@@ -74,8 +76,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"  draft:      {_draft_line(models, spec)}")
     print(f"  api key:    {'required (Authorization: Bearer ...)' if server.api_key else 'not required'}")
     print("  loading the models in the background; GET /health says 'ready' when done", flush=True)
-    app = create_app(server, lambda: Runtime(models, announce=lambda s: print(s, flush=True)), spec,
-                     on_status=_on_status)
+    app = create_app(server, lambda: Runtime(models, spec=spec, announce=lambda s: print(s, flush=True)), spec,
+                     on_status=_on_status, source=source)
     level = str(getattr(args, "log_level", "WARNING")).lower()
     try:
         serve(app, sock, log_level=level if level in UVICORN_LEVELS else "warning")

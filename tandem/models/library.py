@@ -101,7 +101,7 @@ class Library:
             d = None if opts.draft.lower() == "none" else self.registry.get(opts.draft)
             if d is not None:
                 model_changes["draft"] = str(d.path)
-        elif main is not None and "draft" in conf:
+        elif main is not None:  # the model's default draft: its setting, or the embedded pair's own draft
             d = self.default_draft(main)
             model_changes["draft"] = str(d.path) if d is not None else "none"
         try:
