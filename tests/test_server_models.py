@@ -43,8 +43,8 @@ def make_app(models: Path, **server):
     base = ModelOptions(model="main", ctx_size=512, threads=1)
     source = ModelSource(lib, base, spec_options(), frozenset({"model", "ctx_size", "threads"}))
     opts, spec = lib.resolve(base, source.spec, source.explicit)
-    return create_app(ServerOptions(api_key=TEST_KEY, **server), lambda: Runtime(opts, spec=spec, announce=lambda _s: None),
-                      spec, source=source)
+    return create_app(ServerOptions(api_key=TEST_KEY, **server),
+                      lambda: Runtime(opts, spec=spec, announce=lambda _s: None), spec, source=source)
 
 
 @pytest.fixture

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check(opts: ServerOptions) -> None:
     if not 0 <= opts.port <= 65535:
         raise BadInputError(f"--port {opts.port} is not a TCP port", "use a number from 1 to 65535, or 0 for any")
+    if opts.max_loaded_models < 1 or opts.ttl < 0:
+        raise BadInputError(f"--max-loaded-models {opts.max_loaded_models} / --ttl {opts.ttl} is out of range",
+                            "keep at least 1 model loaded, and use a TTL >= 0 seconds (0: never unload)")
     if opts.max_body_bytes < 1024:
         raise BadInputError(f"--max-body-bytes {opts.max_body_bytes} is too small for any request",
                             "use at least 1024 (the default is 1048576)")
