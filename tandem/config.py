@@ -79,3 +79,14 @@ class SamplingOptions:
     """Min-p filter; 0 is off."""
     seed: int | None = None
     """Random seed for reproducible sampling."""
+
+
+@dataclass
+class RegistryOptions:
+    """Where models are found and per-model defaults are kept."""
+
+    models_dir: str | None = None
+    """Folder scanned (recursively) for *.gguf models (default: $TANDEM_MODELS_DIR, else models/ under the user
+    data folder, e.g. ~/.local/share/tandem/models)."""
+    config: str | None = None
+    """Per-model defaults file (default: $TANDEM_CONFIG, else ~/.config/tandem/models.toml)."""

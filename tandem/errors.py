@@ -48,6 +48,14 @@ class ModelNotFoundError(TandemError):
     exit_code = 2
 
 
+class ForbiddenError(TandemError):
+    """A request names something it may not use (a model file outside the models folder)."""
+
+    http_status = 403
+    error_type = "permission_error"
+    exit_code = 2
+
+
 class NotGGUFError(BadInputError):
     """A file that is not a GGUF model."""
 

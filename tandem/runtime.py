@@ -134,6 +134,14 @@ class Runtime:
         has_bos = bool(bos) and rendered.startswith(bos)
         return m.tokenize(rendered, add_special=not has_bos, parse_special=True)
 
+    def close(self) -> None:
+        """Free the contexts and weights now (an unloaded model must not wait for the garbage collector)."""
+        if self.drafter is not None:
+            self.drafter.ctx.close()
+            self.drafter.ctx.model.close()
+        self.main.close()
+        self.main_model.close()
+
     def generate(self, prompt: Sequence[int], gp: GenParams, *, use_draft: bool = True, spec_type: str | None = None,
                  model: ModelDrafter | None = None,
                  cancel: Callable[[], bool] | None = None) -> Iterator[Token | Done]:

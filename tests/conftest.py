@@ -19,3 +19,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = os.environ.get("TANDEM_FIXTURE_DIR")
     out = Path(root) if root else tmp_path_factory.mktemp("tiny")
     return build_fixture_set(out)
+
+
+@pytest.fixture(autouse=True)
+def _no_user_models(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every test (and the `tandem` subprocesses it starts) away from the user's models folder and
+    per-model defaults file: an empty models folder and no settings file unless a test sets its own."""
+    root = tmp_path_factory.mktemp("user")
+    monkeypatch.setenv("TANDEM_MODELS_DIR", str(root / "models"))
+    monkeypatch.setenv("TANDEM_CONFIG", str(root / "models.toml"))

@@ -38,6 +38,34 @@ def _metavar(name: str, tp: type) -> str:
     return words[-1] if words else "NAME"
 
 
+_EXPLICIT = "_explicit_options"
+"""Namespace attribute holding the dests of the options given on the command line."""
+
+
+def _mark(namespace: argparse.Namespace, dest: str) -> None:
+    setattr(namespace, _EXPLICIT, getattr(namespace, _EXPLICIT, frozenset()) | {dest})
+
+
+class _Store(argparse.Action):
+    """store, remembering that the option was given (see explicit())."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        setattr(namespace, self.dest, values)
+        _mark(namespace, self.dest)
+
+
+class _Bool(argparse.BooleanOptionalAction):
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        super().__call__(parser, namespace, values, option_string)
+        _mark(namespace, self.dest)
+
+
+def explicit(ns: argparse.Namespace) -> frozenset[str]:
+    """The dataclass fields whose flags were given on the command line (not left at their defaults):
+    per-model defaults apply to the others."""
+    return getattr(ns, _EXPLICIT, frozenset())
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
     """Add one flag per dataclass field, in a group named after the class."""
     group = parser.add_argument_group(cls.__doc__.strip().rstrip(".") if cls.__doc__ else cls.__name__)
@@ -51,9 +79,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, 
         default = f.default
         help_ = docs.get(f.name, "") + (f" (default: {default})" if default not in (None, "") else "")
         if tp is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            group.add_argument(flag, action=_Bool, default=default, help=help_)
         else:
-            group.add_argument(flag, type=tp, default=default, help=help_, metavar=_metavar(f.name, tp))
+            group.add_argument(flag, action=_Store, type=tp, default=default, help=help_,
+                               metavar=_metavar(f.name, tp))
 
 
 def build(cls: type, ns: argparse.Namespace):

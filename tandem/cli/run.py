@@ -9,10 +9,11 @@ import sys
 from rich.console import Console
 from rich.text import Text
 
-from tandem.cli.options import add_options, build
+from tandem.cli.options import add_options, build, explicit
 from tandem.cli.progress import load_progress
-from tandem.config import ModelOptions, SamplingOptions, SpecOptions
+from tandem.config import ModelOptions, RegistryOptions, SamplingOptions, SpecOptions
 from tandem.errors import BadInputError
+from tandem.models.library import Library
 from tandem.runtime import Runtime
 from tandem.spec.generate import Done, GenParams
 from tandem.spec.sampling import SamplingParams
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, ModelOptions)
     add_options(p, SpecOptions)
     add_options(p, SamplingOptions)
+    add_options(p, RegistryOptions)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -36,12 +38,13 @@ def main(args: argparse.Namespace) -> int:
         raise BadInputError("the prompt is empty", "pass --prompt TEXT or pipe text on standard input")
     err = Console(stderr=True, no_color=args.no_color)
     sampling = SamplingParams(**vars(build(SamplingOptions, args)))
-    spec = build(SpecOptions, args)
+    lib = Library.open(build(RegistryOptions, args), extra=(args.model, args.draft))
+    models, spec = lib.resolve(build(ModelOptions, args), build(SpecOptions, args), explicit(args))
     gp = GenParams(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop),
                    draft_max=spec.draft_max, draft_min=spec.draft_min, draft_p_min=spec.draft_p_min,
                    draft_policy=spec.draft_policy)
     with load_progress(err, quiet=args.json) as progress:
-        rt = Runtime(build(ModelOptions, args), spec=spec, announce=lambda s: err.print(s), progress=progress)
+        rt = Runtime(models, spec=spec, announce=lambda s: err.print(s), progress=progress)
     tokens = rt.prompt(text=prompt, raw=args.raw)
     out = Console(no_color=args.no_color, highlight=False, soft_wrap=True)
     records = []

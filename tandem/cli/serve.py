@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from tandem.cli.options import add_options, build
-from tandem.config import ModelOptions, SpecOptions
+from tandem.cli.options import add_options, build, explicit
+from tandem.config import ModelOptions, RegistryOptions, SpecOptions
 from tandem.errors import BadInputError
+from tandem.models.library import Library
 from tandem.runtime import Runtime
 from tandem.server.app import create_app
+from tandem.server.models import ModelSource
 from tandem.server.options import ServerOptions
 from tandem.server.serving import UVICORN_LEVELS, bind, serve, url_of
 from tandem.server.worker import EngineStatus
@@ -22,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, ModelOptions)
     add_options(p, SpecOptions)
     add_options(p, ServerOptions)
+    add_options(p, RegistryOptions)
     # SUPPRESS keeps the dispatcher's global --log-level unless this one is given (same dest, no default).
     p.add_argument("--log-level", default=argparse.SUPPRESS,
                    help="Python log level: INFO shows one line per request, DEBUG per-token detail "
@@ -31,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check(opts: ServerOptions) -> None:
     if not 0 <= opts.port <= 65535:
         raise BadInputError(f"--port {opts.port} is not a TCP port", "use a number from 1 to 65535, or 0 for any")
+    if opts.max_loaded_models < 1 or opts.ttl < 0:
+        raise BadInputError(f"--max-loaded-models {opts.max_loaded_models} / --ttl {opts.ttl} is out of range",
+                            "keep at least 1 model loaded, and use a TTL >= 0 seconds (0: never unload)")
     if opts.max_body_bytes < 1024:
         raise BadInputError(f"--max-body-bytes {opts.max_body_bytes} is too small for any request",
                             "use at least 1024 (the default is 1048576)")
@@ -57,8 +63,11 @@ def _on_status(status: EngineStatus) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    models, spec, server = build(ModelOptions, args), build(SpecOptions, args), build(ServerOptions, args)
+    server = build(ServerOptions, args)
     _check(server)
+    lib = Library.open(build(RegistryOptions, args), extra=(args.model, args.draft))
+    source = ModelSource(lib, build(ModelOptions, args), build(SpecOptions, args), explicit(args))
+    models, spec = lib.resolve(source.model_options, source.spec, source.explicit)
     try:
         sock = bind(server.host, server.port)
     except OSError as e:
@@ -71,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"  api key:    {'required (Authorization: Bearer ...)' if server.api_key else 'not required'}")
     print("  loading the models in the background; GET /health says 'ready' when done", flush=True)
     app = create_app(server, lambda: Runtime(models, spec=spec, announce=lambda s: print(s, flush=True)), spec,
-                     on_status=_on_status)
+                     on_status=_on_status, source=source)
     level = str(getattr(args, "log_level", "WARNING")).lower()
     try:
         serve(app, sock, log_level=level if level in UVICORN_LEVELS else "warning")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from tandem.errors import IncompatibleDraftError
 
@@ -16,7 +18,7 @@ class VocabInfo:
     """What a draft must share with its main model for token ids to mean the same text."""
 
     vocab_type: str
-    """Tokenizer family: 'gpt2'/'bpe', 'llama'/'spm', ... (GGUF tokenizer.ggml.model or llama.cpp's enum)."""
+    """Tokenizer family by llama.cpp's name: spm, bpe, wpm, ugm, rwkv, plamo2, none (GGUF names are mapped)."""
     n_tokens: int
     """Number of tokens in the vocabulary."""
     bos: int
@@ -34,6 +36,35 @@ class VocabInfo:
         h = hashlib.sha256(f"{self.vocab_type}|{self.bos}|{self.eos}|{self.add_bos}|".encode())
         h.update("\x00".join(self.tokens).encode("utf-8", "surrogatepass"))
         return h.hexdigest()[:16]
+
+
+_GGUF_TOKENIZERS = {"llama": "spm", "gpt2": "bpe", "bert": "wpm", "t5": "ugm", "rwkv": "rwkv", "plamo2": "plamo2",
+                    "no_vocab": "none", "none": "none"}
+"""GGUF tokenizer.ggml.model -> llama.cpp's vocabulary type name (what Model.vocab_info reports)."""
+_LLAMA_DEFAULTS = {"spm": (1, 2, True), "bpe": (11, 11, False), "wpm": (101, -1, True), "ugm": (-1, 1, False)}
+"""(BOS, EOS, add-BOS) llama.cpp assumes per vocabulary type when the GGUF keys are absent."""
+
+
+def vocab_info_from_metadata(kv: Mapping[str, Any]) -> VocabInfo:
+    """The VocabInfo llama.cpp would build from GGUF metadata (tokenizer.ggml.*), without loading the model.
+
+    Uses llama.cpp's defaults for missing BOS/EOS/add-BOS keys; out-of-range ids keep the default, as
+    llama.cpp does. Special cases llama.cpp derives from the BPE pre-tokenizer name (a few families add
+    BOS without saying so in the file) are not modelled: Runtime still checks the loaded vocabularies.
+    """
+    model = str(kv.get("tokenizer.ggml.model", "none"))
+    vtype = _GGUF_TOKENIZERS.get(model, model)
+    tokens = kv.get("tokenizer.ggml.tokens")
+    tokens = tuple(tokens) if isinstance(tokens, list | tuple) else ()
+    bos, eos, add_bos = _LLAMA_DEFAULTS.get(vtype, (-1, -1, False))
+
+    def token_id(key: str, default: int) -> int:
+        v = kv.get(key)
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(tokens) else default
+
+    bos, eos = token_id("tokenizer.ggml.bos_token_id", bos), token_id("tokenizer.ggml.eos_token_id", eos)
+    flag = kv.get("tokenizer.ggml.add_bos_token")
+    return VocabInfo(vtype, len(tokens), bos, eos, bool(flag) if isinstance(flag, bool) else add_bos, tokens)
 
 
 def incompatibility(main: VocabInfo, draft: VocabInfo) -> str | None:

@@ -76,10 +76,15 @@ def derive(src: Path, dst: Path, ftype: str) -> Path:
     return dst
 
 
+def main_path(main_type: str = DEFAULT_MAIN_TYPE) -> Path:
+    """Where the derived main model is cached (it may not exist yet: default_pair derives it)."""
+    return cache_dir() / f"SmolLM2-135M-Instruct.{main_type.upper()}.gguf"
+
+
 def default_pair(main_type: str = DEFAULT_MAIN_TYPE, *, announce=print) -> DefaultPair:
     """The default pair, deriving the main model on first use."""
     draft = draft_path()
-    main = cache_dir() / f"SmolLM2-135M-Instruct.{main_type.upper()}.gguf"
+    main = main_path(main_type)
     if not main.exists():
         announce(f"Deriving the default main model ({main_type.upper()}) from {draft.name}, once; "
                  f"cached at {main}")

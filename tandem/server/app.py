@@ -12,6 +12,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -24,6 +25,7 @@ from tandem.runtime import Runtime
 from tandem.server.body import check_api_key, parse, read_json
 from tandem.server.errors import install_error_handlers
 from tandem.server.metrics import CONTENT_TYPE, Metrics
+from tandem.server.models import ModelDirectory, ModelSource
 from tandem.server.options import ServerOptions
 from tandem.server.responses import Builder, Piece, sse
 from tandem.server.schemas import ChatRequest, CompletionRequest, ModelCard, ModelList
@@ -31,7 +33,8 @@ from tandem.server.worker import Engine, EngineStatus, JobHandle, JobSpec, Model
 from tandem.spec.generate import Done, GenParams
 from tandem.spec.sampling import SamplingParams
 
-_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
+_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/api/v0/models", "/health",
+                        "/metrics"})
 
 
 class _RequestMetrics:
@@ -110,12 +113,37 @@ async def _stream(handle: JobHandle, first: list, builder: Builder, include_usag
         handle.cancel()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """The models one request resolved to."""
+
+    model_id: str
+    """Shown in the response."""
+    model: str | None
+    """Registry id for the engine (None: the startup model)."""
+    draft_model: str | None
+    """draft_model for the engine's selector (None: the model's configured draft)."""
+    draft_path: Path | None
+    """A registry draft, checked against the model."""
+    spec: SpecOptions
+    """Speculation defaults for this model."""
+
+
 def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], spec: SpecOptions | None = None,
-               *, on_status: Callable[[EngineStatus], None] | None = None) -> FastAPI:
-    """A new app serving the Runtime that `runtime_factory` builds (called in the engine thread at startup)."""
+               *, on_status: Callable[[EngineStatus], None] | None = None,
+               source: ModelSource | None = None) -> FastAPI:
+    """A new app serving the Runtime that `runtime_factory` builds (called in the engine thread at startup).
+
+    With a `source` (the registry), every registry model is listed and may be requested by id: models
+    that are not loaded are loaded on demand. Without one, only the startup model is served.
+    """
     spec = spec or SpecOptions()
     metrics = Metrics()
-    engine = Engine(runtime_factory, metrics, allow_draft_paths=options.draft_paths, on_status=on_status)
+    directory = ModelDirectory(source, allow_draft_paths=options.draft_paths) if source is not None else None
+    engine = Engine(runtime_factory, metrics, allow_draft_paths=options.draft_paths, on_status=on_status,
+                    load_model=directory.load if directory else None,
+                    model_id=directory.model_id if directory else None,
+                    max_loaded=options.max_loaded_models, ttl=options.ttl)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -137,6 +165,26 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         if st.state != "ready" or st.model is None:
             raise not_ready_error(st)
         return st.model
+
+    async def target(req: ChatRequest | CompletionRequest) -> _Target:
+        """Which model and draft the request names; registry names are resolved (and checked) here."""
+        info = ready_model()
+        if directory is None:
+            _check_model(req.model, info)
+            return _Target(info.id, None, req.draft_model, None, spec)
+        entry = await asyncio.to_thread(directory.main, req.model) if req.model else directory.entry_of(info)
+        if entry is None:  # the startup model is not in the registry (it always is when `tandem serve` runs)
+            return _Target(info.id, None, req.draft_model, None, spec)
+        is_default = entry.path == Path(info.path)
+        st = engine.status
+        loaded = next((i for i in st.loaded if Path(i.path) == entry.path), info if is_default else None)
+        draft_model, draft_path = req.draft_model, None
+        if req.draft_model is not None:
+            draft_path = await asyncio.to_thread(directory.draft, entry, req.draft_model, loaded)
+            if draft_path is None and req.draft_model.lower() != "none":
+                draft_model = None  # the draft the model is loaded with
+        model_spec = spec if is_default else directory.options_for(entry)[1]
+        return _Target(entry.id, None if is_default else entry.id, draft_model, draft_path, model_spec)
 
     async def run(request: Request, req: ChatRequest | CompletionRequest, job: JobSpec, model_id: str) -> Response:
         """Queue the job and answer from its events: a stream once the first event is in, or one JSON body.
@@ -170,29 +218,55 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = parse(ChatRequest, await read_json(request, options.max_body_bytes))
-        info = ready_model()
-        _check_model(req.model, info)
-        gp = _gen_params(req, req.token_limit or info.n_ctx, spec)
-        job = JobSpec("chat", gp, messages=req.message_dicts(), draft_model=req.draft_model)
-        return await run(request, req, job, info.id)
+        t = await target(req)
+        gp = _gen_params(req, req.token_limit or 1, t.spec)
+        job = JobSpec("chat", gp, messages=req.message_dicts(), draft_model=t.draft_model, model=t.model,
+                      draft_path=t.draft_path, max_tokens_from_context=req.token_limit is None)
+        return await run(request, req, job, t.model_id)
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
         req = parse(CompletionRequest, await read_json(request, options.max_body_bytes))
-        info = ready_model()
-        _check_model(req.model, info)
-        gp = _gen_params(req, req.token_limit, spec)
-        job = JobSpec("completion", gp, prompt=req.prompt_value(), draft_model=req.draft_model)
-        return await run(request, req, job, info.id)
+        t = await target(req)
+        gp = _gen_params(req, req.token_limit, t.spec)
+        job = JobSpec("completion", gp, prompt=req.prompt_value(), draft_model=t.draft_model, model=t.model,
+                      draft_path=t.draft_path)
+        return await run(request, req, job, t.model_id)
 
     @v1.get("/models")
     async def models() -> dict:
         info = ready_model()
+        if directory is not None:
+            await asyncio.to_thread(directory.rescan)
+            return directory.openai_list(engine.status)
         card = ModelCard(id=info.id, created=info.created, path=info.path, n_ctx=info.n_ctx,
                          draft_model=info.draft_model, speculative=info.draft_model is not None)
         return ModelList(data=[card]).model_dump(mode="json")
 
     app.include_router(v1)
+
+    lms = APIRouter(prefix="/api/v0", dependencies=[Depends(require_key)])
+
+    @lms.get("/models")
+    async def lmstudio_models() -> dict:
+        """LM Studio's REST listing: every model with its state and compatible drafts."""
+        info = ready_model()
+        if directory is None:
+            return {"object": "list", "data": [_lmstudio_loaded(info)]}
+        await asyncio.to_thread(directory.rescan)
+        return directory.lmstudio_list(engine.status)
+
+    @lms.get("/models/{model_id:path}")
+    async def lmstudio_model(model_id: str) -> dict:
+        info = ready_model()
+        if directory is None:
+            _check_model(model_id, info)
+            return _lmstudio_loaded(info)
+        entry = await asyncio.to_thread(directory.main, model_id)
+        loaded = next((i for i in engine.status.loaded if Path(i.path) == entry.path), None)
+        return directory.lmstudio_model(entry, loaded)
+
+    app.include_router(lms)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -203,6 +277,10 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         if st.model is not None:
             body["model"] = {k: v for k, v in asdict(st.model).items() if k != "aliases"}
             body["speculative"] = st.model.draft_model is not None
+        if st.state == "ready":
+            body["loaded_models"] = [i.id for i in st.loaded]
+            if st.loading:
+                body["loading_models"] = list(st.loading)
         return JSONResponse(body, status_code=200 if st.state == "ready" else 503)
 
     @app.get("/metrics")
@@ -210,3 +288,10 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _lmstudio_loaded(info: ModelInfo) -> dict:
+    """The startup model in LM Studio's shape, for a server without a registry."""
+    return {"id": info.id, "object": "model", "type": "llm", "state": "loaded", "loaded_context_length": info.n_ctx,
+            "draft_model": info.draft_model,
+            "compatible_draft_models": [info.draft_model] if info.draft_model else []}

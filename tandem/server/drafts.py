@@ -1,17 +1,21 @@
 """Choosing the drafter for one request (engine thread only): the configured draft, none, or a GGUF path.
 
-A path is loaded on demand, checked against the main model's vocabulary, and kept in one cache slot so a
-client that names the same file again does not reload it. A name that cannot be used is an error, never
-a silent fallback to another draft.
+A path is loaded on demand (by the loader thread: `load_draft`), checked against the main model's
+vocabulary, and kept in one slot so a client that names the same file again does not reload it; the slot
+is freed when another draft replaces it, when it sits idle past the TTL, or with its main model. Loading
+or freeing a draft never touches the main model. A name that cannot be used is an error, never a silent
+fallback to another draft.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.engine.llama import Context, Model
-from tandem.engine.vocab import VocabInfo, check_compatible
+from tandem.engine.vocab import check_compatible
 from tandem.errors import ModelNotFoundError
 from tandem.runtime import Runtime, context_params
 from tandem.spec.drafters import ModelDrafter
@@ -25,8 +29,37 @@ NONE = "none"
 """select(): no speculation for this request."""
 
 
+@dataclass(frozen=True)
+class NeedsLoad:
+    """select(): the draft at `path` must be loaded first (see load_draft)."""
+
+    path: Path
+    """The draft GGUF."""
+    key: tuple
+    """(resolved path, mtime, size): the file version the slot will hold."""
+
+
 def _aliases(path: Path, name: str) -> set[str]:
     return {name, path.name, str(path), str(path.resolve())}
+
+
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def load_draft(rt: Runtime, path: Path) -> ModelDrafter:
+    """Load a draft for `rt`'s main model, refusing a vocabulary mismatch before allocating its KV cache.
+    Safe off the engine thread: it only reads the main model's vocabulary."""
+    log.info("loading draft %s for %s", path, rt.main_model.name)
+    model = Model(path)
+    try:
+        main = rt.main_model
+        check_compatible(main.vocab_info(), model.vocab_info(), main_name=main.name, draft_name=model.name)
+        return ModelDrafter(Context(model, context_params(rt.opts, draft=True)))
+    except BaseException:
+        model.close()
+        raise
 
 
 class DraftSelector:
@@ -36,7 +69,8 @@ class DraftSelector:
         self.rt = runtime
         self.allow_paths = allow_paths
         self._extra: tuple[tuple, ModelDrafter] | None = None  # (file key, drafter) of the last loaded path
-        self._main_vocab: VocabInfo | None = None
+        self.extra_used = 0.0
+        """time.monotonic() of the on-demand draft's last use."""
         d = runtime.drafter
         self._configured = _aliases(d.ctx.model.path, d.name) if d is not None else set()
 
@@ -47,39 +81,39 @@ class DraftSelector:
             names.append("the path of a compatible draft GGUF")
         return ", ".join(names)
 
-    def select(self, name: str | None) -> ModelDrafter | str:
-        """CONFIGURED (the server's own speculation), NONE, or a draft loaded on demand, for draft_model `name`."""
+    def select(self, name: str | None, path: Path | None = None) -> ModelDrafter | NeedsLoad | str:
+        """CONFIGURED (the server's own speculation), NONE, the loaded on-demand draft, or NeedsLoad, for
+        draft_model `name`, or for `path` when the caller already resolved it (from the registry)."""
+        if path is not None:
+            return self._path(path)
         if name is None or name in self._configured:
             return CONFIGURED
         if name.lower() == "none":
             return NONE
-        path = Path(name).expanduser()
-        if self.allow_paths and path.is_file():
-            if str(path.resolve()) in self._configured:
-                return CONFIGURED
-            return self._load(path)
+        p = Path(name).expanduser()
+        if self.allow_paths and p.is_file():
+            return self._path(p)
         raise ModelNotFoundError(f"draft_model {name!r} is neither the loaded draft nor a draft GGUF file",
                                  f"use one of: {self.choices()}", param="draft_model", code="model_not_found")
 
-    def _load(self, path: Path) -> ModelDrafter:
-        st = path.stat()
-        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    def _path(self, path: Path) -> ModelDrafter | NeedsLoad | str:
+        if str(path.resolve()) in self._configured:
+            return CONFIGURED
+        key = _file_key(path)
         if self._extra is not None and self._extra[0] == key:
+            self.extra_used = time.monotonic()
             return self._extra[1]
+        return NeedsLoad(path, key)
+
+    def install(self, key: tuple, drafter: ModelDrafter) -> None:
+        """Hold a draft load_draft() made (replacing, and freeing, the previous on-demand draft)."""
         self.release()
-        log.info("loading draft %s on demand", path)
-        model = Model(path)
-        try:
-            main = self.rt.main_model
-            if self._main_vocab is None:
-                self._main_vocab = main.vocab_info()
-            check_compatible(self._main_vocab, model.vocab_info(), main_name=main.name, draft_name=model.name)
-            drafter = ModelDrafter(Context(model, context_params(self.rt.opts, draft=True)))
-        except BaseException:
-            model.close()
-            raise
         self._extra = (key, drafter)
-        return drafter
+        self.extra_used = time.monotonic()
+
+    @property
+    def has_extra(self) -> bool:
+        return self._extra is not None
 
     def release(self) -> None:
         """Free the on-demand draft, if any."""

@@ -19,3 +19,8 @@ class ServerOptions:
     """Largest request body accepted, in bytes; larger bodies get HTTP 413."""
     draft_paths: bool = True
     """Let a request's draft_model name a draft GGUF by file path, loaded on demand (--no-draft-paths refuses)."""
+    max_loaded_models: int = 1
+    """Most main models kept loaded; loading one more (a request naming another model) unloads the least
+    recently used once the new one is ready, so the loaded ones keep serving while it loads."""
+    ttl: float = 0.0
+    """Unload a model (or an on-demand draft) idle for this many seconds; 0 keeps them loaded."""

@@ -9,6 +9,7 @@ the handle raises them in the handler, where the app's single exception handler 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tandem.errors import BadInputError, CancelledError, EngineError, LoadingError, TandemError
+from tandem.errors import BadInputError, CancelledError, EngineError, LoadingError, ModelNotFoundError, TandemError
 from tandem.runtime import Runtime
-from tandem.server.drafts import CONFIGURED, DraftSelector
+from tandem.server.drafts import CONFIGURED, DraftSelector, NeedsLoad, load_draft
 from tandem.server.metrics import Metrics
+from tandem.server.pool import Loaded, Loader, Slot, Slots
+from tandem.spec.drafters import ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token
 from tandem.spec.stats import SpecStats
 
@@ -47,9 +50,18 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class EngineStatus:
+    """What the engine is doing (replaced whole on every change: safe to read from any thread)."""
+
     state: State
+    """loading (the startup model), ready, degraded (the startup model failed) or stopped."""
     reason: str | None = None
+    """Why it is not ready."""
     model: ModelInfo | None = None
+    """The startup (default) model: the one requests without `model` get."""
+    loaded: tuple[ModelInfo, ...] = ()
+    """Every main model loaded now."""
+    loading: tuple[str, ...] = ()
+    """Ids of the main models being loaded (or queued to load)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,13 @@ class JobSpec:
     messages: Sequence[dict] | None = None
     prompt: str | Sequence[int] | None = None
     draft_model: str | None = None
+    """The request's draft_model as sent (None: the model's configured draft)."""
+    model: str | None = None
+    """Registry id of the main model (None: the startup model)."""
+    draft_path: Path | None = None
+    """A draft file the registry resolved and checked (takes precedence over draft_model)."""
+    max_tokens_from_context: bool = False
+    """Generate up to the model's context size (chat without max_tokens): the engine knows it, not the handler."""
 
 
 class _Job:
@@ -133,19 +152,35 @@ class JobHandle:
 
 
 class Engine:
-    """The engine thread: loads the Runtime, then runs jobs one at a time from a FIFO queue."""
+    """The engine thread: loads the startup Runtime, then runs jobs one at a time from a FIFO queue.
+
+    With `load_model` (a function from a registry id to a Runtime), a job may name another model: it is
+    loaded by the loader thread while the engine keeps serving the loaded ones, and the job waits for it.
+    At most `max_loaded` main models stay loaded (least recently used out, once the new one is ready);
+    models and on-demand drafts idle for `ttl` seconds are unloaded. The startup model reloads through
+    `runtime_factory` if it was unloaded.
+    """
 
     def __init__(self, runtime_factory: Callable[[], Runtime], metrics: Metrics, *, allow_draft_paths: bool = True,
-                 on_status: Callable[[EngineStatus], None] | None = None):
+                 on_status: Callable[[EngineStatus], None] | None = None,
+                 load_model: Callable[[str], Runtime] | None = None, model_id: Callable[[Path], str] | None = None,
+                 max_loaded: int = 1, ttl: float = 0.0):
         self._factory = runtime_factory
         self._metrics = metrics
         self._allow_paths = allow_draft_paths
         self._on_status = on_status
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._load_model = load_model
+        self._model_id = model_id or (lambda p: p.stem)
+        self._jobs: queue.Queue[_Job | Loaded | None] = queue.Queue()
         self._status = EngineStatus("loading")
         self._stopping = threading.Event()
         self._ids = itertools.count(1)
         self._thread = threading.Thread(target=self._main, name="tandem-engine", daemon=True)
+        self._slots = Slots(max_loaded, ttl)
+        self._loader = Loader(self._jobs.put)
+        self._parked: dict[tuple, list[_Job]] = {}
+        self._names: dict[tuple, str] = {}  # what each pending load is, for the log
+        self._default: str | None = None  # the startup model's id
 
     # -- client interface (event-loop side) ---------------------------------------------------------------
     @property
@@ -167,11 +202,12 @@ class Engine:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel the running job, refuse the queued ones, and end the thread."""
-        self._set_status(EngineStatus("stopped", "the server is shutting down", self._status.model))
+        self._set_status(dataclasses.replace(self._status, state="stopped", reason="the server is shutting down"))
         self._stopping.set()
         self._jobs.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self._loader.stop(timeout)
 
     # -- engine thread --------------------------------------------------------------------------------------
     def _set_status(self, status: EngineStatus) -> None:
@@ -180,45 +216,157 @@ class Engine:
         if self._on_status is not None:
             self._on_status(status)
 
-    def _load(self) -> tuple[Runtime, DraftSelector] | None:
+    def _publish(self) -> None:
+        """Status with the current loaded/loading models (only while ready: other states are final or earlier)."""
+        if self._status.state != "ready":
+            return
+        loaded = tuple(_model_info(s.rt, s.id) for s in self._slots)
+        loading = tuple(k[1] for k in self._loader.busy if k[0] == "main")
+        default = next((i for i in loaded if i.id == self._default), self._status.model)
+        self._status = EngineStatus("ready", model=default, loaded=loaded, loading=loading)
+
+    def _load(self) -> bool:
         try:
             rt = self._factory()
         except TandemError as e:
             self._set_status(EngineStatus("degraded", f"loading the models failed: {e.message}"))
-            return None
+            return False
         except Exception as e:  # noqa: BLE001 - any load failure must leave the server up and say why
             log.exception("loading the models failed")
             self._set_status(EngineStatus("degraded", f"loading the models failed: {type(e).__name__}: {e}"))
-            return None
-        self._set_status(EngineStatus("ready", model=_model_info(rt)))
-        return rt, DraftSelector(rt, allow_paths=self._allow_paths)
+            return False
+        self._default = self._model_id(rt.main_model.path)
+        self._slots.add(Slot(self._default, rt, DraftSelector(rt, allow_paths=self._allow_paths)))
+        info = _model_info(rt, self._default)
+        self._set_status(EngineStatus("ready", model=info, loaded=(info,)))
+        return True
 
     def _main(self) -> None:
-        loaded = self._load()
+        ok = self._load()
         while True:
-            job = self._jobs.get()
-            self._metrics.queue_depth.set(self._jobs.qsize())
-            if job is None:
-                break
-            if loaded is None or self._status.state != "ready":
-                job.put(not_ready_error(self._status))
+            deadline = self._slots.next_deadline(time.monotonic())
+            try:
+                item = self._jobs.get(timeout=deadline)
+            except queue.Empty:
+                self._expire()
                 continue
-            self._run(*loaded, job)
+            self._metrics.queue_depth.set(self._jobs.qsize())
+            if item is None:
+                break
+            if isinstance(item, Loaded):
+                self._loaded(item)
+            elif not ok or self._status.state != "ready":
+                item.put(not_ready_error(self._status))
+            else:
+                self._dispatch(item)
+            self._expire()
+        leftovers = [j for jobs in self._parked.values() for j in jobs]
         while True:  # refuse whatever is still queued
             try:
-                job = self._jobs.get_nowait()
+                item = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
-                job.put(not_ready_error(self._status))
-        if loaded is not None:
-            loaded[1].release()
+            if isinstance(item, _Job):
+                leftovers.append(item)
+            elif isinstance(item, Loaded) and item.value is not None:
+                _close(item.value)
+        for job in leftovers:
+            job.put(not_ready_error(self._status))
+        for slot in self._slots:
+            slot.close()
+
+    def _dispatch(self, job: _Job) -> None:
+        """Run the job now, or park it until the loader brings in its model or draft."""
+        model = job.spec.model or self._default
+        slot = self._slots.get(model) if model else None
+        if slot is None:
+            loader = self._factory if model == self._default else self._load_fn(model)
+            if loader is None:
+                job.put(ModelNotFoundError(f"model {model!r} is not loaded", "omit `model` to use the loaded one",
+                                           param="model", code="model_not_found"))
+                return
+            self._park(("main", model), job, loader, str(model))
+            return
+        try:
+            choice = slot.drafts.select(job.spec.draft_model, job.spec.draft_path)
+        except TandemError as e:
+            job.put(e)
+            return
+        if isinstance(choice, NeedsLoad):
+            rt = slot.rt
+            self._park(("draft", slot.id, choice.key), job, lambda: load_draft(rt, choice.path),
+                       f"draft {choice.path.name} for {slot.id}")
+            return
+        self._slots.use(slot)
+        self._run(slot.rt, choice, job)
+        self._slots.use(slot)
+
+    def _load_fn(self, model: str | None) -> Callable[[], Runtime] | None:
+        if model is None or self._load_model is None:
+            return None
+        load = self._load_model
+        return lambda: load(model)
+
+    def _park(self, key: tuple, job: _Job, load: Callable[[], object], what: str) -> None:
+        self._parked.setdefault(key, []).append(job)
+        if not self._loader.pending(key):
+            log.info("%s waits for %s to load", job.id, what)
+            self._names[key] = what
+            self._loader.submit(key, load)
+            self._publish()
+
+    def _loaded(self, done: Loaded) -> None:
+        """A load finished: install it (evicting the least recently used model) and run the jobs that waited."""
+        self._loader.done(done.key)
+        waiting = self._parked.pop(done.key, [])
+        what = self._names.pop(done.key, str(done.key[1]))
+        if done.error is not None:
+            err = done.error if isinstance(done.error, TandemError) else EngineError(
+                f"loading failed: {type(done.error).__name__}: {done.error}", "see the server log")
+            log.warning("loading %s failed: %s", what, err.message)
+            for job in waiting:
+                job.put(err)
+            self._publish()
+            return
+        if done.key[0] == "main":
+            rt = done.value
+            assert isinstance(rt, Runtime)
+            log.info("loaded %s in %.1f s", done.key[1], done.seconds)
+            for old in self._slots.add(Slot(done.key[1], rt, DraftSelector(rt, allow_paths=self._allow_paths))):
+                log.info("unloading %s (least recently used; --max-loaded-models %d)", old.id, self._slots.max_loaded)
+                old.close()
+        else:
+            slot = self._slots.get(done.key[1])
+            if slot is None:  # its main was unloaded meanwhile: the jobs will load both again
+                _close(done.value)
+            else:
+                log.info("loaded %s in %.1f s", what, done.seconds)
+                slot.drafts.install(done.key[2], done.value)  # type: ignore[arg-type]
+        self._publish()
+        for job in waiting:
+            self._dispatch(job)
+
+    def _expire(self) -> None:
+        """Unload models and on-demand drafts idle past the TTL (never one that parked jobs wait on)."""
+        ttl = self._slots.ttl
+        if ttl <= 0:
+            return
+        now = time.monotonic()
+        awaited = {k[1] for k in self._parked}
+        for slot in self._slots.expired(now, lambda mid: mid in awaited):
+            log.info("unloading %s: idle for more than %g s (--ttl)", slot.id, ttl)
+            slot.close()
+        for slot in self._slots:
+            if slot.drafts.has_extra and now - slot.drafts.extra_used > ttl:
+                log.info("unloading the on-demand draft of %s: idle for more than %g s (--ttl)", slot.id, ttl)
+                slot.drafts.release()
+        self._publish()
 
     def _cancelled(self, job: _Job) -> Callable[[], bool]:
         """generate()'s cancel check: the client left, or the server is stopping."""
         return lambda: job.cancelled.is_set() or self._stopping.is_set()
 
-    def _run(self, rt: Runtime, drafts: DraftSelector, job: _Job) -> None:
+    def _run(self, rt: Runtime, choice: ModelDrafter | str, job: _Job) -> None:
         if job.cancelled.is_set():
             job.put(CancelledError("the client went away before its turn", "nothing to do"))
             return
@@ -226,12 +374,14 @@ class Engine:
         debug = log.isEnabledFor(logging.DEBUG)
         try:
             prompt = _prompt_tokens(rt, job.spec)
-            choice = drafts.select(job.spec.draft_model)
+            params = job.spec.params
+            if job.spec.max_tokens_from_context:
+                params = dataclasses.replace(params, max_tokens=rt.main.n_ctx)
             cancel = self._cancelled(job)
             if isinstance(choice, str):  # CONFIGURED or NONE: the Runtime's own path (and whatever state it keeps)
-                events = rt.generate(prompt, job.spec.params, use_draft=choice == CONFIGURED, cancel=cancel)
+                events = rt.generate(prompt, params, use_draft=choice == CONFIGURED, cancel=cancel)
             else:  # a draft loaded on demand for this request
-                events = rt.generate(prompt, job.spec.params, model=choice, cancel=cancel)
+                events = rt.generate(prompt, params, model=choice, cancel=cancel)
             for ev in events:
                 if isinstance(ev, Token):
                     if first is None:
@@ -247,6 +397,15 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - an engine failure becomes a 500 for this request only
             log.exception("%s failed", job.id)
             job.put(EngineError(f"generation failed: {type(e).__name__}: {e}", "see the server log; retry"))
+
+
+def _close(value: object) -> None:
+    """Free a Runtime or drafter nobody will use."""
+    if isinstance(value, Runtime):
+        value.close()
+    elif isinstance(value, ModelDrafter):
+        value.ctx.close()
+        value.ctx.model.close()
 
 
 def not_ready_error(st: EngineStatus) -> LoadingError:
@@ -274,15 +433,16 @@ def _prompt_tokens(rt: Runtime, spec: JobSpec) -> list[int]:
     return tokens
 
 
-def _model_info(rt: Runtime) -> ModelInfo:
+def _model_info(rt: Runtime, model_id: str | None = None) -> ModelInfo:
     path = rt.main_model.path
     d = rt.drafter  # the draft model; rt.draft_name names whatever the Runtime speculates with
     try:
         created = int(path.stat().st_mtime)
     except OSError:
         created = 0
-    return ModelInfo(id=rt.main_model.name, path=str(path),
-                     aliases=frozenset({rt.main_model.name, path.name, str(path), str(Path(path).resolve())}),
+    return ModelInfo(id=model_id or rt.main_model.name, path=str(path),
+                     aliases=frozenset({model_id or rt.main_model.name, rt.main_model.name, path.name, str(path),
+                                        str(Path(path).resolve())}),
                      n_ctx=rt.main.n_ctx, created=created, draft_model=rt.draft_name,
                      draft_path=str(d.ctx.model.path) if d else None)
 
