@@ -13,7 +13,8 @@ from pathlib import Path
 from tandem.engine.llama import Context, Model
 from tandem.engine.vocab import VocabInfo, check_compatible
 from tandem.errors import ModelNotFoundError
-from tandem.runtime import Runtime, context_params
+from tandem.models.fit import AllocationCheck, headroom, plan_extra_draft
+from tandem.runtime import Runtime
 from tandem.spec.drafters import ModelDrafter
 
 log = logging.getLogger("tandem.server")
@@ -67,14 +68,18 @@ class DraftSelector:
         if self._extra is not None and self._extra[0] == key:
             return self._extra[1]
         self.release()
+        plan = plan_extra_draft(self.rt.opts, path, headroom(self.rt.plan))  # 507 before allocating anything
         log.info("loading draft %s on demand", path)
-        model = Model(path)
+        model = Model(path)  # LoadFailedError (500) when llama.cpp cannot load it
         try:
             main = self.rt.main_model
             if self._main_vocab is None:
                 self._main_vocab = main.vocab_info()
             check_compatible(self._main_vocab, model.vocab_info(), main_name=main.name, draft_name=model.name)
-            drafter = ModelDrafter(Context(model, context_params(self.rt.opts, draft=True)))
+            ctx = Context(model, plan.params)
+            log.info("memory plan vs allocation: %s", AllocationCheck(plan, {**model.buffers, **ctx.buffers},
+                                                                      None).describe())
+            drafter = ModelDrafter(ctx)
         except BaseException:
             model.close()
             raise
