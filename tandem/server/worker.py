@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tandem.errors import BadInputError, CancelledError, EngineError, LoadingError, TandemError
+from tandem.errors import BadInputError, CancelledError, EngineError, LoadFailedError, LoadingError, TandemError
 from tandem.runtime import Runtime
 from tandem.server.drafts import CONFIGURED, DraftSelector
 from tandem.server.metrics import Metrics
@@ -29,7 +29,11 @@ from tandem.spec.stats import SpecStats
 log = logging.getLogger("tandem.server")
 
 Event = Token | Done
-State = Literal["loading", "ready", "degraded", "stopped"]
+State = Literal["loading", "ready", "degraded", "failed", "stopped"]
+"""ready: serving as configured; degraded: serving without the draft (--draft-optional), `reason` says why;
+failed: the models could not be loaded, nothing is served; stopped: shutting down."""
+SERVING = frozenset({"ready", "degraded"})
+"""States in which jobs are accepted."""
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,16 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class EngineStatus:
+    """What the engine is doing, for /health and the start-up banner."""
+
     state: State
+    """See State."""
     reason: str | None = None
+    """Why the state is degraded or failed."""
     model: ModelInfo | None = None
+    """The loaded models, once loaded."""
+    error: TandemError | None = None
+    """The load failure (state failed): `tandem serve` exits with its exit code."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +166,7 @@ class Engine:
     def submit(self, spec: JobSpec) -> JobHandle:
         """Queue a job (call from the event loop); 503 unless the models are loaded."""
         st = self._status
-        if st.state != "ready":
+        if st.state not in SERVING:
             raise not_ready_error(st)
         job = _Job(f"req-{next(self._ids)}", spec, asyncio.get_running_loop())
         self._jobs.put(job)
@@ -176,7 +187,7 @@ class Engine:
     # -- engine thread --------------------------------------------------------------------------------------
     def _set_status(self, status: EngineStatus) -> None:
         self._status = status
-        self._metrics.engine_ready.set(1 if status.state == "ready" else 0)
+        self._metrics.engine_ready.set(1 if status.state in SERVING else 0)
         if self._on_status is not None:
             self._on_status(status)
 
@@ -184,13 +195,18 @@ class Engine:
         try:
             rt = self._factory()
         except TandemError as e:
-            self._set_status(EngineStatus("degraded", f"loading the models failed: {e.message}"))
+            self._set_status(EngineStatus("failed", f"loading the models failed: {e.message}", error=e))
             return None
-        except Exception as e:  # noqa: BLE001 - any load failure must leave the server up and say why
+        except Exception as e:  # noqa: BLE001 - any load failure must be reported with its reason
             log.exception("loading the models failed")
-            self._set_status(EngineStatus("degraded", f"loading the models failed: {type(e).__name__}: {e}"))
+            err = LoadFailedError(f"loading the models failed: {type(e).__name__}: {e}", "see the server log",
+                                  code="load_failed")
+            self._set_status(EngineStatus("failed", err.cause, error=err))
             return None
-        self._set_status(EngineStatus("ready", model=_model_info(rt)))
+        if rt.draft_status:
+            self._set_status(EngineStatus("degraded", rt.draft_status, model=_model_info(rt)))
+        else:
+            self._set_status(EngineStatus("ready", model=_model_info(rt)))
         return rt, DraftSelector(rt, allow_paths=self._allow_paths)
 
     def _main(self) -> None:
@@ -200,7 +216,7 @@ class Engine:
             self._metrics.queue_depth.set(self._jobs.qsize())
             if job is None:
                 break
-            if loaded is None or self._status.state != "ready":
+            if loaded is None or self._status.state not in SERVING:
                 job.put(not_ready_error(self._status))
                 continue
             self._run(*loaded, job)
