@@ -45,7 +45,7 @@ def test_fit_that_does_not_fit_exits_3_with_the_largest_context_and_fixes(capsys
                        "--memory-limit", str(limit))
     assert code == 3
     assert "does not fit: draft" in out and "free after the main model" in out
-    assert "largest --ctx-size that fits:" in out and "--ctx-size-draft" in out and "--cache-type-k-draft q8_0" in out
+    assert "largest --ctx-size that fits:" in out and "  - --ctx-size-draft " in out and "  - --draft none" in out
     assert "(--memory-limit;" in out
 
 
