@@ -4,7 +4,7 @@ Each context size loads in a fresh process (so freed memory from an earlier load
 the plan (`tandem fit`), llama.cpp's reported buffer sizes, the RSS growth at load, and the RSS growth
 after one full-batch decode on each model (which touches the compute buffers). Prints a Markdown table.
 
-    python bench/fit_check.py [--ctx 2048 8192 32768] [--threads 2] > docs/fit.md
+    python bench/fit_check.py [--ctx 2048 8192 32768] [--q8-ctx 8192] [--threads 2] > docs/fit.md
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import psutil
 MIB = 1 << 20
 
 
-def one(ctx: int, threads: int) -> dict:
+def one(ctx: int, threads: int, draft_k: str) -> dict:
     from tandem.config import ModelOptions
     from tandem.runtime import Runtime
 
     rss0 = psutil.Process().memory_info().rss
-    rt = Runtime(ModelOptions(ctx_size=ctx, threads=threads), announce=lambda _s: None)
+    rt = Runtime(ModelOptions(ctx_size=ctx, threads=threads, cache_type_k_draft=draft_k), announce=lambda _s: None)
     at_load = psutil.Process().memory_info().rss - rss0
     contexts = [rt.main] + ([rt.drafter.ctx] if rt.drafter else [])
     for c in contexts:  # one full micro-batch: the compute buffer's pages are touched
@@ -40,7 +40,8 @@ def one(ctx: int, threads: int) -> dict:
                      "plan": {"weights": p.weights, "kv": p.kv, "compute": p.compute, "output": p.output_at_load,
                               "overhead": p.overhead, "total": p.total, "resident": p.resident_at_load},
                      "reported": m, "rss_at_load": check.rss_delta, "ok": check.within_tolerance})
-    return {"ctx": ctx, "rows": rows, "plan_total": rt.plan.total, "rss_at_load": at_load, "rss_warm": warm,
+    label = ctx if draft_k == "f16" else f"{ctx}, q8_0 draft K"
+    return {"ctx": label, "rows": rows, "plan_total": rt.plan.total, "rss_at_load": at_load, "rss_warm": warm,
             "plan_resident": sum(c.plan.resident_at_load for c in rt.checks)}
 
 
@@ -79,16 +80,19 @@ def markdown(results: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ctx", type=int, nargs="+", default=[2048, 8192, 32768])
+    ap.add_argument("--q8-ctx", type=int, nargs="*", default=[8192],
+                    help="context sizes to run again with a q8_0 draft K cache")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--draft-k", default="f16", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.threads)))
+        print(json.dumps(one(args.one, args.threads, args.draft_k)))
         return 0
     results = []
-    for ctx in args.ctx:
-        proc = subprocess.run([sys.executable, __file__, "--one", str(ctx), "--threads", str(args.threads)],
-                              capture_output=True, text=True, check=True)
+    for ctx, draft_k in [(c, "f16") for c in args.ctx] + [(c, "q8_0") for c in args.q8_ctx]:
+        proc = subprocess.run([sys.executable, __file__, "--one", str(ctx), "--threads", str(args.threads),
+                               "--draft-k", draft_k], capture_output=True, text=True, check=True)
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(markdown(results))
     return 0
