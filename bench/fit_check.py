@@ -72,8 +72,9 @@ def markdown(results: list[dict]) -> str:
             "| ctx | plan total | RSS growth after one full-batch decode per model | plan resident at load "
             "| RSS growth at load |", "|---:|---:|---:|---:|---:|"]
     for r in results:
-        out.append(f"| {r['ctx']} | {mib(r['plan_total'])} | {mib(r['rss_warm'])}{pct(r['rss_warm'], r['plan_total'])} "
-                   f"| {mib(r['plan_resident'])} | {mib(r['rss_at_load'])}{pct(r['rss_at_load'], r['plan_resident'])} |")
+        warm = f"{mib(r['rss_warm'])}{pct(r['rss_warm'], r['plan_total'])}"
+        load = f"{mib(r['rss_at_load'])}{pct(r['rss_at_load'], r['plan_resident'])}"
+        out.append(f"| {r['ctx']} | {mib(r['plan_total'])} | {warm} | {mib(r['plan_resident'])} | {load} |")
     return "\n".join(out)
 
 

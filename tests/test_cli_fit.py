@@ -53,3 +53,10 @@ def test_fit_refuses_a_missing_file_with_exit_2(capsys, tiny, tmp_path):
     code = main(["fit", "--model", str(tmp_path / "nope.gguf"), "--draft", "none"])
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" in err and "check the path" in err
+
+
+def test_run_refuses_a_plan_that_does_not_fit_before_loading(capsys, tiny):
+    code = main(["run", "--model", str(tiny["main"]), "--draft", str(tiny["draft_small"]), "--threads", "1",
+                 "--memory-limit", "8M", "--prompt", "Hi", "--max-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 3 and "does not fit: main" in err and "smaller or more quantized main model" in err

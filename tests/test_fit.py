@@ -10,8 +10,7 @@ import pytest
 from tandem.config import ModelOptions, SpecOptions
 from tandem.engine.llama import Model
 from tandem.errors import BadInputError, DoesNotFitError, ModelNotFoundError, NotGGUFError
-from tandem.models.fit import (MIB, Memory, context_params, make_plan, parse_size, plan_for, plan_model,
-                               tolerance)
+from tandem.models.fit import MIB, Memory, context_params, make_plan, parse_size, plan_for, tolerance
 from tandem.models.gguf_header import read_header
 from tandem.runtime import Runtime
 

@@ -20,7 +20,8 @@ from tandem.runtime import resolve_paths
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--draft-max", type=int, default=SpecOptions.draft_max,
-                   help=f"most tokens drafted per step: the main model's logits rows (default: {SpecOptions.draft_max})")
+                   help="most tokens drafted per step: sets the main model's logits rows "
+                        f"(default: {SpecOptions.draft_max})")
     add_options(p, ModelOptions, skip=("draft_optional",))
 
 
