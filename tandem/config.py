@@ -34,6 +34,12 @@ class ModelOptions:
     """Draft model KV cache type for K."""
     cache_type_v_draft: str = "f16"
     """Draft model KV cache type for V."""
+    memory_limit: str | None = None
+    """Memory the models may use, in bytes or with a K/M/G suffix (e.g. 512M, 2G); overrides the available
+    RAM in the memory plan (see `tandem fit`)."""
+    draft_optional: bool = False
+    """When the draft cannot be used (missing, not GGUF, incompatible, does not fit, fails to load), run
+    without it instead of failing: /health says 'degraded' and every response's stats carry draft_status."""
 
 
 @dataclass

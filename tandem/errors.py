@@ -86,7 +86,7 @@ class LoadingError(TandemError):
 
 
 class DoesNotFitError(TandemError):
-    """The memory plan says the model does not fit."""
+    """The memory plan says the model does not fit (HTTP 507 Insufficient Storage)."""
 
     http_status = 507
     error_type = "server_error"
@@ -99,6 +99,10 @@ class EngineError(TandemError):
     http_status = 500
     error_type = "server_error"
     exit_code = 1
+
+
+class LoadFailedError(EngineError):
+    """llama.cpp could not load a model or allocate its context."""
 
 
 class CancelledError(TandemError):

@@ -8,12 +8,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from tandem import chat
 from tandem.config import SPEC_TYPES, ModelOptions, SpecOptions
-from tandem.engine.llama import Context, ContextParams, Model
+from tandem.engine.llama import Context, Model
 from tandem.engine.vocab import check_compatible
-from tandem.errors import BadInputError
+from tandem.errors import BadInputError, TandemError
 from tandem.models.defaults import default_pair
+from tandem.models.fit import AllocationCheck, FitPlan, ModelPlan, plan_for
 from tandem.spec.drafters import Drafter, ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token, generate
 from tandem.spec.ngram import CombinedDrafter, NgramDrafter
@@ -41,47 +44,89 @@ def resolve_paths(opts: ModelOptions, announce: Callable[[str], None] = print) -
     return ModelPaths(Path(opts.model), None if no_draft or not opts.draft else Path(opts.draft))
 
 
-def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
-    if draft:
-        n_ctx = opts.ctx_size_draft or opts.ctx_size
-        if n_ctx > opts.ctx_size:
-            raise BadInputError(f"--ctx-size-draft {n_ctx} is larger than --ctx-size {opts.ctx_size}",
-                                "use a draft context no larger than the main context")
-        return ContextParams(n_ctx=n_ctx, n_batch=512, n_threads=opts.threads,
-                             type_k=opts.cache_type_k_draft, type_v=opts.cache_type_v_draft)
-    return ContextParams(n_ctx=opts.ctx_size, n_batch=512, n_threads=opts.threads,
-                         type_k=opts.cache_type_k, type_v=opts.cache_type_v)
+def plan_runtime(opts: ModelOptions, spec: SpecOptions | None = None,
+                 announce: Callable[[str], None] = print) -> FitPlan:
+    """The memory plan a Runtime with these options loads from (headers only: milliseconds). Raises the
+    first reason not to load: a missing or non-GGUF file, invalid options, or a plan that does not fit."""
+    spec = spec if spec is not None else SpecOptions()
+    paths = resolve_paths(opts, announce)
+    if spec.spec_type == "both" and paths.draft is None:
+        raise BadInputError("--spec-type both needs a draft model", "pass --draft PATH, or use --spec-type ngram")
+    draft = paths.draft if spec.spec_type != "ngram" else None  # ngram speculation loads no draft model
+    return plan_for(opts, paths.main, draft, draft_max=spec.draft_max)
+
+
+def _rss() -> int:
+    return int(psutil.Process().memory_info().rss)
 
 
 class Runtime:
     """Owns the llama contexts of one main model and its draft. Use from one thread only.
 
+    Everything is planned first (`plan`, see tandem.models.fit): the contexts are created with the plan's
+    parameters, and after loading, `checks` hold the plan next to what llama.cpp allocated.
     `drafter` is the draft model (None without one, and with --spec-type ngram, which loads none);
-    `speculator()` is what generation drafts with, per --spec-type.
+    `speculator()` is what generation drafts with, per --spec-type. `draft_status` says why a draft that was
+    asked for is not used (only with --draft-optional; otherwise that is an error).
     """
 
     def __init__(self, opts: ModelOptions, *, spec: SpecOptions | None = None,
                  announce: Callable[[str], None] = print,
-                 progress: Callable[[str, float], None] | None = None):
+                 progress: Callable[[str, float], None] | None = None, plan: FitPlan | None = None):
         self.spec = spec if spec is not None else SpecOptions()
-        paths = resolve_paths(opts, announce)
-        if self.spec.spec_type == "both" and paths.draft is None:
-            raise BadInputError("--spec-type both needs a draft model", "pass --draft PATH, or use --spec-type ngram")
         self.opts = opts
-        self.main_model = Model(paths.main, progress=_named(progress, paths.main.name))
+        self.plan = plan if plan is not None else plan_runtime(opts, self.spec, announce)
+        self.draft_status: str | None = self.plan.draft_status
+        self.checks: list[AllocationCheck] = []
         self.ngram = NgramDrafter()  # no model, a dict per sequence: always there for spec_type per call
         self._costs: dict[str, CostModel] = {}
         self._verify_costs: dict[int, float] | None = None
-        draft_model = None
-        if paths.draft is not None and self.spec.spec_type != "ngram":  # refuse an unusable draft before any KV
-            draft_model = Model(paths.draft, progress=_named(progress, paths.draft.name))
-            check_compatible(self.main_model.vocab_info(), draft_model.vocab_info(),
-                             main_name=self.main_model.name, draft_name=draft_model.name)
-        self.main = Context(self.main_model, context_params(opts, draft=False))
+        p = self.plan
+        rss0 = _rss()
+        self.main_model = Model(p.main.path, progress=_named(progress, p.main.name))
+        rss_main = _rss() - rss0
         self.drafter: ModelDrafter | None = None
-        if draft_model is not None:
-            self.drafter = ModelDrafter(Context(draft_model, context_params(opts, draft=True)),
-                                        main_n_ctx=self.main.n_ctx)
+        draft_model, rss_draft = None, 0
+        if p.draft is not None:  # refuse an unusable draft before any KV
+            try:
+                rss0 = _rss()
+                draft_model = Model(p.draft.path, progress=_named(progress, p.draft.name))
+                rss_draft = _rss() - rss0
+                check_compatible(self.main_model.vocab_info(), draft_model.vocab_info(),
+                                 main_name=self.main_model.name, draft_name=draft_model.name)
+            except TandemError as e:
+                draft_model = self._drop_draft(draft_model, e)
+        rss0 = _rss()
+        self.main = Context(self.main_model, p.main.params)
+        self._check(p.main, self.main_model, self.main, rss_main + _rss() - rss0)
+        if draft_model is not None and p.draft is not None:
+            try:
+                rss0 = _rss()
+                ctx = Context(draft_model, p.draft.params)
+                self._check(p.draft, draft_model, ctx, rss_draft + _rss() - rss0)
+                self.drafter = ModelDrafter(ctx, main_n_ctx=self.main.n_ctx)
+            except TandemError as e:
+                self._drop_draft(draft_model, e)
+        if self.draft_status:
+            log.warning("running without the draft (--draft-optional): %s", self.draft_status)
+
+    def _drop_draft(self, model: Model | None, err: TandemError) -> None:
+        """With --draft-optional, note why the draft is not used; without it, re-raise."""
+        if not self.opts.draft_optional:
+            raise err
+        if model is not None:
+            model.close()
+        name = self.plan.draft.name if self.plan.draft else "draft"
+        self.draft_status = f"draft {name} is not usable: {err.message}"
+        return None
+
+    def _check(self, plan: ModelPlan, model: Model, ctx: Context, rss_delta: int) -> None:
+        """Log the plan next to what llama.cpp allocated; keep it in `checks`."""
+        check = AllocationCheck(plan, {**model.buffers, **ctx.buffers}, rss_delta)
+        self.checks.append(check)
+        level = logging.INFO if check.within_tolerance else logging.WARNING
+        log.log(level, "memory plan vs allocation%s: %s", "" if check.within_tolerance else
+                " (off by more than 5% or 32 MiB)", check.describe())
 
     @property
     def draft_name(self) -> str | None:
@@ -145,10 +190,18 @@ class Runtime:
     def generate(self, prompt: Sequence[int], gp: GenParams, *, use_draft: bool = True, spec_type: str | None = None,
                  model: ModelDrafter | None = None,
                  cancel: Callable[[], bool] | None = None) -> Iterator[Token | Done]:
-        """Generate; `use_draft=False` decodes plainly, `spec_type` overrides --spec-type for this call and
-        `model` the draft model (one loaded on demand)."""
+        """Tokens, then Done. `use_draft=False` decodes plainly, `spec_type` overrides --spec-type for this call
+        and `model` the draft model (one loaded on demand). Without the draft that was asked for
+        (--draft-optional), Done's stats say why."""
         drafter = self.speculator(model, spec_type) if use_draft else None
-        return generate(self.main, prompt, gp, drafter, cancel, cost=self.cost(drafter) if drafter else None)
+        events = generate(self.main, prompt, gp, drafter, cancel, cost=self.cost(drafter) if drafter else None)
+        return events if self.draft_status is None else self._with_status(events)
+
+    def _with_status(self, events: Iterator[Token | Done]) -> Iterator[Token | Done]:
+        for ev in events:
+            if isinstance(ev, Done):
+                ev.stats.draft_status = self.draft_status
+            yield ev
 
 
 CALIBRATION_SIZES = (1, 2, 3, 5, 9, 17)

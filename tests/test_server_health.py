@@ -1,4 +1,4 @@
-"""Start-up: /health says loading until the models are in, then ready (or degraded, with the reason); `tandem serve`."""
+"""Start-up: /health says loading until the models are in, then ready (or failed, with the reason); `tandem serve`."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_health_is_loading_until_the_models_are_loaded(tiny):
 
 
 @pytest.mark.parametrize("case", ["missing-model", "incompatible-draft"])
-def test_failed_load_reports_degraded_with_the_reason(tiny, case):
+def test_failed_load_reports_failed_with_the_reason(tiny, case):
     if case == "missing-model":
         opts, expect = ModelOptions(model="/nonexistent/main.gguf", draft="none", threads=1), "/nonexistent/main.gguf"
     else:
@@ -69,7 +69,7 @@ def test_failed_load_reports_degraded_with_the_reason(tiny, case):
         while (h := httpx.get(f"{srv.url}/health")).json()["status"] == "loading":
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert h.status_code == 503 and h.json()["status"] == "degraded"
+        assert h.status_code == 503 and h.json()["status"] == "failed"
         assert expect in h.json()["reason"]
         r = httpx.post(f"{srv.url}{CHAT}", json={"messages": HELLO}, headers={"Authorization": f"Bearer {TEST_KEY}"})
         err = assert_openai_error(r, 503)

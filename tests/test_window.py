@@ -23,7 +23,7 @@ from tandem.config import ModelOptions
 from tandem.engine.llama import Context, ContextParams, Model
 from tandem.errors import BadInputError
 from tandem.models.defaults import default_pair
-from tandem.runtime import context_params
+from tandem.models.fit import context_params
 from tandem.spec.drafters import ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token, generate
 from tandem.spec.sampling import SamplingParams

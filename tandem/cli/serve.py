@@ -1,22 +1,31 @@
 """`tandem serve`: the OpenAI-compatible HTTP server (see docs/api.md).
 
-The socket is bound first (so a busy port fails at once, and --port 0 shows the real port), the banner
-says what will be served, then uvicorn starts and the engine thread loads the models in the background.
+Before anything is bound or loaded, the memory plan is made from the GGUF headers (tandem.models.fit):
+a missing or non-GGUF file, invalid options, or a plan that does not fit end the command at once with a
+cause and a fix. Then the socket is bound (a busy port fails at once; --port 0 shows the real port), the
+banner says what will be served, uvicorn starts and the engine thread loads the models in the background.
+If that load fails (an incompatible draft, llama.cpp cannot load or allocate), the server stops and the
+command exits non-zero with the cause and a fix on stderr: nothing is ever served without the draft that
+was asked for, unless --draft-optional says so (then /health reports 'degraded' with the reason).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+import uvicorn
 
 from tandem.cli.options import add_options, build, explicit
 from tandem.config import ModelOptions, RegistryOptions, SpecOptions
-from tandem.errors import BadInputError
+from tandem.errors import BadInputError, TandemError
+from tandem.models.fit import FitPlan, fmt
 from tandem.models.library import Library
-from tandem.runtime import Runtime
+from tandem.runtime import Runtime, plan_runtime
 from tandem.server.app import create_app
 from tandem.server.models import ModelSource
 from tandem.server.options import ServerOptions
-from tandem.server.serving import UVICORN_LEVELS, bind, serve, url_of
+from tandem.server.serving import UVICORN_LEVELS, bind, make_server, url_of
 from tandem.server.worker import EngineStatus
 
 
@@ -53,13 +62,32 @@ def _draft_line(m: ModelOptions, spec: SpecOptions) -> str:
     return "none: speculation off (pass --draft PATH to speculate)"
 
 
-def _on_status(status: EngineStatus) -> None:
-    if status.state == "ready" and status.model is not None:
-        m = status.model
-        spec = f"draft {m.draft_model}: speculation on" if m.draft_model else "no draft: speculation off"
-        print(f"ready: {m.id} (context {m.n_ctx} tokens), {spec}", flush=True)
-    elif status.state == "degraded":
-        print(f"NOT SERVING: {status.reason} (GET /health reports 'degraded')", flush=True)
+class _FailFast:
+    """Start-up reporting; stops uvicorn when the background load fails, so the command exits non-zero."""
+
+    def __init__(self) -> None:
+        self.server: uvicorn.Server | None = None
+        self.error: TandemError | None = None
+
+    def __call__(self, status: EngineStatus) -> None:  # called from the engine thread
+        if status.state in ("ready", "degraded") and status.model is not None:
+            m = status.model
+            spec = f"draft {m.draft_model}: speculation on" if m.draft_model else "no draft: speculation off"
+            extra = f" (DEGRADED, --draft-optional: {status.reason})" if status.state == "degraded" else ""
+            print(f"ready: {m.id} (context {m.n_ctx} tokens), {spec}{extra}", flush=True)
+        elif status.state == "failed":
+            self.error = status.error or TandemError(status.reason or "loading the models failed")
+            print(f"NOT SERVING: {status.reason}", flush=True)
+            print(f"tandem serve: error: {self.error.message}", file=sys.stderr, flush=True)
+            if self.server is not None:
+                self.server.should_exit = True
+
+
+def _memory_line(plan: FitPlan) -> str:
+    m = plan.memory
+    parts = [f"main {fmt(plan.main.total)}"] + ([f"draft {fmt(plan.draft.total)}"] if plan.draft else [])
+    return (f"{fmt(plan.total)} planned ({', '.join(parts)}) of {fmt(m.available)} ({m.source}); "
+            "`tandem fit` shows the plan")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -68,6 +96,7 @@ def main(args: argparse.Namespace) -> int:
     lib = Library.open(build(RegistryOptions, args), extra=(args.model, args.draft))
     source = ModelSource(lib, build(ModelOptions, args), build(SpecOptions, args), explicit(args))
     models, spec = lib.resolve(source.model_options, source.spec, source.explicit)
+    plan = plan_runtime(models, spec, announce=lambda s: print(s, flush=True))  # refuses before binding
     try:
         sock = bind(server.host, server.port)
     except OSError as e:
@@ -76,15 +105,21 @@ def main(args: argparse.Namespace) -> int:
     url = url_of(sock)
     print(f"Tandem serving on {url} (OpenAI API under {url}/v1)", flush=True)
     print(f"  main model: {models.model or 'embedded default pair (SmolLM2-135M-Instruct, F32 main)'}")
-    print(f"  draft:      {_draft_line(models, spec)}")
+    draft = _draft_line(models, spec) if not plan.draft_status else f"none: {plan.draft_status} (--draft-optional)"
+    print(f"  draft:      {draft}")
+    print(f"  memory:     {_memory_line(plan)}")
     print(f"  api key:    {'required (Authorization: Bearer ...)' if server.api_key else 'not required'}")
     print("  loading the models in the background; GET /health says 'ready' when done", flush=True)
-    app = create_app(server, lambda: Runtime(models, spec=spec, announce=lambda s: print(s, flush=True)), spec,
-                     on_status=_on_status, source=source)
+    fail = _FailFast()
+    app = create_app(server, lambda: Runtime(models, spec=spec, plan=plan, announce=lambda s: print(s, flush=True)),
+                     spec, on_status=fail, source=source)
     level = str(getattr(args, "log_level", "WARNING")).lower()
+    fail.server = make_server(app, log_level=level if level in UVICORN_LEVELS else "warning")
     try:
-        serve(app, sock, log_level=level if level in UVICORN_LEVELS else "warning")
+        fail.server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
         pass
+    if fail.error is not None:
+        return fail.error.exit_code
     print("stopped", flush=True)
     return 0

@@ -5,20 +5,24 @@ Everything else in Tandem reaches llama.cpp through `Model` and `Context` only.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
 import os
+import re
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tandem.engine.vocab import VocabInfo
-from tandem.errors import EngineError, ModelNotFoundError, NotGGUFError
+from tandem.errors import EngineError, LoadFailedError
+from tandem.models.gguf_header import check_gguf
 
 log = logging.getLogger("tandem.llama")
 
@@ -30,6 +34,10 @@ _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
 
 _VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
 
+_BUFFER_LINE = re.compile(r"\b(model|KV|RS|compute|output) buffer size = +([\d.]+) MiB")
+"""llama.cpp's report of each buffer it allocates (e.g. "CPU KV buffer size =    90.00 MiB")."""
+_BUFFER_KIND = {"model": "weights", "KV": "kv", "RS": "kv", "compute": "compute", "output": "output"}
+
 
 def _lib():
     import llama_cpp  # imported lazily so pure modules and --help work without the native library
@@ -37,21 +45,57 @@ def _lib():
     return llama_cpp
 
 
+class LlamaLog:
+    """llama.cpp's log callback: every line goes to the "llama.cpp" logger; capture() also hands the lines
+    logged by the calling thread to a list, for the buffer sizes llama.cpp reports while allocating."""
+
+    def __init__(self) -> None:
+        lib = _lib()
+        logger = logging.getLogger("llama.cpp")
+        self._sinks: dict[int, list[str]] = {}
+
+        @lib.llama_log_callback
+        def _forward(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+            msg = text.decode("utf-8", "replace").rstrip()
+            if msg:
+                sink = self._sinks.get(threading.get_ident())
+                if sink is not None:
+                    sink.append(msg)
+                logger.log(_LOG_LEVELS.get(level, logging.DEBUG), msg)
+
+        self.callback = _forward  # kept alive as long as llama.cpp may call it
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        """The lines llama.cpp logs from this thread inside the block."""
+        key = threading.get_ident()
+        lines: list[str] = []
+        self._sinks[key] = lines
+        try:
+            yield lines
+        finally:
+            self._sinks.pop(key, None)
+
+
+def buffer_sizes(lines: Sequence[str]) -> dict[str, int]:
+    """Bytes per kind (weights, kv, compute, output) from llama.cpp's "... buffer size = X MiB" lines."""
+    out: dict[str, int] = {}
+    for line in lines:
+        m = _BUFFER_LINE.search(line)
+        if m:
+            kind = _BUFFER_KIND[m.group(1)]
+            out[kind] = out.get(kind, 0) + round(float(m.group(2)) * (1 << 20))
+    return out
+
+
 @functools.cache
-def init_backend() -> object:
-    """Initialise llama.cpp once; route its log lines to Python logging. Returns the callback (kept alive)."""
+def init_backend() -> LlamaLog:
+    """Initialise llama.cpp once; route its log lines to Python logging. Returns the log router (kept alive)."""
     lib = _lib()
-    llama_log = logging.getLogger("llama.cpp")
-
-    @lib.llama_log_callback
-    def _forward(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        msg = text.decode("utf-8", "replace").rstrip()
-        if msg:
-            llama_log.log(_LOG_LEVELS.get(level, logging.DEBUG), msg)
-
-    lib.llama_log_set(_forward, ctypes.c_void_p(0))
+    router = LlamaLog()
+    lib.llama_log_set(router.callback, ctypes.c_void_p(0))
     lib.llama_backend_init()
-    return _forward
+    return router
 
 
 @dataclass(frozen=True)
@@ -78,26 +122,15 @@ class ContextParams:
         return self.n_threads or (os.cpu_count() or 1)
 
 
-def _check_gguf(path: Path) -> None:
-    if not path.exists():
-        raise ModelNotFoundError(f"model file {path} does not exist",
-                                 "check the path, or run `tandem models` to list the models found")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise NotGGUFError(f"{path} is not a GGUF model (no GGUF header)",
-                           "convert it with llama.cpp's convert_hf_to_gguf.py, or pass a .gguf file")
-
-
 class Model:
     """Loaded weights plus their vocabulary."""
 
     def __init__(self, path: str | Path, *, n_gpu_layers: int = 0,
                  progress: Callable[[float], None] | None = None):
         lib = _lib()
-        init_backend()
+        log_router = init_backend()
         self.path = Path(path)
-        _check_gguf(self.path)
+        check_gguf(self.path)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         if progress is not None:
@@ -107,10 +140,15 @@ class Model:
                 return True
             self._progress_cb = _cb  # keep alive while loading
             params.progress_callback = _cb
-        self._ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        with log_router.capture() as lines:
+            self._ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._ptr:
-            raise EngineError(f"llama.cpp could not load {self.path}",
-                              "check that the file is complete and of an architecture this llama.cpp supports")
+            why = next((ln for ln in reversed(lines) if "error" in ln.lower()), "")
+            raise LoadFailedError(f"llama.cpp could not load {self.path}" + (f" ({why})" if why else ""),
+                                  "check that the file is complete and of an architecture this llama.cpp supports",
+                                  code="load_failed")
+        self.buffers: dict[str, int] = buffer_sizes(lines)
+        """What llama.cpp reported allocating for the weights ({"weights": bytes})."""
         self._vocab = lib.llama_model_get_vocab(self._ptr)
         self.n_vocab: int = lib.llama_vocab_n_tokens(self._vocab)
         self.bos: int = lib.llama_vocab_bos(self._vocab)
@@ -209,10 +247,16 @@ class Context:
         cp.type_k = GGML_TYPES[params.type_k]
         cp.type_v = GGML_TYPES[params.type_v]
         cp.flash_attn_type = 1 if params.flash_attn else 0
-        self._ptr = lib.llama_init_from_model(model._ptr, cp)
+        with init_backend().capture() as lines:
+            self._ptr = lib.llama_init_from_model(model._ptr, cp)
         if not self._ptr:
-            raise EngineError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {model.name}",
-                              "lower --ctx-size or use a smaller KV cache type (--cache-type-k q8_0)")
+            why = next((ln for ln in reversed(lines) if "fail" in ln.lower() or "error" in ln.lower()), "")
+            raise LoadFailedError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {model.name}"
+                                  + (f" ({why})" if why else ""),
+                                  "lower --ctx-size or use a smaller KV cache type (--cache-type-k q8_0); "
+                                  "`tandem fit` shows what fits", code="load_failed")
+        self.buffers: dict[str, int] = buffer_sizes(lines)
+        """What llama.cpp reported allocating for this context: {"kv", "compute", "output": bytes}."""
         self._mem = lib.llama_get_memory(self._ptr)
         self.n_ctx: int = lib.llama_n_ctx(self._ptr)
         self._batch = lib.llama_batch_init(params.n_batch, 0, max(1, params.n_seq_max))

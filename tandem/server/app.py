@@ -29,7 +29,7 @@ from tandem.server.models import ModelDirectory, ModelSource
 from tandem.server.options import ServerOptions
 from tandem.server.responses import Builder, Piece, sse
 from tandem.server.schemas import ChatRequest, CompletionRequest, ModelCard, ModelList
-from tandem.server.worker import Engine, EngineStatus, JobHandle, JobSpec, ModelInfo, not_ready_error
+from tandem.server.worker import SERVING, Engine, EngineStatus, JobHandle, JobSpec, ModelInfo, not_ready_error
 from tandem.spec.generate import Done, GenParams
 from tandem.spec.sampling import SamplingParams
 
@@ -162,7 +162,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
 
     def ready_model() -> ModelInfo:
         st = engine.status
-        if st.state != "ready" or st.model is None:
+        if st.state not in SERVING or st.model is None:
             raise not_ready_error(st)
         return st.model
 
@@ -277,11 +277,11 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         if st.model is not None:
             body["model"] = {k: v for k, v in asdict(st.model).items() if k != "aliases"}
             body["speculative"] = st.model.draft_model is not None
-        if st.state == "ready":
+        if st.state in SERVING:
             body["loaded_models"] = [i.id for i in st.loaded]
             if st.loading:
                 body["loading_models"] = list(st.loading)
-        return JSONResponse(body, status_code=200 if st.state == "ready" else 503)
+        return JSONResponse(body, status_code=200 if st.state in SERVING else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -17,7 +17,8 @@ from pathlib import Path
 from tandem.engine.llama import Context, Model
 from tandem.engine.vocab import check_compatible
 from tandem.errors import ModelNotFoundError
-from tandem.runtime import Runtime, context_params
+from tandem.models.fit import AllocationCheck, headroom, plan_extra_draft
+from tandem.runtime import Runtime
 from tandem.spec.drafters import ModelDrafter
 
 log = logging.getLogger("tandem.server")
@@ -51,12 +52,16 @@ def _file_key(path: Path) -> tuple:
 def load_draft(rt: Runtime, path: Path) -> ModelDrafter:
     """Load a draft for `rt`'s main model, refusing a vocabulary mismatch before allocating its KV cache.
     Safe off the engine thread: it only reads the main model's vocabulary."""
+    plan = plan_extra_draft(rt.opts, path, headroom(rt.plan))  # 507 before allocating anything
     log.info("loading draft %s for %s", path, rt.main_model.name)
-    model = Model(path)
+    model = Model(path)  # LoadFailedError (500) when llama.cpp cannot load it
     try:
         main = rt.main_model
         check_compatible(main.vocab_info(), model.vocab_info(), main_name=main.name, draft_name=model.name)
-        return ModelDrafter(Context(model, context_params(rt.opts, draft=True)))
+        ctx = Context(model, plan.params)
+        log.info("memory plan vs allocation: %s",
+                 AllocationCheck(plan, {**model.buffers, **ctx.buffers}, None).describe())
+        return ModelDrafter(ctx)
     except BaseException:
         model.close()
         raise

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tandem.errors import BadInputError, CancelledError, EngineError, LoadingError, ModelNotFoundError, TandemError
+from tandem.errors import (BadInputError, CancelledError, EngineError, LoadFailedError, LoadingError,
+                           ModelNotFoundError, TandemError)
 from tandem.runtime import Runtime
 from tandem.server.drafts import CONFIGURED, DraftSelector, NeedsLoad, load_draft
 from tandem.server.metrics import Metrics
@@ -32,7 +33,11 @@ from tandem.spec.stats import SpecStats
 log = logging.getLogger("tandem.server")
 
 Event = Token | Done
-State = Literal["loading", "ready", "degraded", "stopped"]
+State = Literal["loading", "ready", "degraded", "failed", "stopped"]
+"""ready: serving as configured; degraded: serving without the draft (--draft-optional), `reason` says why;
+failed: the models could not be loaded, nothing is served; stopped: shutting down."""
+SERVING = frozenset({"ready", "degraded"})
+"""States in which jobs are accepted."""
 
 
 @dataclass(frozen=True)
@@ -53,15 +58,17 @@ class EngineStatus:
     """What the engine is doing (replaced whole on every change: safe to read from any thread)."""
 
     state: State
-    """loading (the startup model), ready, degraded (the startup model failed) or stopped."""
+    """See State."""
     reason: str | None = None
-    """Why it is not ready."""
+    """Why the state is degraded or failed."""
     model: ModelInfo | None = None
     """The startup (default) model: the one requests without `model` get."""
     loaded: tuple[ModelInfo, ...] = ()
     """Every main model loaded now."""
     loading: tuple[str, ...] = ()
     """Ids of the main models being loaded (or queued to load)."""
+    error: TandemError | None = None
+    """The load failure (state failed): `tandem serve` exits with its exit code."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,7 @@ class Engine:
     def submit(self, spec: JobSpec) -> JobHandle:
         """Queue a job (call from the event loop); 503 unless the models are loaded."""
         st = self._status
-        if st.state != "ready":
+        if st.state not in SERVING:
             raise not_ready_error(st)
         job = _Job(f"req-{next(self._ids)}", spec, asyncio.get_running_loop())
         self._jobs.put(job)
@@ -212,33 +219,37 @@ class Engine:
     # -- engine thread --------------------------------------------------------------------------------------
     def _set_status(self, status: EngineStatus) -> None:
         self._status = status
-        self._metrics.engine_ready.set(1 if status.state == "ready" else 0)
+        self._metrics.engine_ready.set(1 if status.state in SERVING else 0)
         if self._on_status is not None:
             self._on_status(status)
 
     def _publish(self) -> None:
-        """Status with the current loaded/loading models (only while ready: other states are final or earlier)."""
-        if self._status.state != "ready":
+        """Status with the current loaded/loading models (only while serving: other states are final or earlier)."""
+        st = self._status
+        if st.state not in SERVING:
             return
         loaded = tuple(_model_info(s.rt, s.id) for s in self._slots)
         loading = tuple(k[1] for k in self._loader.busy if k[0] == "main")
-        default = next((i for i in loaded if i.id == self._default), self._status.model)
-        self._status = EngineStatus("ready", model=default, loaded=loaded, loading=loading)
+        default = next((i for i in loaded if i.id == self._default), st.model)
+        self._status = EngineStatus(st.state, st.reason, model=default, loaded=loaded, loading=loading)
 
     def _load(self) -> bool:
         try:
             rt = self._factory()
         except TandemError as e:
-            self._set_status(EngineStatus("degraded", f"loading the models failed: {e.message}"))
+            self._set_status(EngineStatus("failed", f"loading the models failed: {e.message}", error=e))
             return False
-        except Exception as e:  # noqa: BLE001 - any load failure must leave the server up and say why
+        except Exception as e:  # noqa: BLE001 - any load failure must be reported with its reason
             log.exception("loading the models failed")
-            self._set_status(EngineStatus("degraded", f"loading the models failed: {type(e).__name__}: {e}"))
+            err = LoadFailedError(f"loading the models failed: {type(e).__name__}: {e}", "see the server log",
+                                  code="load_failed")
+            self._set_status(EngineStatus("failed", err.cause, error=err))
             return False
         self._default = self._model_id(rt.main_model.path)
         self._slots.add(Slot(self._default, rt, DraftSelector(rt, allow_paths=self._allow_paths)))
         info = _model_info(rt, self._default)
-        self._set_status(EngineStatus("ready", model=info, loaded=(info,)))
+        state = "degraded" if rt.draft_status else "ready"
+        self._set_status(EngineStatus(state, rt.draft_status, model=info, loaded=(info,)))
         return True
 
     def _main(self) -> None:
@@ -255,7 +266,7 @@ class Engine:
                 break
             if isinstance(item, Loaded):
                 self._loaded(item)
-            elif not ok or self._status.state != "ready":
+            elif not ok or self._status.state not in SERVING:
                 item.put(not_ready_error(self._status))
             else:
                 self._dispatch(item)

@@ -1,0 +1,184 @@
+"""The memory plan (tandem.models.fit): its arithmetic, and against what llama.cpp really allocates."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from tandem.config import ModelOptions, SpecOptions
+from tandem.engine.llama import Model
+from tandem.errors import BadInputError, DoesNotFitError, ModelNotFoundError, NotGGUFError
+from tandem.models.fit import MIB, Memory, context_params, make_plan, parse_size, plan_for, tolerance
+from tandem.models.gguf_header import read_header
+from tandem.runtime import Runtime
+
+GIB = 1 << 30
+PLENTY = Memory(64 * GIB, "--memory-limit", 64 * GIB)
+
+
+def opts(tiny: dict[str, Path], draft: str | None = "draft_small", **kw) -> ModelOptions:
+    return ModelOptions(model=str(tiny["main"]), draft=str(tiny[draft]) if draft else "none", threads=1, **kw)
+
+
+def plan(tiny, draft="draft_small", memory=PLENTY, **kw):
+    o = opts(tiny, draft, **kw)
+    return make_plan(o, read_header(tiny["main"]), read_header(tiny[draft]) if draft else None, memory)
+
+
+# -- GGUF headers -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["main", "draft_small", "main_f16"])
+def test_header_agrees_with_llama_cpp(tiny, name):
+    h = read_header(tiny[name])
+    m = Model(tiny[name])
+    assert h.weights_bytes == m.size_bytes
+    assert h.n_vocab == m.n_vocab
+    assert h.arch == "llama" and h.n_layer == (1 if name == "draft_small" else 2) and h.n_embd == 64
+
+
+def test_header_refuses_missing_non_gguf_and_truncated_files(tiny, tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        read_header(tmp_path / "nope.gguf")
+    (tmp_path / "text.gguf").write_text("hello, not a model")
+    with pytest.raises(NotGGUFError, match="not a GGUF model"):
+        read_header(tmp_path / "text.gguf")
+    data = tiny["draft_small"].read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(NotGGUFError, match="truncated") as e:
+        read_header(tmp_path / "cut.gguf")
+    assert "again" in e.value.fix
+
+
+# -- arithmetic ---------------------------------------------------------------------------------------------------
+def test_small_contexts_are_padded_to_256_cells_and_batch_to_the_context(tiny):
+    p = plan(tiny, None, ctx_size=32)
+    assert p.main.n_cells == 256 and p.main.params.n_ctx == 32 and p.main.params.n_batch == 32
+    assert plan(tiny, None, ctx_size=257).main.n_cells == 512
+    big = plan(tiny, None, ctx_size=4096).main
+    assert big.params.n_batch == 512
+    # 2 layers x 4 KV heads x 16 dims x (K + V) x 4 bytes per cell
+    assert big.kv == 4096 * 2 * 64 * 2 * 4
+
+
+def test_quantized_k_saves_and_quantized_v_is_refused(tiny):
+    f16 = plan(tiny, ctx_size=4096).draft
+    q8 = plan(tiny, ctx_size=4096, cache_type_k_draft="q8_0").draft
+    assert q8.kv == 4096 * 1 * (64 // 32 * 34 + 64 * 2)  # one layer: q8_0 K row + f16 V row
+    assert q8.kv < f16.kv
+    with pytest.raises(BadInputError, match="flash attention") as e:
+        plan(tiny, cache_type_v_draft="q8_0")
+    assert "--cache-type-k-draft q8_0" in e.value.fix
+    with pytest.raises(BadInputError, match="not a KV cache type"):
+        plan(tiny, cache_type_k="q3_x")
+
+
+def test_draft_context_larger_than_main_is_refused():
+    with pytest.raises(BadInputError, match="--ctx-size-draft 1024 is larger than --ctx-size 512"):
+        context_params(ModelOptions(ctx_size=512, ctx_size_draft=1024), draft=True)
+    assert context_params(ModelOptions(ctx_size=512, ctx_size_draft=64), draft=True).n_ctx == 64
+
+
+@pytest.mark.parametrize(("text", "value"), [("1048576", 1 << 20), ("512M", 512 << 20), ("2G", 2 << 30),
+                                             ("1.5GiB", 3 << 29), ("64k", 64 << 10), (None, None)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "-1G", "0"])
+def test_parse_size_refuses_nonsense(text):
+    with pytest.raises(BadInputError, match="--memory-limit"):
+        parse_size(text)
+
+
+def test_smaller_draft_context_saves_memory_and_the_plan_says_how_much(tiny):
+    full = plan(tiny, ctx_size=8192)
+    small = plan(tiny, ctx_size=8192, ctx_size_draft=1024)
+    assert small.draft.total < full.draft.total and small.main == full.main
+    by_ctx = {s.n_ctx: s for s in small.savings}
+    assert by_ctx[8192].saved == 0 and by_ctx[1024].saved == full.draft.total - small.draft.total
+    assert [s.n_ctx for s in full.savings] == [8192, 4096, 2048, 1024, 512, 256]
+
+
+def test_largest_contexts_that_fit_are_the_boundary(tiny):
+    need = plan(tiny, ctx_size=16384).total
+    mem = Memory(need - 64 * MIB, "--memory-limit", 64 * GIB)
+    p = plan(tiny, memory=mem, ctx_size=16384)
+    assert not p.fits and p.max_ctx is not None and p.max_ctx % 256 == 0
+    assert plan(tiny, memory=mem, ctx_size=p.max_ctx).fits
+    assert not plan(tiny, memory=mem, ctx_size=p.max_ctx + 256).fits
+    assert plan(tiny, memory=mem, ctx_size=16384, ctx_size_draft=p.max_ctx_draft).fits
+    assert not plan(tiny, memory=mem, ctx_size=16384, ctx_size_draft=p.max_ctx_draft + 256).fits
+
+
+def test_a_draft_that_does_not_fit_names_the_draft_and_concrete_fixes(tiny):
+    p0 = plan(tiny, ctx_size=16384)
+    mem = Memory(p0.main.total + p0.draft.total - MIB // 2, "--memory-limit", 64 * GIB)
+    p = plan(tiny, memory=mem, ctx_size=16384)
+    err = p.error()
+    assert isinstance(err, DoesNotFitError) and err.http_status == 507 and err.param == "draft_model"
+    assert f"draft {tiny['draft_small'].stem} needs" in err.cause and "free after the main model" in err.cause
+    assert f"--ctx-size-draft {p.max_ctx_draft}" in err.fix
+    assert "--cache-type-k-draft q8_0" in err.fix  # q8_0 K saves 0.94 MiB here, more than the 0.5 MiB missing
+    assert plan(tiny, memory=mem, ctx_size=16384, cache_type_k_draft="q8_0").fits
+    assert "--draft none" in err.fix and "--draft-optional" in err.fix
+
+
+def test_a_main_model_that_does_not_fit_at_any_context(tiny):
+    mem = Memory(8 * MIB, "--memory-limit", 64 * GIB)  # less than the tiny main's weights
+    p = plan(tiny, None, memory=mem)
+    assert not p.fits and p.max_ctx is None
+    assert "main" in p.verdict() and "smaller or more quantized main model" in p.error().fix
+
+
+def test_plan_for_refuses_or_drops_the_draft(tiny, tmp_path):
+    o = opts(tiny, ctx_size=4096)
+    main, draft = tiny["main"], tiny["draft_small"]
+    p = make_plan(o, read_header(main), read_header(draft), PLENTY)
+    tight = Memory(p.main.total + p.draft.total // 2, "--memory-limit", 64 * GIB)
+    with pytest.raises(DoesNotFitError):
+        plan_for(o, main, draft, memory=tight)
+    dropped = plan_for(dataclasses.replace(o, draft_optional=True), main, draft, memory=tight)
+    assert dropped.draft is None and dropped.fits and "does not fit" in dropped.draft_status
+    with pytest.raises(ModelNotFoundError):
+        plan_for(o, main, tmp_path / "missing.gguf")
+    missing = plan_for(dataclasses.replace(o, draft_optional=True), main, tmp_path / "missing.gguf")
+    assert missing.draft is None and "does not exist" in missing.draft_status
+    with pytest.raises(DoesNotFitError):  # the main model is never optional
+        plan_for(dataclasses.replace(o, draft_optional=True), main, draft,
+                 memory=Memory(p.main.total - MIB, "--memory-limit", 64 * GIB))
+
+
+# -- against llama.cpp --------------------------------------------------------------------------------------------
+CASES = {
+    "main alone, ctx 256": dict(draft=None, ctx_size=256),
+    "main alone, ctx 4096": dict(draft=None, ctx_size=4096),
+    "main + draft, ctx 256": dict(draft="draft_close", ctx_size=256),
+    "main + draft, ctx 4096": dict(draft="draft_close", ctx_size=4096),
+    "main + draft, q8_0 draft K, draft ctx 1024": dict(draft="draft_small", ctx_size=4096, ctx_size_draft=1024,
+                                                         cache_type_k_draft="q8_0"),
+    "main ctx 32 (padded)": dict(draft="draft_small", ctx_size=32),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_plan_matches_what_llama_cpp_allocates(tiny, case):
+    kw = dict(CASES[case])
+    o = opts(tiny, kw.pop("draft"), **kw)
+    rt = Runtime(o, spec=SpecOptions(draft_max=8), announce=lambda _s: None)
+    assert rt.main.params is rt.plan.main.params  # one source of truth: the plan's parameters reach llama.cpp
+    assert len(rt.checks) == (2 if rt.plan.draft else 1)
+    for check, ctx in zip(rt.checks, [rt.main] + ([rt.drafter.ctx] if rt.drafter else []), strict=True):
+        p = check.plan
+        assert ctx.n_ctx == p.n_cells
+        assert set(check.measured) == {"weights", "kv", "compute", "output"}, check.measured
+        # each buffer within 1% or 64 KiB (llama.cpp reports MiB with two decimals): far tighter than required
+        for name, want, got in check.rows()[:4]:
+            assert abs(got - want) <= max(want // 100, 64 << 10), f"{case}: {name} {check.describe()}"
+        assert check.within_tolerance, check.describe()  # 5% or 32 MiB, RSS growth included
+        assert check.rss_delta is not None and check.rss_delta > 0
+
+
+def test_tolerance_is_5_percent_or_32_mib():
+    assert tolerance(10 * MIB) == 32 * MIB
+    assert tolerance(2 * GIB) == 2 * GIB // 20
