@@ -211,3 +211,8 @@ def test_drafting_stops_when_realized_steps_fall_short_of_the_prediction():
         ks.append(k)
     assert ks[0] > 0 and cost.bias < 0.3
     assert sum(k > 0 for k in ks[100:]) <= 10  # only the odd probe
+
+
+def test_a_probe_that_must_first_catch_up_on_the_prompt_waits_longer():
+    policy = AdaptivePolicy(warm_cost(1 / 72), 8)
+    assert policy.probe_interval(1, backlog=400) > 2 * policy.probe_interval(1)

@@ -117,19 +117,24 @@ class _Speculator:
         self.policy: DraftPolicy = make_policy(name, cost, gp.draft_max, draft_min=gp.draft_min)
         self.asked = 0
         self.draft_seconds = 0.0  # the last propose() call's wall time
+        self._seen = 0  # history length at the last propose(): what the drafter has seen
         self._drafted_last_step = False  # then the drafter catches up on one step's tokens only
 
     def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator) -> DraftProposal:
         """The policy's number of draft tokens (at most max_k), or EMPTY for a plain step."""
-        self.asked = self.policy.choose(max_k) if max_k > 0 else 0
+        backlog = len(history) - self._seen  # tokens the drafter has not seen (the prompt at first)
+        self.asked = self.policy.choose(max_k, backlog) if max_k > 0 else 0
         typical, self._drafted_last_step = self._drafted_last_step, self.asked > 0
         if self.asked == 0:
             return EMPTY
         t0 = time.perf_counter()
         proposal = self.drafter.propose(history, self.asked, self.gp.sampling, rng, p_min=self.gp.draft_p_min)
         self.draft_seconds = time.perf_counter() - t0
+        self._seen = len(history)
         if typical:  # after plain steps or the prompt, the drafter's catch-up would inflate the per-step cost
             self.cost.observe_draft(len(proposal.tokens), self.draft_seconds)
+        elif self.cost.draft.known and backlog > 2:
+            self.cost.observe_catch_up(backlog, self.draft_seconds - self.cost.draft_cost(len(proposal.tokens)))
         return proposal if len(proposal.tokens) >= max(self.gp.draft_min, 1) else EMPTY
 
     def verified(self, n_drafted: int, accepted: int, seconds: float) -> None:

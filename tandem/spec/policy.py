@@ -107,6 +107,10 @@ class CostModel:
         """Weight of older acceptance observations per new one (about 100 steps of memory)."""
         self._hits: list[float] = []
         self._seen: list[float] = []
+        self.catch_up = 0.002
+        """Seconds per token for the drafter to catch up on tokens it has not seen (batched; running mean).
+        The first draft of a sequence pays it for the whole prompt, so a probe there costs far more than
+        the draft itself (a 400-token prompt: 0.3 s, 20 plain F16 steps)."""
         self.bias = 1.0
         """Realized over predicted tokens/s of drafting steps (running mean): corrects the policy's
         estimates for what they miss (optimistic acceptance at rarely seen positions, per-step overhead)."""
@@ -127,6 +131,11 @@ class CostModel:
 
     def observe_verify(self, batch_size: int, seconds: float) -> None:
         self.verify.observe(batch_size, seconds)
+
+    def observe_catch_up(self, tokens: int, seconds: float, *, alpha: float = 0.2) -> None:
+        """A draft after `tokens` unseen tokens took `seconds` more than drafting alone would have."""
+        if tokens > 0 and seconds > 0.0:
+            self.catch_up += alpha * (seconds / tokens - self.catch_up)
 
     def observe_step(self, predicted_rate: float, tokens: int, seconds: float, *, alpha: float = 0.1) -> None:
         """A drafting step yielded `tokens` in `seconds` where the policy expected `predicted_rate` tokens/s."""
@@ -161,8 +170,9 @@ class CostModel:
 class DraftPolicy(Protocol):
     """Chooses each step's draft length and learns from the verification's outcome."""
 
-    def choose(self, max_k: int) -> int:
-        """How many tokens to draft this step, at most max_k (0: a plain step)."""
+    def choose(self, max_k: int, backlog: int = 0) -> int:
+        """How many tokens to draft this step, at most max_k (0: a plain step); `backlog`: tokens the drafter
+        would first have to catch up on."""
 
     def observe(self, drafted: int, accepted: int) -> None:
         """The step's outcome: drafted tokens offered for verification, the first `accepted` accepted."""
@@ -177,7 +187,7 @@ class FixedPolicy:
     def __init__(self, draft_max: int):
         self.draft_max = draft_max
 
-    def choose(self, max_k: int) -> int:
+    def choose(self, max_k: int, backlog: int = 0) -> int:
         return max(0, min(max_k, self.draft_max))
 
     def observe(self, drafted: int, accepted: int) -> None:
@@ -236,6 +246,7 @@ class AdaptivePolicy:
         self._streak = 0                 # plain steps since the last draft or probe
         self._confirm = False            # the last probe succeeded: probe again at the next plain step
         self._predicted = 0.0            # predicted_rate of the current step's k (0: not drafting)
+        self._probe_pays = True          # the current probe's length would pay if fully accepted
 
     def acceptance(self) -> list[float]:
         """Estimated conditional acceptance per draft position (1-based position i at index i-1)."""
@@ -266,13 +277,16 @@ class AdaptivePolicy:
                 best_k, best_rate = k, rate
         return best_k
 
-    def probe_interval(self, k: int) -> float:
-        """Plain steps between probes of k tokens at the current level."""
+    def probe_interval(self, k: int, backlog: int = 0) -> float:
+        """Plain steps between probes of k tokens at the current level, when the drafter first has to catch
+        up on `backlog` tokens it has not seen (the prompt, at a sequence's first draft)."""
         plain = max(self.cost.verify_cost(1), 1e-9)
-        extra = max(self.cost.draft_cost(k) + self.cost.verify_cost(k + 1) - plain, 0.0) / plain
+        extra = max(self.cost.draft_cost(k) + self.cost.verify_cost(k + 1) - plain, 0.0)
+        extra = (extra + backlog * self.cost.catch_up) / plain
         return min(self.probe_max, max(1.0, extra / self.probe_budget * 2.0 ** self._level))
 
-    def choose(self, max_k: int) -> int:
+    def choose(self, max_k: int, backlog: int = 0) -> int:
+        """Draft length for this step; `backlog` is how many tokens the drafter would first have to catch up on."""
         hi = min(max_k, self.draft_max)
         lo = max(1, self.draft_min)
         self._probing = False
@@ -296,8 +310,9 @@ class AdaptivePolicy:
                     self._level = self.levels[1]
                 elif not self.best(k, [1.0] * k):
                     self._confirm = False
-                if self._streak >= (1 if self._confirm else self.probe_interval(k)):
+                if self._streak >= (1 if self._confirm else self.probe_interval(k, backlog)):
                     self._streak, self._probing, self._asked = 0, True, k
+                    self._probe_pays = bool(self.best(k, [1.0] * k))
         self._predicted = self.predicted_rate(self._asked) if self._asked > 0 and self.cost.ready else 0.0
         return self._asked
 
@@ -327,8 +342,11 @@ class AdaptivePolicy:
         if self._probing:
             ok = drafted > 0 and accepted == drafted
             lo, hi = self.levels
-            self._level = max(lo, self._level - 2) if ok else min(hi, self._level + 1)
-            self._probing, self._confirm = False, ok
+            if not ok:
+                self._level = min(hi, self._level + 1)
+            elif self._probe_pays:  # a success at a length that cannot pay is no reason to probe more often
+                self._level = max(lo, self._level - 2)
+            self._probing, self._confirm = False, ok and self._probe_pays
 
     def _scale(self, g: float) -> None:
         """Weigh the acceptance evidence so far by g."""
