@@ -107,7 +107,7 @@ class CostModel:
         """Weight of older acceptance observations per new one (about 100 steps of memory)."""
         self._hits: list[float] = []
         self._seen: list[float] = []
-        self.catch_up = 0.002
+        self._catch_up: float | None = None
         """Seconds per token for the drafter to catch up on tokens it has not seen (batched; running mean).
         The first draft of a sequence pays it for the whole prompt, so a probe there costs far more than
         the draft itself (a 400-token prompt: 0.3 s, 20 plain F16 steps)."""
@@ -135,7 +135,14 @@ class CostModel:
     def observe_catch_up(self, tokens: int, seconds: float, *, alpha: float = 0.2) -> None:
         """A draft after `tokens` unseen tokens took `seconds` more than drafting alone would have."""
         if tokens > 0 and seconds > 0.0:
-            self.catch_up += alpha * (seconds / tokens - self.catch_up)
+            x = seconds / tokens
+            self._catch_up = x if self._catch_up is None else self._catch_up + alpha * (x - self._catch_up)
+
+    @property
+    def catch_up(self) -> float:
+        """Seconds per unseen token; until measured, a tenth of a one-token draft (a batched decode costs a
+        small fraction of one-at-a-time decodes; a dict lookup for the n-gram drafter)."""
+        return self._catch_up if self._catch_up is not None else 0.1 * self.draft_cost(1)
 
     def observe_step(self, predicted_rate: float, tokens: int, seconds: float, *, alpha: float = 0.1) -> None:
         """A drafting step yielded `tokens` in `seconds` where the policy expected `predicted_rate` tokens/s."""
