@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from tandem.errors import ModelNotFoundError, NotGGUFError
 
@@ -27,6 +27,9 @@ _SCALARS = {
 }
 TOKENS_KEY = "tokenizer.ggml.tokens"
 """The vocabulary's token texts: the one big array the registry needs."""
+MAX_NUMERIC_ARRAY = 4096
+"""Numeric arrays up to this length are always decoded (per-layer hyperparameters such as head counts);
+longer ones (token types, scores) only when asked for."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class TensorInfo:
     """ggml type number (GGMLQuantizationType)."""
     n_elements: int
     """Product of the dimensions."""
+    offset: int = 0
+    """Start of its data, relative to the data section."""
 
     @property
     def n_bytes(self) -> int:
@@ -67,9 +72,15 @@ class GGUFHeader:
     version: int
     """GGUF format version (2 or 3)."""
     kv: dict[str, Any] = field(repr=False)
-    """Metadata: scalars as Python values, strings as str, asked-for arrays as lists, others as SkippedArray."""
+    """Metadata: scalars as Python values, strings as str, asked-for arrays and short numeric
+    arrays as lists, others as SkippedArray."""
     tensors: tuple[TensorInfo, ...] = field(repr=False)
     """Tensor infos in file order."""
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of tensor data (what llama.cpp maps)."""
+        return sum(t.n_bytes for t in self.tensors)
 
     @property
     def n_params(self) -> int:
@@ -117,9 +128,15 @@ def read_header(path: str | Path, *, arrays: Collection[str] = (TOKENS_KEY,)) ->
             if m[:4] != b"GGUF":
                 raise _not_gguf(path, "no GGUF header")
             try:
-                return _Parser(m, set(arrays)).header()
+                parser = _Parser(m, set(arrays))
+                header = parser.header()
             except (struct.error, ValueError, IndexError, OverflowError) as e:
                 raise _not_gguf(path, f"its header is truncated or corrupt ({type(e).__name__})") from None
+            end = parser.data_start(header) + max((t.offset + t.n_bytes for t in header.tensors), default=0)
+            if end > len(m):
+                raise NotGGUFError(f"{path} is truncated: the tensor data ends at byte {end}, the file has {len(m)}",
+                                   "the download or conversion did not finish: fetch or convert the model again")
+            return header
 
 
 def _not_gguf(path: Path, why: str) -> NotGGUFError:
@@ -157,7 +174,7 @@ class _Parser:
         if vtype != GGUFValueType.ARRAY:
             return self._unpack(_SCALARS[vtype])
         sub, count = GGUFValueType(self._unpack("<I")), self._unpack("<Q")
-        if key not in self.arrays:
+        if key not in self.arrays and not (sub in _SCALARS and count <= MAX_NUMERIC_ARRAY):
             if sub == GGUFValueType.STRING:
                 self._skip_strings(count)
             elif sub in _SCALARS:
@@ -194,6 +211,11 @@ class _Parser:
             for _d in range(n_dims):
                 n *= self._unpack("<Q")
             ttype = self._unpack("<I")
-            self._unpack("<Q")  # data offset
-            tensors.append(TensorInfo(name, ttype, n))
+            tensors.append(TensorInfo(name, ttype, n, self._unpack("<Q")))
         return GGUFHeader(version, kv, tuple(tensors))
+
+    def data_start(self, header: GGUFHeader) -> int:
+        """File offset of the data section: the end of the header, aligned (call after header())."""
+        align = header.kv.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+        align = align if isinstance(align, int) and align > 0 else GGUF_DEFAULT_ALIGNMENT
+        return -(-self.off // align) * align
