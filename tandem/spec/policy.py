@@ -14,6 +14,7 @@ apart after each failure and sooner after a success, so it notices when acceptan
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 
@@ -223,7 +224,8 @@ class AdaptivePolicy:
     failed probe's extra time `probe_budget` of the plain time in between, times 2**level: each failed
     probe raises the level by 1 (up to `levels[1]`), each successful one lowers it by 2 (down to
     `levels[0]`, also where a new drafter's first sequence starts, so it probes early) and is confirmed by
-    another probe at the next plain step, so a rise in acceptance is confirmed within a few steps.
+    another probe at the next plain step, so a rise in acceptance is confirmed within a few steps. A
+    success at a probe length that would not pay even fully accepted does neither.
     """
 
     def __init__(self, cost: CostModel, draft_max: int, *, draft_min: int = 0, prior: float = 0.5,
@@ -269,20 +271,19 @@ class AdaptivePolicy:
     def best(self, max_k: int, acceptance: list[float] | None = None) -> int:
         """The k in {0} U [draft_min, max_k] with the most expected tokens per second (ties: smaller k),
         under the estimated acceptance (or the one given)."""
-        hi = min(max_k, self.draft_max)
         best_k, best_rate = 0, self.margin / max(self.cost.verify_cost(1), 1e-9)
+        for k, rate in self._rates(min(max_k, self.draft_max), acceptance):
+            if k >= self.draft_min and self.cost.bias * rate > best_rate:
+                best_k, best_rate = k, self.cost.bias * rate
+        return best_k
+
+    def _rates(self, hi: int, acceptance: list[float] | None = None) -> Iterator[tuple[int, float]]:
+        """(k, expected tokens per second of drafting k tokens) for k = 1..hi, before the bias correction."""
         tokens = reach = 1.0
-        for k, a in enumerate(self.acceptance() if acceptance is None else acceptance, start=1):
-            if k > hi:
-                break
+        for k, a in enumerate((self.acceptance() if acceptance is None else acceptance)[:hi], start=1):
             reach *= a
             tokens += reach
-            if k < self.draft_min:
-                continue
-            rate = self.cost.bias * tokens / max(self.cost.draft_cost(k) + self.cost.verify_cost(k + 1), 1e-9)
-            if rate > best_rate:
-                best_k, best_rate = k, rate
-        return best_k
+            yield k, tokens / max(self.cost.draft_cost(k) + self.cost.verify_cost(k + 1), 1e-9)
 
     def probe_interval(self, k: int, backlog: int = 0) -> float:
         """Plain steps between probes of k tokens at the current level, when the drafter first has to catch
@@ -312,24 +313,20 @@ class AdaptivePolicy:
                 # cost changes). When the probe's own length would not pay, a success is no reason to
                 # probe again at once: chaining such confirmations drafted every other step at a loss.
                 k = self._probe_size(lo, hi)
+                self._probe_pays = bool(self.best(k, [1.0] * k))
                 if not self.best(hi, [1.0] * hi):
                     self._confirm = False
                     self._level = self.levels[1]
-                elif not self.best(k, [1.0] * k):
+                elif not self._probe_pays:
                     self._confirm = False
                 if self._streak >= (1 if self._confirm else self.probe_interval(k, backlog)):
                     self._streak, self._probing, self._asked = 0, True, k
-                    self._probe_pays = bool(self.best(k, [1.0] * k))
         self._predicted = self.predicted_rate(self._asked) if self._asked > 0 and self.cost.ready else 0.0
         return self._asked
 
     def predicted_rate(self, k: int) -> float:
         """Expected tokens per second of a step drafting k tokens, before the bias correction."""
-        tokens = reach = 1.0
-        for a in self.acceptance()[:k]:
-            reach *= a
-            tokens += reach
-        return tokens / max(self.cost.draft_cost(k) + self.cost.verify_cost(k + 1), 1e-9)
+        return dict(self._rates(k)).get(k, 0.0)
 
     def observe_time(self, drafted: int, tokens: int, seconds: float) -> None:
         """The step's wall time (draft + verify) and the tokens it yielded; only drafting steps teach."""
