@@ -1,0 +1,62 @@
+"""What one llama_decode costs by batch size: the default pair's F32 and F16 mains and the Q4_1 draft.
+
+These costs bound what speculation can gain (docs/benchmarks.md §1): a step drafting k tokens costs about
+k draft decodes plus one main decode of k + 1 tokens.
+
+    .venv/bin/python bench/decode_costs.py [--reps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from tandem.engine.llama import Context, ContextParams, Model
+from tandem.models.defaults import cache_dir, derive, draft_path
+
+SIZES = (1, 2, 3, 5, 9, 17)
+OFFSET = 60
+"""Tokens already in the KV cache when each batch is decoded."""
+
+
+def costs(model: Model, kv: str, sizes: tuple[int, ...], reps: int, prompt: list[int]) -> dict[int, float]:
+    """Median milliseconds of one decode of n tokens (all logits) at position OFFSET, for n in sizes."""
+    ctx = Context(model, ContextParams(n_ctx=1024, type_k=kv, type_v=kv))
+    try:
+        ctx.decode(prompt[:OFFSET], 0, logits="none")
+        out = {}
+        for n in sizes:
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                ctx.decode(prompt[OFFSET:OFFSET + n], OFFSET, logits="all")
+                times.append(time.perf_counter() - t0)
+                ctx.rollback(OFFSET)
+            out[n] = 1000 * statistics.median(times)
+        return out
+    finally:
+        ctx.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args()
+    draft = Model(draft_path())
+    prompt = draft.tokenize("The quick brown fox jumps over the lazy dog. " * 12, add_special=True,
+                            parse_special=False)
+    print("| model | KV | " + " | ".join(f"{n} tok" for n in SIZES) + " |")
+    print("|---|---|" + "---:|" * len(SIZES))
+    for kind in ("F32", "F16"):
+        path = cache_dir() / f"SmolLM2-135M-Instruct.{kind}.gguf"
+        if not path.exists():
+            derive(draft_path(), path, kind.lower())
+        ms = costs(Model(path), "f32", SIZES, args.reps, prompt)
+        print(f"| main {kind} | f32 | " + " | ".join(f"{ms[n]:.1f} ms" for n in SIZES) + " |")
+    ms = costs(draft, "f16", (1, 2), args.reps, prompt)
+    print("| draft Q4_1 | f16 | " + " | ".join(f"{ms[n]:.1f} ms" if n in ms else "" for n in SIZES) + " |")
+
+
+if __name__ == "__main__":
+    main()
