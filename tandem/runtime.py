@@ -218,6 +218,8 @@ def calibrate_verify(main: Context, token: int, *, reps: int = 3, offset: int = 
     context (about 20 decodes; it empties it first) and leaves it empty."""
     sizes = [n for n in CALIBRATION_SIZES if offset + n <= main.n_ctx]
     out: dict[int, float] = {}
+    if not sizes:  # a context too small to calibrate in: the costs are learnt online only
+        return out
     main.rollback(0)
     try:
         main.decode([token] * offset, 0, logits="none")
