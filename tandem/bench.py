@@ -117,6 +117,9 @@ class Row:
     mean_accepted_length: float
     time_to_first_token: float
     same_output: bool
+    end_to_end_ratio: float = 0.0
+    """Median over reps of the baseline's whole request time (time to first token + decode) divided by this
+    config's: the speedup with the prompt phase included (a draft's prompt processing counts there)."""
     """Greedy output identical to no-draft's in every rep."""
 
 
@@ -132,6 +135,8 @@ def summarize(samples: Sequence[Sample], baseline: str = "no-draft") -> list[Row
             mine = [by[(cfg, p, r)] for p in pids for r in reps]
             base = [by[(_baseline(cfg, configs, baseline), p, r)] for p in pids for r in reps]
             ratios = [m.tokens_per_second / b.tokens_per_second for m, b in zip(mine, base) if b.tokens_per_second]
+            whole = [(b.time_to_first_token + b.seconds) / (m.time_to_first_token + m.seconds)
+                     for m, b in zip(mine, base) if m.time_to_first_token + m.seconds > 0 and m.tokens == b.tokens]
             bounds = [(m.tokens / m.llama_seconds) / (b.tokens / b.llama_seconds)
                       for m, b in zip(mine, base) if m.llama_seconds and b.llama_seconds]
             rows.append(Row(cfg, pid, statistics.median(m.tokens_per_second for m in mine),
@@ -140,7 +145,8 @@ def summarize(samples: Sequence[Sample], baseline: str = "no-draft") -> list[Row
                             statistics.mean(m.acceptance for m in mine),
                             statistics.mean(m.mean_accepted_length for m in mine),
                             statistics.median(m.time_to_first_token for m in mine),
-                            all(m.token_ids == b.token_ids for m, b in zip(mine, base))))
+                            all(m.token_ids == b.token_ids for m, b in zip(mine, base)),
+                            statistics.median(whole) if whole else 0.0))
     return rows
 
 
@@ -153,21 +159,26 @@ PEER = "llama-server"
 """Name of the llama-server peer without a draft; its speculative peers are named llama-server-*."""
 
 
-def versus(samples: Sequence[Sample], a: str, b: str) -> float | None:
-    """Median over (prompt, rep) of tok/s of config a divided by config b's in the same rep (None if absent)."""
+def versus(samples: Sequence[Sample], a: str, b: str, *, end_to_end: bool = False) -> float | None:
+    """Median over (prompt, rep) of tok/s of config a divided by config b's in the same rep (None if absent);
+    `end_to_end`: b's whole request time (time to first token + decode) divided by a's instead."""
     by = {(s.config, s.prompt_id, s.rep): s for s in samples}
-    ratios = [s.tokens_per_second / by[(b, s.prompt_id, s.rep)].tokens_per_second for s in samples
-              if s.config == a and (b, s.prompt_id, s.rep) in by and by[(b, s.prompt_id, s.rep)].tokens_per_second]
+    pairs = [(s, by[(b, s.prompt_id, s.rep)]) for s in samples if s.config == a and (b, s.prompt_id, s.rep) in by]
+    if end_to_end:
+        ratios = [(o.time_to_first_token + o.seconds) / (m.time_to_first_token + m.seconds) for m, o in pairs
+                  if m.time_to_first_token + m.seconds > 0]
+    else:
+        ratios = [m.tokens_per_second / o.tokens_per_second for m, o in pairs if o.tokens_per_second]
     return statistics.median(ratios) if ratios else None
 
 
 def markdown(rows: Sequence[Row]) -> str:
-    lines = ["| config | prompt | tok/s | ratio vs no-draft | model bound | acceptance | mean accepted len "
-             "| TTFT s | same output |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | prompt | tok/s | ratio vs no-draft | model bound | end-to-end ratio | acceptance "
+             "| mean accepted len | TTFT s | same output |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.config} | {r.prompt_id} | {r.tokens_per_second:.1f} | {r.ratio:.2f}x | "
-                     f"{r.bound_ratio:.2f}x | {r.acceptance:.2f} | {r.mean_accepted_length:.2f} | "
-                     f"{r.time_to_first_token:.3f} | {'yes' if r.same_output else 'NO'} |")
+                     f"{r.bound_ratio:.2f}x | {r.end_to_end_ratio:.2f}x | {r.acceptance:.2f} | "
+                     f"{r.mean_accepted_length:.2f} | {r.time_to_first_token:.3f} | {'yes' if r.same_output else 'NO'} |")
     return "\n".join(lines)
 
 

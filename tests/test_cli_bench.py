@@ -31,7 +31,8 @@ def test_bench_writes_markdown_json_and_png_for_every_config(tiny, tmp_path):
             row = rows[(cfg, pid)]
             assert row["same_output"], (cfg, pid)  # greedy output equals no-draft's, every rep
             assert row["tokens_per_second"] > 0
-    assert rows[("no-draft", "all")]["ratio"] == 1.0
+    assert rows[("no-draft", "all")]["ratio"] == 1.0 and rows[("no-draft", "all")]["end_to_end_ratio"] == 1.0
+    assert rows[("draft-model", "all")]["end_to_end_ratio"] > 0
     assert rows[("draft-model", "all")]["acceptance"] == 1.0  # draft == main
     assert len(data["samples"]) == 4 * len(PROMPTS) * 2
     assert {s["config"] for s in data["samples"] if s["drafted"] > 0} >= {"draft-model", "both"}
@@ -73,3 +74,16 @@ def test_llama_server_peer_runs_side_by_side(tiny, tmp_path):
     assert rows[("llama-server", "all")]["tokens_per_second"] > 0
     assert rows[("llama-server-draft", "all")]["acceptance"] > 0.9  # draft == main
     assert "vs llama-server-draft" in r.stdout
+
+
+def test_end_to_end_ratio_counts_the_prompt_phase():
+    """A config that moves work from the decode phase into the prompt phase gains tok/s, not end-to-end time."""
+    from tandem.bench import Sample, summarize, versus
+
+    def sample(cfg: str, ttft: float, seconds: float) -> Sample:
+        return Sample(cfg, "p", 0, 101, seconds, 100 / seconds, ttft, 0, 0, 0.0, 0.0, 0, 0, 0.0, [1])
+
+    samples = [sample("no-draft", 0.1, 2.0), sample("draft-model", 0.6, 1.5)]
+    row = next(r for r in summarize(samples) if r.config == "draft-model" and r.prompt_id == "all")
+    assert row.ratio == pytest.approx(2.0 / 1.5) and row.end_to_end_ratio == pytest.approx(1.0)
+    assert versus(samples, "draft-model", "no-draft", end_to_end=True) == pytest.approx(1.0)

@@ -220,6 +220,34 @@ def test_runtime_both_combines_ngram_and_the_draft_model(tiny):
         assert spec[-1].stats.identity_holds()
 
 
+def test_both_routes_each_step_to_a_part_with_its_own_cost_model(tiny, loopy_path):
+    """--spec-type both: n-gram steps teach the n-gram's cost model, model steps the model's; never a shared one."""
+    opts = ModelOptions(model=str(loopy_path), draft=str(tiny["draft_close"]), ctx_size=512, threads=2)
+    rt = Runtime(opts, spec=SpecOptions(spec_type="both"), announce=lambda _s: None)
+    assert rt.drafter is not None
+    gp = GenParams(max_tokens=60, draft_max=4, draft_policy="fixed")
+    for text in PROMPTS[:2]:
+        prompt = rt.prompt(text=text, raw=True)
+        spec = list(rt.generate(prompt, gp))
+        plain = list(rt.generate(prompt, gp, use_draft=False))
+        assert [e.id for e in spec[:-1]] == [e.id for e in plain[:-1]]
+        assert spec[-1].stats.identity_holds()
+    ngram_cost, model_cost = rt.cost(rt.ngram), rt.cost(rt.drafter)
+    assert ngram_cost is not model_cost
+    # The loopy main repeats itself, so the n-gram part drafted and was accepted; its drafts are far cheaper
+    # than the model's, which a shared cost model could not tell apart.
+    assert ngram_cost.draft.known
+    assert ngram_cost.draft(4) < model_cost.draft(4) / 5
+    assert f"ngram+{rt.drafter.name}" not in rt._costs
+
+
+def test_both_falls_back_to_the_model_when_the_ngram_has_no_long_match():
+    model = FakeModel()
+    both = CombinedDrafter(NgramDrafter(), model)
+    assert both.parts == (both.ngram, model)
+    assert both.matches([5, 6, 7, 8, 0, 6, 7, 8]) and not both.matches([5, 6, 7, 0, 6, 7])
+
+
 def test_runtime_both_needs_a_draft_model(tiny):
     with pytest.raises(BadInputError, match="needs a draft model"):
         Runtime(ModelOptions(model=str(tiny["main"]), draft="none", ctx_size=512, threads=2),

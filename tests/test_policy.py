@@ -216,3 +216,20 @@ def test_drafting_stops_when_realized_steps_fall_short_of_the_prediction():
 def test_a_probe_that_must_first_catch_up_on_the_prompt_waits_longer():
     policy = AdaptivePolicy(warm_cost(1 / 72), 8)
     assert policy.probe_interval(1, backlog=400) > 2 * policy.probe_interval(1)
+
+
+def test_the_first_step_is_expected_to_draft_only_when_the_drafter_has_earned_it():
+    assert not AdaptivePolicy(CostModel(), 8).expects_draft(8)  # nothing measured: probe first
+    cost = warm_cost(1 / 72)  # a Q4_1 draft token against an F16 main
+    assert not AdaptivePolicy(cost, 8).expects_draft(8)  # costs known, acceptance unknown (0.5 prior)
+    simulate(AdaptivePolicy(cost, 8), lambda _: 0.98, 1 / 72, seed=3)  # an earlier request went well
+    assert AdaptivePolicy(cost, 8).expects_draft(8) and not AdaptivePolicy(cost, 8).expects_draft(0)
+    assert FixedPolicy(4).expects_draft(8) and not FixedPolicy(0).expects_draft(8)
+
+
+def test_a_drafter_without_acceptance_history_probes_early_even_with_measured_costs():
+    cost = warm_cost(1 / 72)  # calibrated costs (as Runtime.cost gives a draft model), no acceptance yet
+    fresh = AdaptivePolicy(cost, 8)
+    simulate(AdaptivePolicy(cost, 8), lambda _: 0.2, 1 / 72, seed=5, tokens=100)
+    seasoned = AdaptivePolicy(cost, 8)
+    assert fresh.probe_interval(1) < seasoned.probe_interval(1) / 8

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tandem.config import ModelOptions, SpecOptions
 from tandem.engine.llama import Context, ContextParams, Model
-from tandem.runtime import CALIBRATION_SIZES, Runtime, calibrate_verify
+from tandem.runtime import CALIBRATION_SIZES, Runtime, calibrate_draft, calibrate_verify
+from tandem.spec.generate import GenParams, Token
 
 
 def test_calibration_times_every_size_and_leaves_the_context_empty(tiny):
@@ -19,7 +20,49 @@ def test_a_new_drafters_cost_model_starts_from_the_calibrated_verify_costs(tiny)
     rt = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_same"]), ctx_size=256),
                  spec=SpecOptions(), announce=lambda _s: None)
     cost = rt.cost(rt.drafter)
-    assert cost.verify.known and not cost.draft.known  # verification measured, drafting still to learn
+    assert cost.verify.known and cost.draft.known  # both measured before the first draft
     for n in CALIBRATION_SIZES:
         assert cost.verify(n) == rt._verify_costs[n]  # trusted: the measured value, not a fitted line
     assert rt.cost(rt.ngram) is not cost and rt.cost(rt.ngram).verify(1) == cost.verify(1)  # measured once
+
+
+def test_draft_calibration_times_one_two_and_a_batch_and_leaves_the_context_empty(tiny):
+    ctx = Context(Model(tiny["draft_same"]), ContextParams(n_ctx=256))
+    ctx.decode([1, 2, 3], 0)
+    costs = calibrate_draft(ctx, 1)
+    assert sorted(costs) == ["batch", "one", "two"] and all(t > 0 for t in costs.values())
+    assert ctx.pos_max() == -1
+
+
+def test_a_new_draft_models_cost_model_holds_its_calibrated_draft_and_catch_up_costs(tiny):
+    rt = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_same"]), ctx_size=256),
+                 spec=SpecOptions(), announce=lambda _s: None)
+    cost = rt.cost(rt.drafter)
+    assert cost.ready and 0 < cost.draft(1) < cost.draft(8)
+    assert cost._catch_up is not None and 0 < cost.catch_up < cost.draft(1)  # batched: cheaper per token
+    assert rt.drafter._kv == [] and rt.drafter.ctx.pos_max() == -1  # the drafter starts clean
+    assert not rt.cost(rt.ngram).draft.known  # the n-gram drafter is not a model: learnt online
+
+
+def _draft_tokens_at_first_token(rt: Runtime, prompt: list[int], gp: GenParams) -> int:
+    """Tokens the draft model had processed when the first token came out (then the generation finishes)."""
+    rt.cost(rt.drafter)  # calibrate first: its decodes are not the catch-up
+    before = rt.drafter.ctx.tokens_processed
+    events = rt.generate(prompt, gp)
+    first = next(ev for ev in events if isinstance(ev, Token))
+    seen = rt.drafter.ctx.tokens_processed - before
+    list(events)
+    assert first.source == "main"
+    return seen
+
+
+def test_the_draft_catches_up_on_the_prompt_before_the_first_token_when_it_will_draft(tiny):
+    rt = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_same"]), ctx_size=256),
+                 spec=SpecOptions(), announce=lambda _s: None)
+    prompt = rt.prompt(text="The capital of France is", raw=True)
+    # A fixed policy always drafts at the first step: the prompt is evaluated before the first token.
+    assert _draft_tokens_at_first_token(rt, prompt, GenParams(max_tokens=8, draft_policy="fixed")) == len(prompt)
+    # A drafter with no acceptance history probes later: no catch-up is paid up front.
+    rt2 = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_same"]), ctx_size=256),
+                  spec=SpecOptions(), announce=lambda _s: None)
+    assert _draft_tokens_at_first_token(rt2, prompt, GenParams(max_tokens=8)) == 0

@@ -87,7 +87,9 @@ def main(args: argparse.Namespace) -> int:
     for mine, theirs in (("draft-model", f"{PEER}-draft"), ("ngram", f"{PEER}-ngram")):
         r = versus(samples, mine, theirs)
         if r is not None:
-            print(f"\nTandem {mine} vs {theirs}: {r:.2f}x tokens/s (median over prompts and reps)")
+            e2e = versus(samples, mine, theirs, end_to_end=True)
+            print(f"\nTandem {mine} vs {theirs}: {r:.2f}x tokens/s, {e2e:.2f}x end to end (prompt included; "
+                  "medians over prompts and reps)")
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 

@@ -22,6 +22,9 @@ class Drafter(Protocol):
     def reset(self) -> None:
         """Forget the previous sequence (a new generation starts)."""
 
+    def prefill(self, history: Sequence[int]) -> None:
+        """Catch up on all of history but its newest token now (in the prompt phase), in one batch."""
+
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
                 rng: np.random.Generator, p_min: float | None = None) -> DraftProposal:
         """Up to max_tokens tokens that may follow `history` (prompt + output so far).
@@ -105,6 +108,18 @@ class ModelDrafter:
         if cut > 0:
             del self._kv[w.keep:w.keep + cut]
         w.dropped += drop
+
+    def prefill(self, history: Sequence[int]) -> None:
+        """Evaluate history but its newest token (left for the first draft's decode) in one batch."""
+        if len(history) < 2:
+            return
+        self._sync(history)
+        self._slide(self.window.overflow(len(history), 1))
+        pending = self.window.view(history, len(self._kv))[:-1]
+        if pending:
+            self.ctx.decode(pending, len(self._kv), logits="none")
+            self._kv.extend(pending)
+            self._committed = len(self._kv)
 
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
                 rng: np.random.Generator, p_min: float | None = None) -> DraftProposal:

@@ -120,6 +120,17 @@ class _Speculator:
         self._seen = 0  # history length at the last propose(): what the drafter has seen
         self._drafted_last_step = False  # then the drafter catches up on one step's tokens only
 
+    def prefill(self, history: Sequence[int], max_k: int) -> None:
+        """Catch the drafter up on the prompt now, in the prompt phase, when the policy will draft at the first
+        step anyway (it would pay the same catch-up there). Then, as in llama-server, the draft's prompt
+        processing is part of the time to first token and generation runs at the speculative rate at once."""
+        if max_k <= 0 or not self.policy.expects_draft(max_k):
+            return
+        t0 = time.perf_counter()
+        self.drafter.prefill(history)
+        self.cost.observe_catch_up(len(history) - 1 - self._seen, time.perf_counter() - t0)
+        self._seen, self._drafted_last_step = len(history) - 1, True
+
     def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator) -> DraftProposal:
         """The policy's number of draft tokens (at most max_k), or EMPTY for a plain step."""
         backlog = len(history) - self._seen  # tokens the drafter has not seen (the prompt at first)
@@ -145,16 +156,50 @@ class _Speculator:
             self.policy.observe_time(n_drafted, accepted + 1, self.draft_seconds + seconds)
 
 
+class _Speculation:
+    """The speculators of one generation: one per drafter, or one per part of a combined drafter (n-gram
+    first, then the model), each with its own cost model and policy. A combined drafter's step goes to the
+    n-gram part when it has a long enough match and its policy drafts, else to the model part."""
+
+    def __init__(self, drafter: Drafter, gp: GenParams, costs: Callable[[Drafter], CostModel]):
+        self.drafter = drafter
+        self.parts = [_Speculator(d, gp, costs(d)) for d in getattr(drafter, "parts", (drafter,))]
+        self.last = self.parts[-1]  # the speculator of the current step
+
+    def prefill(self, history: Sequence[int], max_k: int) -> None:
+        for part in self.parts:
+            part.prefill(history, max_k)
+
+    def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator) -> DraftProposal:
+        if len(self.parts) > 1 and self.drafter.matches(history):
+            self.last = self.parts[0]
+            proposal = self.last.propose(history, max_k, rng)
+            if proposal.tokens:
+                return proposal
+        self.last = self.parts[-1]
+        return self.last.propose(history, max_k, rng)
+
+    def verified(self, n_drafted: int, accepted: int, seconds: float) -> None:
+        self.last.verified(n_drafted, accepted, seconds)
+
+
+def _fresh_costs() -> Callable[[Drafter], CostModel]:
+    """A cost model per drafter name, for one generate() call (the Runtime keeps its own across calls)."""
+    costs: dict[str, CostModel] = {}
+    return lambda d: costs.setdefault(d.name, CostModel())
+
+
 def _pick(logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator) -> int:
     return int(logits.argmax()) if sp.greedy else sample(probs(logits, sp), rng.random())
 
 
 def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Drafter | None = None,
-             cancel: Callable[[], bool] | None = None, cost: CostModel | None = None) -> Iterator[Token | Done]:
+             cancel: Callable[[], bool] | None = None,
+             costs: Callable[[Drafter], CostModel] | None = None) -> Iterator[Token | Done]:
     """Generate from `prompt` with the main model, speculating with `drafter` when given.
 
     Output equals the main model's alone: token for token at T = 0, in distribution at T > 0. `cost` holds
-    the drafter's measured draft and verify costs across generations (a fresh one when None).
+    each drafter's measured draft and verify costs across generations (fresh ones when None).
     """
     if not prompt:
         raise BadInputError("the prompt is empty", "send at least one token of text")
@@ -165,13 +210,15 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
     stats = SpecStats(prompt_tokens=len(prompt), draft_model=drafter.name if drafter else None)
     out = _Output(main, gp, stats)
     rng = np.random.default_rng(gp.sampling.seed)
-    spec = _Speculator(drafter, gp, cost if cost is not None else CostModel()) if drafter is not None else None
+    spec = _Speculation(drafter, gp, costs or _fresh_costs()) if drafter is not None else None
     t0 = time.perf_counter()
     # 1. Evaluate the prompt with the main model and choose the first token.
     main.rollback(0)
     history = [*prompt, _pick(main.decode(prompt, 0)[0], gp.sampling, rng)]
-    if drafter is not None:
+    if spec is not None:
+        # 1b. Catch the drafter up on the prompt now if it is to draft at the first step.
         drafter.reset()
+        spec.prefill(history, min(gp.draft_max, gp.max_tokens - 1))
     stats.prompt_time = time.perf_counter() - t0
     yield from out.emit(history[-1:], 0)
     while not out.done:

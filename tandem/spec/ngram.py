@@ -53,6 +53,10 @@ class NgramDrafter:
         self._n = 0
         self.match = 0
 
+    def prefill(self, history: Sequence[int]) -> None:
+        """Index the prompt now (a dict update per n-gram; no model)."""
+        self.update(history)
+
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams | None = None,
                 rng: np.random.Generator | None = None, p_min: float | None = None) -> DraftProposal:
         """Up to max_tokens tokens continuing `history`; EMPTY when no n-gram of it matches."""
@@ -99,6 +103,9 @@ class CombinedDrafter:
 
     The test is on the matched n-gram, not on the proposal's length: a match always yields max_tokens
     tokens (it extends itself), so the context the match rests on is what tells a repeat from chance.
+    generate() routes each step itself (`parts`, `matches`), so that each part has its own cost model and
+    draft-length policy: their costs differ about a thousandfold, and one shared cost model and acceptance
+    profile made `both` fall back to about 1.0x once it had seen both kinds of steps.
     """
 
     def __init__(self, ngram: NgramDrafter, model: Drafter, *, min_match: int = 3):
@@ -110,6 +117,21 @@ class CombinedDrafter:
     def reset(self) -> None:
         self.ngram.reset()
         self.model.reset()
+
+    @property
+    def parts(self) -> tuple[Drafter, Drafter]:
+        """The n-gram drafter first, then the model."""
+        return self.ngram, self.model
+
+    def matches(self, history: Sequence[int]) -> bool:
+        """Whether the n-gram drafter has a match of at least min_match tokens for this history."""
+        self.ngram.update(history)
+        found = self.ngram.lookup(history)
+        return found is not None and found[0] >= self.min_match
+
+    def prefill(self, history: Sequence[int]) -> None:
+        self.ngram.prefill(history)
+        self.model.prefill(history)
 
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
                 rng: np.random.Generator, p_min: float | None = None) -> DraftProposal:

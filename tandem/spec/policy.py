@@ -182,6 +182,9 @@ class DraftPolicy(Protocol):
         """How many tokens to draft this step, at most max_k (0: a plain step); `backlog`: tokens the drafter
         would first have to catch up on."""
 
+    def expects_draft(self, max_k: int) -> bool:
+        """Whether the first step of a sequence will draft (then the drafter catches up on the prompt at once)."""
+
     def observe(self, drafted: int, accepted: int) -> None:
         """The step's outcome: drafted tokens offered for verification, the first `accepted` accepted."""
 
@@ -197,6 +200,9 @@ class FixedPolicy:
 
     def choose(self, max_k: int, backlog: int = 0) -> int:
         return max(0, min(max_k, self.draft_max))
+
+    def expects_draft(self, max_k: int) -> bool:
+        return self.choose(max_k) > 0
 
     def observe(self, drafted: int, accepted: int) -> None:
         """Nothing to learn."""
@@ -248,10 +254,10 @@ class AdaptivePolicy:
         self._seen = [0.0] * draft_max   # decayed observation counts per draft position
         self._asked = 0                  # k chosen for the current step
         self._probing = False            # the current step is a probe
-        # Probe interval exponent: a drafter with a history (its cost model has seen drafts) starts at the
+        # Probe interval exponent: a drafter with a history (its cost model has seen verifications) starts at the
         # plain budget, since its long-run acceptance already informs the first choice; a new drafter
         # probes early. (Starting every request at levels[0] made short answers pay ~30% in probes.)
-        self._level = 0 if cost.ready else levels[0]
+        self._level = 0 if cost.long_run(0)[1] > 0 else levels[0]
         self._streak = 0                 # plain steps since the last draft or probe
         self._confirm = False            # the last probe succeeded: probe again at the next plain step
         self._predicted = 0.0            # predicted_rate of the current step's k (0: not drafting)
@@ -323,6 +329,10 @@ class AdaptivePolicy:
                     self._streak, self._probing, self._asked = 0, True, k
         self._predicted = self.predicted_rate(self._asked) if self._asked > 0 and self.cost.ready else 0.0
         return self._asked
+
+    def expects_draft(self, max_k: int) -> bool:
+        """Whether the first step will draft: the costs are known and some length pays at the prior acceptance."""
+        return self.cost.ready and self.best(min(max_k, self.draft_max)) > 0
 
     def predicted_rate(self, k: int) -> float:
         """Expected tokens per second of a step drafting k tokens, before the bias correction."""
