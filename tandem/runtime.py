@@ -150,11 +150,13 @@ class Runtime:
                                 "start with --draft PATH, or use spec_type ngram", param="spec_type")
         return CombinedDrafter(self.ngram, model) if spec_type == "both" else model
 
-    def cost(self, drafter: Drafter) -> CostModel:
+    def cost(self, drafter: Drafter, key: str | None = None) -> CostModel:
         """The measured costs of drafting with `drafter` (by name), kept across generations; a new one starts
         from the main model's measured verification costs (see calibrate_verify) and, for a draft model, its
-        measured draft and catch-up costs (calibrate_draft)."""
-        if drafter.name not in self._costs:
+        measured draft and catch-up costs (calibrate_draft). `key` (default: the drafter's name) separates
+        uses of one drafter whose acceptance differs (the model part of --spec-type both)."""
+        key = drafter.name if key is None else key
+        if key not in self._costs:
             if len(self._costs) >= _MAX_COSTS:
                 del self._costs[next(iter(self._costs))]
             if self._verify_costs is None:
@@ -166,8 +168,8 @@ class Runtime:
             if isinstance(drafter, ModelDrafter):
                 seed_draft_costs(cost, calibrate_draft(drafter.ctx, max(drafter.ctx.model.bos, 0)))
                 drafter.reset()
-            self._costs[drafter.name] = cost
-        return self._costs[drafter.name]
+            self._costs[key] = cost
+        return self._costs[key]
 
     def prompt(self, *, text: str | None = None, messages: Sequence[dict] | None = None,
                raw: bool = False) -> list[int]:

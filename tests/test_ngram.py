@@ -232,13 +232,16 @@ def test_both_routes_each_step_to_a_part_with_its_own_cost_model(tiny, loopy_pat
         plain = list(rt.generate(prompt, gp, use_draft=False))
         assert [e.id for e in spec[:-1]] == [e.id for e in plain[:-1]]
         assert spec[-1].stats.identity_holds()
-    ngram_cost, model_cost = rt.cost(rt.ngram), rt.cost(rt.drafter)
-    assert ngram_cost is not model_cost
+    both = rt.speculator()
+    keys = {f"{both.name}/ngram", f"{both.name}/{rt.drafter.name}"}
+    assert keys <= set(rt._costs)  # one per part, apart from the drafters used alone
+    ngram_cost, model_cost = rt.cost(rt.ngram, f"{both.name}/ngram"), rt.cost(rt.drafter, f"{both.name}/{rt.drafter.name}")
+    assert ngram_cost is not model_cost and model_cost is not rt.cost(rt.drafter)
     # The loopy main repeats itself, so the n-gram part drafted and was accepted; its drafts are far cheaper
     # than the model's, which a shared cost model could not tell apart.
     assert ngram_cost.draft.known
     assert ngram_cost.draft(4) < model_cost.draft(4) / 5
-    assert f"ngram+{rt.drafter.name}" not in rt._costs
+    assert both.name not in rt._costs
 
 
 def test_both_falls_back_to_the_model_when_the_ngram_has_no_long_match():

@@ -233,3 +233,22 @@ def test_a_drafter_without_acceptance_history_probes_early_even_with_measured_co
     simulate(AdaptivePolicy(cost, 8), lambda _: 0.2, 1 / 72, seed=5, tokens=100)
     seasoned = AdaptivePolicy(cost, 8)
     assert fresh.probe_interval(1) < seasoned.probe_interval(1) / 8
+
+
+def test_a_new_drafter_ramps_up_by_doubling_confirmed_probes():
+    cost = warm_cost(1 / 200)  # calibrated costs, no acceptance history
+    _, ks = simulate(AdaptivePolicy(cost, 16), lambda _: 1.0, 1 / 200, tokens=120, draft_max=16)
+    drafts = [k for k in ks if k > 0]
+    assert drafts[:2] == [1, 2] and max(ks[:6]) == 16  # then the acceptance estimate takes over
+
+
+def test_probes_are_never_too_short_to_show_that_drafting_pays():
+    """F16 main + Q4_1 draft: a 1-token probe cannot pay even when accepted, so probing starts at 2 tokens,
+    and a new drafter whose drafts all fail costs little while it probes."""
+    cost = warm_cost(1 / 60)
+    policy = AdaptivePolicy(cost, 8)
+    shortest = policy._paying_length(1, 8)
+    assert shortest is not None and shortest > 1 and policy.best(1, [1.0]) == 0
+    rate, ks = simulate(policy, lambda _: 0.0, 1 / 60, tokens=300)
+    assert min(k for k in ks if k > 0) >= shortest
+    assert rate > 0.9 / verify_seconds(1)

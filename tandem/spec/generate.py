@@ -161,9 +161,13 @@ class _Speculation:
     first, then the model), each with its own cost model and policy. A combined drafter's step goes to the
     n-gram part when it has a long enough match and its policy drafts, else to the model part."""
 
-    def __init__(self, drafter: Drafter, gp: GenParams, costs: Callable[[Drafter], CostModel]):
+    def __init__(self, drafter: Drafter, gp: GenParams, costs: Callable[[Drafter, str], CostModel]):
         self.drafter = drafter
-        self.parts = [_Speculator(d, gp, costs(d)) for d in getattr(drafter, "parts", (drafter,))]
+        parts = getattr(drafter, "parts", None)
+        # A part's acceptance depends on the steps routed to it (the model part of `both` gets only the
+        # steps without an n-gram match), so it keeps a cost model apart from the same drafter used alone.
+        self.parts = ([_Speculator(d, gp, costs(d, f"{drafter.name}/{d.name}")) for d in parts] if parts
+                      else [_Speculator(drafter, gp, costs(drafter, drafter.name))])
         self.last = self.parts[-1]  # the speculator of the current step
 
     def prefill(self, history: Sequence[int], max_k: int) -> None:
@@ -183,10 +187,10 @@ class _Speculation:
         self.last.verified(n_drafted, accepted, seconds)
 
 
-def _fresh_costs() -> Callable[[Drafter], CostModel]:
-    """A cost model per drafter name, for one generate() call (the Runtime keeps its own across calls)."""
+def _fresh_costs() -> Callable[[Drafter, str], CostModel]:
+    """A cost model per key, for one generate() call (the Runtime keeps its own across calls)."""
     costs: dict[str, CostModel] = {}
-    return lambda d: costs.setdefault(d.name, CostModel())
+    return lambda _d, key: costs.setdefault(key, CostModel())
 
 
 def _pick(logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator) -> int:
@@ -195,7 +199,7 @@ def _pick(logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator) -> i
 
 def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Drafter | None = None,
              cancel: Callable[[], bool] | None = None,
-             costs: Callable[[Drafter], CostModel] | None = None) -> Iterator[Token | Done]:
+             costs: Callable[[Drafter, str], CostModel] | None = None) -> Iterator[Token | Done]:
     """Generate from `prompt` with the main model, speculating with `drafter` when given.
 
     Output equals the main model's alone: token for token at T = 0, in distribution at T > 0. `cost` holds

@@ -226,12 +226,14 @@ class AdaptivePolicy:
     where the best case is within 10% of plain decoding (an F16 main with a Q4_1 draft on 2 cores: 1.07x
     at perfect acceptance) drafting lost 13% in practice (0.87x measured, 2026-11-23).
 
-    Probes: while k = 0 wins, a probe of `probe_k` tokens is drafted every N plain steps, where N makes a
-    failed probe's extra time `probe_budget` of the plain time in between, times 2**level: each failed
-    probe raises the level by 1 (up to `levels[1]`), each successful one lowers it by 2 (down to
-    `levels[0]`, also where a new drafter's first sequence starts, so it probes early) and is confirmed by
-    another probe at the next plain step, so a rise in acceptance is confirmed within a few steps. A
-    success at a probe length that would not pay even fully accepted does neither.
+    Probes: while k = 0 wins, a probe is drafted every N plain steps, where N makes a failed probe's extra
+    time `probe_budget` of the plain time in between, times 2**level: each failed probe raises the level by
+    1 (up to `levels[1]`), each successful one lowers it by 2 (down to `levels[0]`, also where a drafter
+    without acceptance history starts, so it probes early) and is confirmed by a probe twice as long at
+    the next plain step, so a rise in acceptance is confirmed within a few steps and a new drafter ramps
+    up 1, 2, 4, 8... tokens. A probe is the shortest length (at least `probe_k`) whose success would show
+    that drafting pays: with an expensive draft a 1-token probe cannot (an F16 main with a Q4_1 draft),
+    and such probes, never confirmed nor backed off, had cost 24% of a new drafter's first request.
     """
 
     def __init__(self, cost: CostModel, draft_max: int, *, draft_min: int = 0, prior: float = 0.5,
@@ -262,6 +264,7 @@ class AdaptivePolicy:
         self._confirm = False            # the last probe succeeded: probe again at the next plain step
         self._predicted = 0.0            # predicted_rate of the current step's k (0: not drafting)
         self._probe_pays = True          # the current probe's length would pay if fully accepted
+        self._next_probe = 0             # length of the next confirmation probe (twice the last success)
 
     def acceptance(self) -> list[float]:
         """Estimated conditional acceptance per draft position (1-based position i at index i-1)."""
@@ -319,12 +322,13 @@ class AdaptivePolicy:
                 # cost changes). When the probe's own length would not pay, a success is no reason to
                 # probe again at once: chaining such confirmations drafted every other step at a loss.
                 k = self._probe_size(lo, hi)
-                self._probe_pays = bool(self.best(k, [1.0] * k))
-                if not self.best(hi, [1.0] * hi):
+                paying = self._paying_length(k, hi)
+                self._probe_pays = paying is not None
+                if paying is None:
                     self._confirm = False
                     self._level = self.levels[1]
-                elif not self._probe_pays:
-                    self._confirm = False
+                else:  # the shortest probe whose success shows that drafting can pay; a confirmation doubles it
+                    k = min(hi, max(paying, self._next_probe if self._confirm else 0))
                 if self._streak >= (1 if self._confirm else self.probe_interval(k, backlog)):
                     self._streak, self._probing, self._asked = 0, True, k
         self._predicted = self.predicted_rate(self._asked) if self._asked > 0 and self.cost.ready else 0.0
@@ -361,6 +365,7 @@ class AdaptivePolicy:
             elif self._probe_pays:  # a success at a length that cannot pay is no reason to probe more often
                 self._level = max(lo, self._level - 2)
             self._probing, self._confirm = False, ok and self._probe_pays
+            self._next_probe = 2 * drafted
 
     def _scale(self, g: float) -> None:
         """Weigh the acceptance evidence so far by g."""
@@ -369,6 +374,14 @@ class AdaptivePolicy:
 
     def _probe_size(self, lo: int, hi: int) -> int:
         return min(hi, max(lo, self.probe_k))
+
+    def _paying_length(self, lo: int, hi: int) -> int | None:
+        """The smallest k in [lo, hi] that would beat plain decoding if every draft token were accepted."""
+        plain = self.margin / max(self.cost.verify_cost(1), 1e-9)
+        for k, rate in self._rates(hi, [1.0] * hi):
+            if k >= lo and self.cost.bias * rate > plain:
+                return k
+        return None
 
 
 POLICIES = ("adaptive", "fixed")
