@@ -229,7 +229,7 @@ class AdaptivePolicy:
     Probes: while k = 0 wins, a probe is drafted every N plain steps, where N makes a failed probe's extra
     time `probe_budget` of the plain time in between, times 2**level: each failed probe raises the level by
     1 (up to `levels[1]`), each successful one lowers it by 2 (down to `levels[0]`, also where a drafter
-    without acceptance history starts, so it probes early) and is confirmed by a probe twice as long at
+    without acceptance history starts, probing at its first step) and is confirmed by a probe twice as long at
     the next plain step, so a rise in acceptance is confirmed within a few steps and a new drafter ramps
     up 1, 2, 4, 8... tokens. A probe is the shortest length (at least `probe_k`) whose success would show
     that drafting pays: with an expensive draft a 1-token probe cannot (an F16 main with a Q4_1 draft),
@@ -260,6 +260,7 @@ class AdaptivePolicy:
         # plain budget, since its long-run acceptance already informs the first choice; a new drafter
         # probes early. (Starting every request at levels[0] made short answers pay ~30% in probes.)
         self._level = 0 if cost.long_run(0)[1] > 0 else levels[0]
+        self._fresh = cost.long_run(0)[1] == 0  # no acceptance history: probe at the first plain step
         self._streak = 0                 # plain steps since the last draft or probe
         self._confirm = False            # the last probe succeeded: probe again at the next plain step
         self._predicted = 0.0            # predicted_rate of the current step's k (0: not drafting)
@@ -329,7 +330,9 @@ class AdaptivePolicy:
                     self._level = self.levels[1]
                 else:  # the shortest probe whose success shows that drafting can pay; a confirmation doubles it
                     k = min(hi, max(paying, self._next_probe if self._confirm else 0))
-                if self._streak >= (1 if self._confirm else self.probe_interval(k, backlog)):
+                due = 1 if self._confirm or (self._fresh and paying is not None) else self.probe_interval(k, backlog)
+                if self._streak >= due:
+                    self._fresh = False
                     self._streak, self._probing, self._asked = 0, True, k
         self._predicted = self.predicted_rate(self._asked) if self._asked > 0 and self.cost.ready else 0.0
         return self._asked
