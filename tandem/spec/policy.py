@@ -300,8 +300,11 @@ class AdaptivePolicy:
         up on `backlog` tokens it has not seen (the prompt, at a sequence's first draft)."""
         plain = max(self.cost.verify_cost(1), 1e-9)
         extra = max(self.cost.draft_cost(k) + self.cost.verify_cost(k + 1) - plain, 0.0)
-        extra = (extra + backlog * self.cost.catch_up) / plain
-        return min(self.probe_max, max(1.0, extra / self.probe_budget * 2.0 ** self._level))
+        catch_up = backlog * self.cost.catch_up
+        # A catch-up is paid in full whatever the probe shows, so it gets the plain budget, not the eager one
+        # that successful probes earn (F16 code-edit: a 141-token catch-up per probe cost 27%).
+        level = max(self._level, 0) if catch_up > extra else self._level
+        return min(self.probe_max, max(1.0, (extra + catch_up) / plain / self.probe_budget * 2.0 ** level))
 
     def choose(self, max_k: int, backlog: int = 0) -> int:
         """Draft length for this step; `backlog` is how many tokens the drafter would first have to catch up on."""
