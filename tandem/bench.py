@@ -117,10 +117,10 @@ class Row:
     mean_accepted_length: float
     time_to_first_token: float
     same_output: bool
+    """Greedy output identical to no-draft's in every rep."""
     end_to_end_ratio: float = 0.0
     """Median over reps of the baseline's whole request time (time to first token + decode) divided by this
     config's: the speedup with the prompt phase included (a draft's prompt processing counts there)."""
-    """Greedy output identical to no-draft's in every rep."""
 
 
 def summarize(samples: Sequence[Sample], baseline: str = "no-draft") -> list[Row]:

@@ -81,6 +81,7 @@ class Runtime:
         self.ngram = NgramDrafter()  # no model, a dict per sequence: always there for spec_type per call
         self._costs: dict[str, CostModel] = {}
         self._verify_costs: dict[int, float] | None = None
+        self._draft_costs: dict[str, dict[str, float]] = {}  # calibrate_draft per draft model, measured once
         p = self.plan
         rss0 = _rss()
         self.main_model = Model(p.main.path, progress=_named(progress, p.main.name))
@@ -165,9 +166,11 @@ class Runtime:
             for size, seconds in self._verify_costs.items():
                 for _ in range(cost.verify.trusted):
                     cost.observe_verify(size, seconds)
-            if isinstance(drafter, ModelDrafter):
-                seed_draft_costs(cost, calibrate_draft(drafter.ctx, max(drafter.ctx.model.bos, 0)))
-                drafter.reset()
+            if isinstance(drafter, ModelDrafter):  # alone and as part of `both`: one calibration
+                if drafter.name not in self._draft_costs:
+                    self._draft_costs[drafter.name] = calibrate_draft(drafter.ctx, max(drafter.ctx.model.bos, 0))
+                    drafter.reset()
+                seed_draft_costs(cost, self._draft_costs[drafter.name])
             self._costs[key] = cost
         return self._costs[key]
 

@@ -66,3 +66,14 @@ def test_the_draft_catches_up_on_the_prompt_before_the_first_token_when_it_will_
     rt2 = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_same"]), ctx_size=256),
                   spec=SpecOptions(), announce=lambda _s: None)
     assert _draft_tokens_at_first_token(rt2, prompt, GenParams(max_tokens=8)) == 0
+
+
+def test_a_draft_model_is_calibrated_once_for_all_its_cost_models(tiny):
+    """The model part of --spec-type both keeps its own cost model, but not its own calibration decodes."""
+    rt = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_same"]), ctx_size=256),
+                 spec=SpecOptions(), announce=lambda _s: None)
+    alone = rt.cost(rt.drafter)
+    before = rt.drafter.ctx.tokens_processed
+    part = rt.cost(rt.drafter, f"ngram+{rt.drafter.name}/{rt.drafter.name}")
+    assert part is not alone and rt.drafter.ctx.tokens_processed == before
+    assert part.draft(1) == alone.draft(1) and part.catch_up == alone.catch_up

@@ -202,8 +202,9 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
              costs: Callable[[Drafter, str], CostModel] | None = None) -> Iterator[Token | Done]:
     """Generate from `prompt` with the main model, speculating with `drafter` when given.
 
-    Output equals the main model's alone: token for token at T = 0, in distribution at T > 0. `cost` holds
-    each drafter's measured draft and verify costs across generations (fresh ones when None).
+    Output equals the main model's alone: token for token at T = 0, in distribution at T > 0.
+    `costs(drafter, key)` gives a drafter's (or a part's) measured draft and verify costs, kept across
+    generations by the caller (fresh ones when None).
     """
     if not prompt:
         raise BadInputError("the prompt is empty", "send at least one token of text")

@@ -135,8 +135,8 @@ class CombinedDrafter:
 
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
                 rng: np.random.Generator, p_min: float | None = None) -> DraftProposal:
-        """The n-gram proposal if it matched at least min_match tokens, else the model's."""
-        found = self.ngram.propose(history, max_tokens)
-        if found.tokens and self.ngram.match >= self.min_match:
-            return found
+        """The n-gram proposal if it matched at least min_match tokens, else the model's (generate() routes
+        through `parts` and `matches` instead, with one policy per part)."""
+        if self.matches(history):
+            return self.ngram.propose(history, max_tokens)
         return self.model.propose(history, max_tokens, sp, rng, p_min=p_min)
