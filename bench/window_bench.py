@@ -1,17 +1,19 @@
-"""Sliding draft window: tokens/s and acceptance per 100 generated tokens, draft context 256 vs 4096.
+"""Sliding draft window: tokens/s and acceptance per 100 generated tokens, draft context 256 vs 4096 vs no draft.
 
-The default pair (SmolLM2-135M F32 main, Q4_1 draft), main context 4096, one long greedy generation per
-draft context. Writes docs/window.json (all numbers) and docs/window.png (tokens/s per 100-token window).
+The default pair (SmolLM2-135M F32 main, Q4_1 draft), main context 4096, the same long greedy generation
+with each setting, repeated: settings interleaved, their order reversed every other repetition, each
+setting's Runtime loaded once and kept (as a server keeps it). The ratios are medians over repetitions.
+Writes docs/window.json (all numbers) and docs/window.png (median tokens/s per 100-token window).
 
-    .venv/bin/python bench/window_bench.py [--tokens 2000] [--draft-ctx 256 4096]
+    .venv/bin/python bench/window_bench.py [--reps 5] [--tokens 2000] [--draft-ctx 256 4096] [--draft-policy adaptive]
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +50,12 @@ class Recorder:
 
     def reset(self) -> None:
         self.inner.reset()
+
+    def prefill(self, history: Sequence[int]) -> None:
+        self.inner.prefill(history)
+
+    def kv_cells(self, n_history: int) -> int:
+        return self.inner.kv_cells(n_history)
 
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
                 rng: np.random.Generator, p_min: float | None = None) -> DraftProposal:
@@ -89,65 +97,104 @@ def distinct_4grams(ids: list[int]) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
-def one_run(draft_ctx: int, n_tokens: int) -> dict:
-    """Generate n_tokens greedily with the given draft context; return per-window and summary numbers."""
+@dataclass
+class Setting:
+    """One column of the bench: a Runtime (kept across repetitions) and how to generate with it."""
+
+    label: str
+    """What the plot and table call it."""
+    draft_ctx: int | None
+    """Draft context; None: no draft."""
+    rt: Runtime
+    """Loaded once."""
+
+
+def load(draft_ctx: int | None) -> Setting:
+    if draft_ctx is None:
+        return Setting("no draft", None, Runtime(ModelOptions(ctx_size=4096, draft="none"), announce=print))
     rt = Runtime(ModelOptions(ctx_size=4096, ctx_size_draft=draft_ctx), announce=print)
-    assert rt.drafter is not None
+    assert rt.drafter is not None, rt.draft_status
+    return Setting(f"draft ctx {draft_ctx}", draft_ctx, rt)
+
+
+def one_run(s: Setting, n_tokens: int, policy: str) -> dict:
+    """Generate n_tokens greedily; return per-window and summary numbers."""
+    rt = s.rt
     prompt = rt.prompt(text=PROMPT, raw=True)
     spec = SpecOptions()
-    # Fixed draft lengths: the adaptive policy reacts to timings, which on a shared machine would blur
-    # the window's own effect.
     gp = GenParams(max_tokens=n_tokens, draft_max=spec.draft_max, draft_min=spec.draft_min,
-                   draft_p_min=spec.draft_p_min, draft_policy="fixed")
-    rec = Recorder(rt.drafter, len(prompt))
-    draft_ctx_obj = rt.drafter.ctx
-    processed0, load0 = draft_ctx_obj.tokens_processed, os.getloadavg()[0]
+                   draft_p_min=spec.draft_p_min, draft_policy=policy)
+    rec = Recorder(rt.drafter, len(prompt)) if rt.drafter is not None else None
+    processed0 = rt.drafter.ctx.tokens_processed if rt.drafter is not None else 0
+    shifts0 = rt.drafter.shifts if rt.drafter is not None else 0
     times: list[float] = []
     loads: list[float] = []
     ids: list[int] = []
+    # The Runtime's cost models (calibrated once, then learnt online) steer an adaptive policy, as in `serve`.
+    costs = (lambda _d, key: rt.cost(rt.drafter, key)) if rt.drafter is not None else None
     t0 = time.perf_counter()
-    for ev in generate(rt.main, prompt, gp, rec):
+    for ev in generate(rt.main, prompt, gp, rec, costs=costs):
         if isinstance(ev, Token):
             times.append(time.perf_counter())
             loads.append(os.getloadavg()[0])
             ids.append(ev.id)
-            rec.note(ev)
+            if rec is not None:
+                rec.note(ev)
         elif isinstance(ev, Done):
-            stats = ev.stats
-    rows = buckets(times, loads, rec.steps, t0)
-    s = stats
-    result = {
-        "draft_ctx": draft_ctx, "window": rt.drafter.window.size, "keep": rt.drafter.window.keep,
-        "discard": rt.drafter.window.discard, "draft_policy": gp.draft_policy, "draft_max": gp.draft_max,
-        "draft_p_min": gp.draft_p_min, "prompt_tokens": s.prompt_tokens,
-        "generated": s.generated_tokens, "stop_reason": s.stop_reason, "seconds": times[-1] - t0,
-        "acceptance": s.acceptance_rate, "drafted": s.drafted, "accepted": s.accepted, "rejected": s.rejected,
-        "shifts": rt.drafter.shifts, "draft_tokens_processed": draft_ctx_obj.tokens_processed - processed0,
-        "draft_cost_ratio": (draft_ctx_obj.tokens_processed - processed0)
-        / (s.prompt_tokens + s.generated_tokens + s.rejected),
-        "distinct_4grams_last_500": distinct_4grams(ids[-500:]), "loadavg_start_end": [load0, os.getloadavg()[0]],
-        "early": span(rows, 100, 300), "last_500": span(rows, n_tokens - 500, n_tokens), "buckets": rows,
-        "text_tail": rt.main_model.detokenize(ids[-60:]),
-    }
-    del rt
-    gc.collect()
-    return result
+            st = ev.stats
+    rows = buckets(times, loads, rec.steps if rec else [], t0)
+    out = {"generated": st.generated_tokens, "stop_reason": st.stop_reason, "prompt_tokens": st.prompt_tokens,
+           "seconds": times[-1] - t0, "early": span(rows, 100, 300), "last_500": span(rows, n_tokens - 500, n_tokens),
+           "buckets": rows, "ids_hash": hash(tuple(ids)), "distinct_4grams_last_500": distinct_4grams(ids[-500:]),
+           "text_tail": rt.main_model.detokenize(ids[-60:])}
+    out["ratio"] = out["last_500"]["tok_s"] / out["early"]["tok_s"]
+    if rt.drafter is not None:
+        processed = rt.drafter.ctx.tokens_processed - processed0
+        out.update(acceptance=st.acceptance_rate, drafted=st.drafted, accepted=st.accepted, rejected=st.rejected,
+                   shifts=rt.drafter.shifts - shifts0, draft_tokens_processed=processed,
+                   draft_cost_ratio=processed / (st.prompt_tokens + st.generated_tokens + st.rejected))
+    return out
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def summarize(s: Setting, runs: list[dict]) -> dict:
+    """Medians over repetitions: per-window tok/s (from median seconds) and the late/early ratio."""
+    n = min(len(r["buckets"]) for r in runs)
+    med_rows = []
+    for b in range(n):
+        rows = [r["buckets"][b] for r in runs]
+        secs = statistics.median(BUCKET / x["tok_s"] for x in rows)
+        drafted = sum(x["drafted"] for x in rows)
+        med_rows.append({"from": rows[0]["from"], "to": rows[0]["to"], "tok_s": BUCKET / secs,
+                         "acceptance": sum(x["accepted"] for x in rows) / drafted if drafted else None})
+    out = {"label": s.label, "draft_ctx": s.draft_ctx, "reps": len(runs),
+           "ratio_median": statistics.median(r["ratio"] for r in runs), "ratios": [r["ratio"] for r in runs],
+           "early_tok_s": statistics.median(r["early"]["tok_s"] for r in runs),
+           "last_500_tok_s": statistics.median(r["last_500"]["tok_s"] for r in runs),
+           "same_text_every_rep": len({r["ids_hash"] for r in runs}) == 1, "buckets": med_rows, "runs": runs}
+    if s.rt.drafter is not None:
+        w = s.rt.drafter.window
+        out.update(window=w.size, keep=w.keep, discard=w.discard,
+                   acceptance=statistics.median(r["acceptance"] for r in runs),
+                   acceptance_last_500=statistics.median(r["last_500"]["acceptance"] for r in runs),
+                   shifts=runs[0]["shifts"], draft_cost_ratio=max(r["draft_cost_ratio"] for r in runs),
+                   draft_tokens_processed=runs[0]["draft_tokens_processed"])
+    return out
+
+
+def plot(summaries: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for r in runs:
+    for r in summaries:
         x = [b["to"] for b in r["buckets"]]
-        label = f"draft ctx {r['draft_ctx']}"
-        ax1.plot(x, [b["tok_s"] for b in r["buckets"]], marker="o", label=label)
-        ax2.plot(x, [b["acceptance"] for b in r["buckets"]], marker="o", label=label)
-    ax1.set_ylabel("tokens/s (per 100 tokens)")
-    ax1.set_title("SmolLM2-135M F32 main (ctx 4096) + Q4_1 draft, greedy")
+        ax1.plot(x, [b["tok_s"] for b in r["buckets"]], marker="o", label=r["label"])
+        if r["draft_ctx"] is not None:
+            ax2.plot(x, [b["acceptance"] for b in r["buckets"]], marker="o", label=r["label"])
+    ax1.set_ylabel("tokens/s per 100 tokens (median)")
+    ax1.set_title(f"SmolLM2-135M F32 main (ctx 4096) + Q4_1 draft, greedy, {summaries[0]['reps']} reps")
     ax2.set_ylabel("acceptance")
     ax2.set_xlabel("tokens generated")
     for ax in (ax1, ax2):
@@ -160,20 +207,34 @@ def plot(runs: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2000)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=400, help="tokens of an untimed first generation per setting")
     ap.add_argument("--draft-ctx", type=int, nargs="+", default=[256, 4096])
+    ap.add_argument("--no-baseline", action="store_true", help="leave out the no-draft setting")
+    ap.add_argument("--draft-policy", default="adaptive", choices=["adaptive", "fixed"])
     ap.add_argument("--out", type=Path, default=DOCS / "window")
     args = ap.parse_args()
-    runs = []
-    for n in args.draft_ctx:
-        r = one_run(n, args.tokens)
-        print(f"draft ctx {n}: {r['generated']} tokens ({r['stop_reason']}), tok/s 100-300 {r['early']['tok_s']:.1f}, "
-              f"last 500 {r['last_500']['tok_s']:.1f} ({r['last_500']['tok_s'] / r['early']['tok_s']:.2f}x); "
-              f"acceptance all {r['acceptance']:.3f}, last 500 {r['last_500']['acceptance']:.3f}; shifts {r['shifts']}; "
-              f"draft cost ratio {r['draft_cost_ratio']:.3f}", flush=True)
-        runs.append(r)
+    settings = [load(n) for n in args.draft_ctx] + ([] if args.no_baseline else [load(None)])
+    for s in settings:  # untimed: calibrate costs and learn acceptance once, as a server's first request does
+        one_run(s, args.warmup, args.draft_policy)
+    runs: dict[str, list[dict]] = {s.label: [] for s in settings}
+    for rep in range(args.reps):
+        for s in (settings if rep % 2 == 0 else settings[::-1]):
+            r = one_run(s, args.tokens, args.draft_policy)
+            runs[s.label].append(r)
+            extra = (f"; acceptance {r['acceptance']:.3f}, last 500 {r['last_500']['acceptance']:.3f}; "
+                     f"shifts {r['shifts']}; draft cost ratio {r['draft_cost_ratio']:.3f}") if "acceptance" in r else ""
+            print(f"rep {rep} {s.label}: {r['generated']} tokens ({r['stop_reason']}), tok/s 100-300 "
+                  f"{r['early']['tok_s']:.1f}, last 500 {r['last_500']['tok_s']:.1f} ({r['ratio']:.2f}x){extra}",
+                  flush=True)
+    summaries = [summarize(s, runs[s.label]) for s in settings]
+    for m in summaries:
+        print(f"{m['label']}: median last-500/100-300 {m['ratio_median']:.2f}x (reps {', '.join(f'{x:.2f}' for x in m['ratios'])}); "
+              f"median tok/s {m['early_tok_s']:.1f} -> {m['last_500_tok_s']:.1f}; same text every rep: {m['same_text_every_rep']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"prompt": PROMPT, "runs": runs}, indent=1))
-    plot(runs, args.out.with_suffix(".png"))
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"prompt": PROMPT, "tokens": args.tokens, "draft_policy": args.draft_policy, "settings": summaries}, indent=1))
+    plot(summaries, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from tandem.models.fit import AllocationCheck, FitPlan, ModelPlan, plan_for
 from tandem.spec.drafters import Drafter, ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token, generate
 from tandem.spec.ngram import CombinedDrafter, NgramDrafter
-from tandem.spec.policy import CostModel
+from tandem.spec.costs import CostModel
 
 log = logging.getLogger("tandem.runtime")
 

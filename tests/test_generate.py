@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -9,8 +11,11 @@ from tandem.engine.llama import Context, ContextParams, Model
 from tandem.errors import ContextOverflowError
 from tandem.prompts import dev_prompts
 from tandem.spec.drafters import ModelDrafter
-from tandem.spec.generate import Done, GenParams, Token, generate
+from tandem.spec import generate as generate_module
+from tandem.spec.costs import CostModel
+from tandem.spec.generate import Done, GenParams, Token, _Speculator, generate
 from tandem.spec.sampling import SamplingParams
+from tandem.spec.verify import EMPTY, DraftProposal
 
 EXTRA = ["The capital of France is", "def fizzbuzz(n):", "Once upon a time", "SELECT * FROM", "1, 2, 3, 4,",
          "Dear Sir or Madam,", "import numpy as np", "The weather today", "In 1492, Columbus",
@@ -147,3 +152,55 @@ def test_prompt_longer_than_context_is_refused(tiny):
     with pytest.raises(ContextOverflowError, match=f"context holds {small.n_ctx}") as e:
         list(generate(small, list(range(100, 100 + small.n_ctx + 5)), GenParams()))
     assert "--ctx-size" in e.value.message
+
+
+class CatchUpStub:
+    """A drafter on a fake clock: 1 ms per token it has not seen (its catch-up), 0.5 ms per drafted token."""
+
+    name = "stub"
+
+    def __init__(self, clock: list[float]):
+        self.clock, self.seen = clock, 0
+
+    def reset(self) -> None:
+        self.seen = 0
+
+    def prefill(self, history) -> None:
+        self.seen = len(history) - 1
+
+    def kv_cells(self, n_history: int) -> int:
+        return 0
+
+    def propose(self, history, max_tokens, sp, rng, p_min=None) -> DraftProposal:
+        self.clock[0] += 0.001 * (len(history) - self.seen) + 0.0005 * max_tokens
+        self.seen = len(history)
+        return DraftProposal([7] * max_tokens)
+
+
+def test_a_drafts_catch_up_after_plain_steps_does_not_count_as_a_slow_draft(monkeypatch):
+    """The catch-up is budgeted apart (probe_interval). Counted as a slow drafting step, it pulled the bias
+    correction down until no draft length paid, and a full-context draft stopped drafting for good."""
+    clock = [0.0]
+    monkeypatch.setattr(generate_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    cost = CostModel()
+    for k in range(1, 9):
+        for _ in range(3):
+            cost.observe_draft(k, 0.0005 * k)
+            cost.observe_verify(k + 1, 0.020)
+    for _ in range(3):
+        cost.observe_verify(1, 0.020)
+    for _ in range(30):
+        for i in range(8):
+            cost.observe_accept(i, True)
+    spec = _Speculator(CatchUpStub(clock), GenParams(draft_max=8), cost)
+    rng = np.random.default_rng(0)
+    history: list[int] = [1]
+    for _ in range(10):
+        history += [2] * 300  # 300 tokens decoded in plain steps, unseen by the drafter
+        assert spec.propose(history, 0, rng) is EMPTY  # a plain step
+        spec.verified(0, 0, 0.020)
+        proposal = spec.propose(history, 8, rng)
+        assert len(proposal.tokens) == 8
+        spec.verified(8, 8, 0.020)
+    assert cost.bias > 0.95
+    assert cost.catch_up == pytest.approx(0.001, rel=0.05)

@@ -9,7 +9,8 @@ import pytest
 
 from tandem.errors import BadInputError
 from tandem.spec.generate import GenParams
-from tandem.spec.policy import AdaptivePolicy, CostModel, FixedPolicy, SizeCost, make_policy
+from tandem.spec.costs import CostModel
+from tandem.spec.policy import AdaptivePolicy, FixedPolicy, make_policy
 
 PLAIN = 1 / 44
 """Seconds of one F16 single-token decode of SmolLM2-135M on the 2-core CI machine (issue 5)."""
@@ -57,35 +58,6 @@ def simulate(policy, acceptance, draft_per_token: float, *, tokens: int = 400, s
         done += accepted + 1
         ks.append(k)
     return done / t, ks
-
-
-def test_size_cost_fits_a_line_and_trusts_well_measured_sizes():
-    c = SizeCost(fixed_share=0.9)
-    for _ in range(4):
-        for n in (1, 3, 5):
-            c.observe(n, 0.02 + 0.002 * n)
-    a, b = c.line()
-    assert a == pytest.approx(0.02, rel=1e-6) and b == pytest.approx(0.002, rel=1e-6)
-    assert c(9) == pytest.approx(0.038)  # unobserved: from the line
-    c.observe(2, 0.5)
-    assert c(2) == pytest.approx(c.line()[0] + 2 * c.line()[1])  # one observation is not trusted yet
-
-
-def test_size_cost_is_robust_to_one_outlier():
-    c = SizeCost(fixed_share=0.9)
-    for _ in range(10):
-        c.observe(1, 0.02)
-    c.observe(1, 2.0)  # the process was preempted for two seconds
-    assert c(1) < 0.02 * 1.25
-
-
-def test_size_cost_with_one_size_uses_the_fixed_share():
-    verify = SizeCost(fixed_share=0.9)
-    verify.observe(1, 0.02)
-    assert verify(1) == pytest.approx(0.02) and verify(5) == pytest.approx(0.018 + 5 * 0.002)
-    draft = SizeCost(fixed_share=0.0)
-    draft.observe(2, 0.02)
-    assert draft(4) == pytest.approx(0.04)
 
 
 def test_expensive_draft_and_low_acceptance_choose_no_draft():

@@ -25,6 +25,9 @@ class Drafter(Protocol):
     def prefill(self, history: Sequence[int]) -> None:
         """Catch up on all of history but its newest token now (in the prompt phase), in one batch."""
 
+    def kv_cells(self, n_history: int) -> int:
+        """KV cells the drafter's attention reads when drafting after n_history tokens (0: no KV cache)."""
+
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
                 rng: np.random.Generator, p_min: float | None = None) -> DraftProposal:
         """Up to max_tokens tokens that may follow `history` (prompt + output so far).
@@ -108,6 +111,10 @@ class ModelDrafter:
         if cut > 0:
             del self._kv[w.keep:w.keep + cut]
         w.dropped += drop
+
+    def kv_cells(self, n_history: int) -> int:
+        """The window's positions for that history: at most the window, however long the history."""
+        return min(self.window.n_positions(n_history), self.window.size)
 
     def prefill(self, history: Sequence[int]) -> None:
         """Evaluate history but its newest token (left for the first draft's decode) in one batch."""

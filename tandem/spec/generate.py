@@ -11,7 +11,8 @@ import numpy as np
 from tandem.engine.llama import Context
 from tandem.errors import BadInputError, ContextOverflowError
 from tandem.spec.drafters import Drafter
-from tandem.spec.policy import POLICIES, CostModel, DraftPolicy, make_policy
+from tandem.spec.costs import CostModel
+from tandem.spec.policy import POLICIES, DraftPolicy, make_policy
 from tandem.spec.sampling import SamplingParams, probs, sample
 from tandem.spec.stats import SpecStats
 from tandem.spec.text import TextAssembler
@@ -119,6 +120,7 @@ class _Speculator:
         self.draft_seconds = 0.0  # the last propose() call's wall time
         self._seen = 0  # history length at the last propose(): what the drafter has seen
         self._drafted_last_step = False  # then the drafter catches up on one step's tokens only
+        self._step_seconds = 0.0  # the current step's draft time without a catch-up on plain steps' tokens
 
     def prefill(self, history: Sequence[int], max_k: int) -> None:
         """Catch the drafter up on the prompt now, in the prompt phase, when the policy will draft at the first
@@ -134,18 +136,21 @@ class _Speculator:
     def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator) -> DraftProposal:
         """The policy's number of draft tokens (at most max_k), or EMPTY for a plain step."""
         backlog = len(history) - self._seen  # tokens the drafter has not seen (the prompt at first)
+        self.cost.locate(len(history) - 1, self.drafter.kv_cells(len(history)))  # costs grow with the KV cache
         self.asked = self.policy.choose(max_k, backlog) if max_k > 0 else 0
         typical, self._drafted_last_step = self._drafted_last_step, self.asked > 0
+
         if self.asked == 0:
             return EMPTY
         t0 = time.perf_counter()
         proposal = self.drafter.propose(history, self.asked, self.gp.sampling, rng, p_min=self.gp.draft_p_min)
-        self.draft_seconds = time.perf_counter() - t0
+        self.draft_seconds = self._step_seconds = time.perf_counter() - t0
         self._seen = len(history)
         if typical:  # after plain steps or the prompt, the drafter's catch-up would inflate the per-step cost
             self.cost.observe_draft(len(proposal.tokens), self.draft_seconds)
         elif self.cost.draft.known and backlog > 2:
-            self.cost.observe_catch_up(backlog, self.draft_seconds - self.cost.draft_cost(len(proposal.tokens)))
+            self._step_seconds = min(self.draft_seconds, self.cost.draft_cost(len(proposal.tokens)))
+            self.cost.observe_catch_up(backlog, self.draft_seconds - self._step_seconds)
         return proposal if len(proposal.tokens) >= max(self.gp.draft_min, 1) else EMPTY
 
     def verified(self, n_drafted: int, accepted: int, seconds: float) -> None:
@@ -153,7 +158,10 @@ class _Speculator:
         self.cost.observe_verify(n_drafted + 1, seconds)
         if self.asked > 0:
             self.policy.observe(n_drafted, accepted)
-            self.policy.observe_time(n_drafted, accepted + 1, self.draft_seconds + seconds)
+            # Not the catch-up on plain steps' tokens, which the policy budgets apart (probe_interval): counted
+            # as part of a probe's step, it pulled the bias correction down until no draft length paid, and the
+            # policy never drafted again (issue 6 bench, full draft context).
+            self.policy.observe_time(n_drafted, accepted + 1, self._step_seconds + seconds)
 
 
 class _Speculation:

@@ -57,6 +57,10 @@ class NgramDrafter:
         """Index the prompt now (a dict update per n-gram; no model)."""
         self.update(history)
 
+    def kv_cells(self, n_history: int) -> int:
+        """No KV cache: a lookup costs the same at any length."""
+        return 0
+
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams | None = None,
                 rng: np.random.Generator | None = None, p_min: float | None = None) -> DraftProposal:
         """Up to max_tokens tokens continuing `history`; EMPTY when no n-gram of it matches."""
@@ -132,6 +136,9 @@ class CombinedDrafter:
     def prefill(self, history: Sequence[int]) -> None:
         self.ngram.prefill(history)
         self.model.prefill(history)
+
+    def kv_cells(self, n_history: int) -> int:
+        return self.model.kv_cells(n_history)
 
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
                 rng: np.random.Generator, p_min: float | None = None) -> DraftProposal:
