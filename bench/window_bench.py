@@ -78,7 +78,7 @@ def buckets(times: list[float], loads: list[float], steps: list[list[int]], t0: 
         drafted = sum(n for at, n, _ in steps if lo <= at < hi)
         accepted = sum(a for at, _, a in steps if lo <= at < hi)
         out.append({"from": lo, "to": hi, "tok_s": BUCKET / (times[hi - 1] - start),
-                    "drafted": drafted, "accepted": accepted,
+                    "drafted": drafted, "accepted": accepted, "draft_steps": sum(lo <= at < hi for at, _, _ in steps),
                     "acceptance": accepted / drafted if drafted else None, "loadavg": loads[hi - 1]})
     return out
 
@@ -231,9 +231,12 @@ def main() -> None:
     for m in summaries:
         print(f"{m['label']}: median last-500/100-300 {m['ratio_median']:.2f}x (reps {', '.join(f'{x:.2f}' for x in m['ratios'])}); "
               f"median tok/s {m['early_tok_s']:.1f} -> {m['last_500_tok_s']:.1f}; same text every rep: {m['same_text_every_rep']}")
+    same = len({r["ids_hash"] for m in summaries for r in m["runs"]}) == 1
+    print(f"every setting and repetition generated the same tokens: {same}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"prompt": PROMPT, "tokens": args.tokens, "draft_policy": args.draft_policy, "settings": summaries}, indent=1))
+        {"prompt": PROMPT, "tokens": args.tokens, "draft_policy": args.draft_policy, "same_tokens_everywhere": same,
+         "settings": summaries}, indent=1))
     plot(summaries, args.out.with_suffix(".png"))
 
 

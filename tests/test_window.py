@@ -24,6 +24,7 @@ from tandem.engine.llama import Context, ContextParams, Model
 from tandem.errors import BadInputError
 from tandem.models.defaults import default_pair
 from tandem.models.fit import context_params
+from tandem.spec.costs import CostModel
 from tandem.spec.drafters import ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token, generate
 from tandem.spec.sampling import SamplingParams
@@ -229,3 +230,16 @@ def test_ctx_size_draft_flag(command):
     p = argparse.ArgumentParser()
     mod.add_arguments(p)
     assert p.parse_args(["--ctx-size-draft", "256"]).ctx_size_draft == 256
+
+
+def test_costs_are_learnt_per_kv_bucket_and_the_window_keeps_the_draft_in_the_first(main, tiny):
+    """The main model's verification costs are kept by how full its KV cache is; the windowed draft never
+    attends to more than its 64 cells, so all its costs fall in the first bucket."""
+    drafter = ModelDrafter(Context(Model(tiny["draft_close"]), DRAFT), main_n_ctx=main.n_ctx)
+    cost = CostModel()
+    prompt = main.model.tokenize("Once upon a time")
+    events = list(generate(main, prompt, GenParams(max_tokens=400, draft_max=8, **FIXED), drafter,
+                           costs=lambda _d, _key: cost))
+    assert events[-1].stats.generated_tokens == 400 and drafter.shifts > 0
+    assert cost.verify.buckets() == [0, 1]  # positions up to ~400: llama.cpp's 256-cell steps
+    assert cost.draft.buckets() == [0]
