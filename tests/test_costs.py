@@ -110,3 +110,13 @@ def test_long_context_costs_do_not_stop_drafting_in_the_next_short_request():
     assert policy.best(16) == 0
     cost.locate(200, 200)
     assert policy.best(16) >= 4
+
+
+def test_steps_that_beat_their_prediction_do_not_raise_the_bias():
+    """Luck in acceptance is learnt by the acceptance estimate; a bias above 1 made the F16 pair draft at a loss."""
+    cost = CostModel()
+    for _ in range(50):
+        cost.observe_step(10.0, 20, 1.0)  # twice the predicted tokens/s
+    assert cost.bias == 1.0
+    cost.observe_step(10.0, 5, 1.0)
+    assert cost.bias < 1.0

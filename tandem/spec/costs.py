@@ -196,7 +196,7 @@ class CostModel:
         The first draft of a sequence pays it for the whole prompt, so a probe there costs far more than
         the draft itself (a 400-token prompt: 0.3 s, 20 plain F16 steps)."""
         self.bias = 1.0
-        """Realized over predicted tokens/s of drafting steps (running mean): corrects the policy's
+        """Realized over predicted tokens/s of drafting steps (running mean, at most 1): corrects the policy's
         estimates for what they miss (optimistic acceptance at rarely seen positions, per-step overhead)."""
         self.draft = KvCost(fixed_share=0.4)
         """Seconds of one propose() call by tokens drafted. A model draft costs about one decode a token plus
@@ -236,7 +236,10 @@ class CostModel:
     def observe_step(self, predicted_rate: float, tokens: int, seconds: float, *, alpha: float = 0.1) -> None:
         """A drafting step yielded `tokens` in `seconds` where the policy expected `predicted_rate` tokens/s."""
         if predicted_rate > 0.0 and seconds > 0.0:
-            ratio = min(max(tokens / seconds / predicted_rate, 0.25), 2.0)
+            # At most 1: a step that beats its prediction was lucky in acceptance, which the acceptance estimate
+            # learns itself. Let luck raise the bias, and a length that cannot pay even at full acceptance looks
+            # as if it pays (F16 pair: drafted at 0.67x of plain with every draft accepted, issue 6 session).
+            ratio = min(max(tokens / seconds / predicted_rate, 0.25), 1.0)
             self.bias += alpha * (ratio - self.bias)
 
     def observe_accept(self, position: int, accepted: bool) -> None:
