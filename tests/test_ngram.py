@@ -185,6 +185,15 @@ def test_ngram_stops_at_max_tokens_with_drafts_left(loopy):
         assert toks == full[:n] and done.stats.stop_reason == "length"
 
 
+def spec_and_plain(rt: Runtime, prompt: list[int], gp: GenParams) -> tuple[list, list]:
+    """Generate with the runtime's speculator and without; assert the same tokens and the stats identity."""
+    spec = list(rt.generate(prompt, gp))
+    plain = list(rt.generate(prompt, gp, use_draft=False))
+    assert [e.id for e in spec[:-1]] == [e.id for e in plain[:-1]]
+    assert spec[-1].stats.identity_holds()
+    return spec, plain
+
+
 def test_runtime_ngram_needs_no_draft_model(loopy_path):
     rt = Runtime(ModelOptions(model=str(loopy_path), draft="none", ctx_size=512, threads=2),
                  spec=SpecOptions(spec_type="ngram"), announce=lambda _s: None)
@@ -193,9 +202,7 @@ def test_runtime_ngram_needs_no_draft_model(loopy_path):
     # fixed: the subject is the n-gram path, not whether the timing-driven policy finds drafting worth it
     # within 40 tokens of a tiny model (on a busy CI machine it once drafted one token in 40 and lost it).
     gp = GenParams(max_tokens=40, draft_max=6, draft_policy="fixed")
-    events = list(rt.generate(prompt, gp))
-    plain = list(rt.generate(prompt, gp, use_draft=False))
-    assert [e.id for e in events[:-1]] == [e.id for e in plain[:-1]]
+    events, plain = spec_and_plain(rt, prompt, gp)
     assert events[-1].stats.draft_model == "ngram" and events[-1].stats.accepted > 0
     assert plain[-1].stats.draft_model is None
     assert rt.cost(rt.speculator()).ready  # the measured costs stay with the runtime
@@ -215,11 +222,7 @@ def test_runtime_both_combines_ngram_and_the_draft_model(tiny):
     assert isinstance(d, CombinedDrafter) and rt.draft_name == f"ngram+{rt.drafter.name}"
     gp = GenParams(max_tokens=40, draft_max=4)
     for text in PROMPTS[:3]:
-        prompt = rt.prompt(text=text, raw=True)
-        spec = list(rt.generate(prompt, gp))
-        plain = list(rt.generate(prompt, gp, use_draft=False))
-        assert [e.id for e in spec[:-1]] == [e.id for e in plain[:-1]]
-        assert spec[-1].stats.identity_holds()
+        spec_and_plain(rt, rt.prompt(text=text, raw=True), gp)
 
 
 def test_both_routes_each_step_to_a_part_with_its_own_cost_model(tiny, loopy_path):
@@ -229,11 +232,7 @@ def test_both_routes_each_step_to_a_part_with_its_own_cost_model(tiny, loopy_pat
     assert rt.drafter is not None
     gp = GenParams(max_tokens=60, draft_max=4, draft_policy="fixed")
     for text in PROMPTS[:2]:
-        prompt = rt.prompt(text=text, raw=True)
-        spec = list(rt.generate(prompt, gp))
-        plain = list(rt.generate(prompt, gp, use_draft=False))
-        assert [e.id for e in spec[:-1]] == [e.id for e in plain[:-1]]
-        assert spec[-1].stats.identity_holds()
+        spec_and_plain(rt, rt.prompt(text=text, raw=True), gp)
     both = rt.speculator()
     keys = {f"{both.name}/ngram", f"{both.name}/{rt.drafter.name}"}
     assert keys <= set(rt._costs)  # one per part, apart from the drafters used alone

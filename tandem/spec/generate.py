@@ -139,7 +139,6 @@ class _Speculator:
         self.cost.locate(len(history) - 1, self.drafter.kv_cells(len(history)))  # costs grow with the KV cache
         self.asked = self.policy.choose(max_k, backlog) if max_k > 0 else 0
         typical, self._drafted_last_step = self._drafted_last_step, self.asked > 0
-
         if self.asked == 0:
             return EMPTY
         t0 = time.perf_counter()
