@@ -69,26 +69,40 @@ class Recorder:
             self.steps[-1][2] += 1
 
 
-def buckets(times: list[float], loads: list[float], steps: list[list[int]], t0: float) -> list[dict]:
-    """Tokens/s and acceptance (of the steps starting in it) for each full 100-token window of the output."""
+def buckets(times: list[float], loads: list[float], steps: list[list[int]], t0: float,
+            clocks: list[tuple[float, float, int]]) -> list[dict]:
+    """Tokens/s, acceptance (of the steps starting in it) and where the time went, for each full 100-token
+    window of the output. `clocks[i]`: (main decode seconds, draft decode seconds, draft decode calls) so far
+    when token i came out, counted from the generation's start."""
     out = []
     for b in range(len(times) // BUCKET):
         lo, hi = b * BUCKET, (b + 1) * BUCKET
         start = t0 if lo == 0 else times[lo - 1]
         drafted = sum(n for at, n, _ in steps if lo <= at < hi)
         accepted = sum(a for at, _, a in steps if lo <= at < hi)
+        (m0, d0, c0), (m1, d1, c1) = (0.0, 0.0, 0) if lo == 0 else clocks[lo - 1], clocks[hi - 1]
         out.append({"from": lo, "to": hi, "tok_s": BUCKET / (times[hi - 1] - start),
                     "drafted": drafted, "accepted": accepted, "draft_steps": sum(lo <= at < hi for at, _, _ in steps),
-                    "acceptance": accepted / drafted if drafted else None, "loadavg": loads[hi - 1]})
+                    "acceptance": accepted / drafted if drafted else None, "loadavg": loads[hi - 1],
+                    "main_s": m1 - m0, "draft_s": d1 - d0, "draft_calls": c1 - c0})
     return out
 
 
 def span(rows: list[dict], lo: int, hi: int) -> dict:
-    """Tokens/s and acceptance over the windows in [lo, hi)."""
+    """Tokens/s, acceptance and decode milliseconds over the windows in [lo, hi). The draft's milliseconds per
+    decode call measure the machine's speed too: a windowed draft does the same work per call all along."""
     sel = [r for r in rows if lo <= r["from"] and r["to"] <= hi]
+    if not sel:
+        return {"tok_s": float("nan"), "acceptance": float("nan"), "main_ms_per_token": float("nan"),
+                "draft_ms_per_token": float("nan"), "draft_ms_per_call": None}
     secs = sum(BUCKET / r["tok_s"] for r in sel)
     drafted = sum(r["drafted"] for r in sel)
-    return {"tok_s": len(sel) * BUCKET / secs, "acceptance": sum(r["accepted"] for r in sel) / max(drafted, 1)}
+    n = len(sel) * BUCKET
+    calls = sum(r["draft_calls"] for r in sel)
+    return {"tok_s": n / secs, "acceptance": sum(r["accepted"] for r in sel) / max(drafted, 1),
+            "main_ms_per_token": 1000 * sum(r["main_s"] for r in sel) / n,
+            "draft_ms_per_token": 1000 * sum(r["draft_s"] for r in sel) / n,
+            "draft_ms_per_call": 1000 * sum(r["draft_s"] for r in sel) / calls if calls else None}
 
 
 def distinct_4grams(ids: list[int]) -> float:
@@ -130,6 +144,9 @@ def one_run(s: Setting, n_tokens: int, policy: str) -> dict:
     times: list[float] = []
     loads: list[float] = []
     ids: list[int] = []
+    clocks: list[tuple[float, float, int]] = []
+    main, draft = rt.main, (rt.drafter.ctx if rt.drafter is not None else None)
+    base = (main.decode_seconds, draft.decode_seconds if draft else 0.0, draft.decode_calls if draft else 0)
     # The Runtime's cost models (calibrated once, then learnt online) steer an adaptive policy, as in `serve`.
     costs = (lambda _d, key: rt.cost(rt.drafter, key)) if rt.drafter is not None else None
     t0 = time.perf_counter()
@@ -138,11 +155,13 @@ def one_run(s: Setting, n_tokens: int, policy: str) -> dict:
             times.append(time.perf_counter())
             loads.append(os.getloadavg()[0])
             ids.append(ev.id)
+            clocks.append((main.decode_seconds - base[0], (draft.decode_seconds if draft else 0.0) - base[1],
+                           (draft.decode_calls if draft else 0) - base[2]))
             if rec is not None:
                 rec.note(ev)
         elif isinstance(ev, Done):
             st = ev.stats
-    rows = buckets(times, loads, rec.steps if rec else [], t0)
+    rows = buckets(times, loads, rec.steps if rec else [], t0, clocks)
     out = {"generated": st.generated_tokens, "stop_reason": st.stop_reason, "prompt_tokens": st.prompt_tokens,
            "seconds": times[-1] - t0, "early": span(rows, 100, 300), "last_500": span(rows, n_tokens - 500, n_tokens),
            "buckets": rows, "ids_hash": hash(tuple(ids)), "distinct_4grams_last_500": distinct_4grams(ids[-500:]),
@@ -154,6 +173,32 @@ def one_run(s: Setting, n_tokens: int, policy: str) -> dict:
                    shifts=rt.drafter.shifts - shifts0, draft_tokens_processed=processed,
                    draft_cost_ratio=processed / (st.prompt_tokens + st.generated_tokens + st.rejected))
     return out
+
+
+def where_time_went(r: dict) -> str:
+    """Decode milliseconds per generated token, tokens 100-300 -> last 500, main and draft apart."""
+    e, late = r["early"], r["last_500"]
+    out = f"main ms/token {e['main_ms_per_token']:.1f} -> {late['main_ms_per_token']:.1f}"
+    if e["draft_ms_per_call"] is not None and late["draft_ms_per_call"] is not None:
+        out += (f", draft ms/token {e['draft_ms_per_token']:.1f} -> {late['draft_ms_per_token']:.1f}"
+                f" (ms/call {e['draft_ms_per_call']:.1f} -> {late['draft_ms_per_call']:.1f})")
+    return out
+
+
+def main_growth(r: dict) -> dict:
+    """What the main model's own slowdown does to one run's late/early ratio.
+
+    `main_growth_ms`: how many more milliseconds of main-model decoding each generated token costs in the last
+    500 tokens than in tokens 100-300 (attention over a longer KV cache; the draft window cannot change it).
+    `ratio_if_main_flat`: the run's late/early tok/s ratio with that growth taken out of the late time.
+    `early_tok_s_for_0_9`: if the draft and the rest cost no less per token late than early, late time per token
+    >= early time per token + main_growth_ms, so a late/early ratio of 0.9 needs an early speed of at most
+    1000 / (9 * main_growth_ms) tokens/s."""
+    e, late = r["early"], r["last_500"]
+    growth = late["main_ms_per_token"] - e["main_ms_per_token"]
+    early_ms, late_ms = 1000 / e["tok_s"], 1000 / late["tok_s"]
+    return {"main_growth_ms": growth, "ratio_if_main_flat": early_ms / (late_ms - growth),
+            "early_tok_s_for_0_9": 1000 / (9 * growth) if growth > 0 else float("inf")}
 
 
 def summarize(s: Setting, runs: list[dict]) -> dict:
@@ -171,6 +216,12 @@ def summarize(s: Setting, runs: list[dict]) -> dict:
            "early_tok_s": statistics.median(r["early"]["tok_s"] for r in runs),
            "last_500_tok_s": statistics.median(r["last_500"]["tok_s"] for r in runs),
            "same_text_every_rep": len({r["ids_hash"] for r in runs}) == 1, "buckets": med_rows, "runs": runs}
+    for part in ("early", "last_500"):
+        for key in ("main_ms_per_token", "draft_ms_per_token", "draft_ms_per_call"):
+            vals = [r[part][key] for r in runs if r[part][key] is not None]
+            out[f"{part}_{key}"] = statistics.median(vals) if vals else None
+    for key in ("main_growth_ms", "ratio_if_main_flat", "early_tok_s_for_0_9"):
+        out[key] = statistics.median(main_growth(r)[key] for r in runs)
     if s.rt.drafter is not None:
         w = s.rt.drafter.window
         out.update(window=w.size, keep=w.keep, discard=w.discard,
@@ -225,12 +276,17 @@ def main() -> None:
             extra = (f"; acceptance {r['acceptance']:.3f}, last 500 {r['last_500']['acceptance']:.3f}; "
                      f"shifts {r['shifts']}; draft cost ratio {r['draft_cost_ratio']:.3f}") if "acceptance" in r else ""
             print(f"rep {rep} {s.label}: {r['generated']} tokens ({r['stop_reason']}), tok/s 100-300 "
-                  f"{r['early']['tok_s']:.1f}, last 500 {r['last_500']['tok_s']:.1f} ({r['ratio']:.2f}x){extra}",
-                  flush=True)
+                  f"{r['early']['tok_s']:.1f}, last 500 {r['last_500']['tok_s']:.1f} ({r['ratio']:.2f}x){extra}; "
+                  f"{where_time_went(r)}", flush=True)
     summaries = [summarize(s, runs[s.label]) for s in settings]
     for m in summaries:
         print(f"{m['label']}: median last-500/100-300 {m['ratio_median']:.2f}x (reps {', '.join(f'{x:.2f}' for x in m['ratios'])}); "
-              f"median tok/s {m['early_tok_s']:.1f} -> {m['last_500_tok_s']:.1f}; same text every rep: {m['same_text_every_rep']}")
+              f"median tok/s {m['early_tok_s']:.1f} -> {m['last_500_tok_s']:.1f}; same text every rep: {m['same_text_every_rep']}; "
+              f"median main ms/token {m['early_main_ms_per_token']:.1f} -> {m['last_500_main_ms_per_token']:.1f}"
+              + (f", draft ms/token {m['early_draft_ms_per_token']:.1f} -> {m['last_500_draft_ms_per_token']:.1f}"
+                 if m["early_draft_ms_per_call"] is not None else ""))
+        print(f"  main model's own growth {m['main_growth_ms']:.1f} ms/token; last-500/100-300 with it taken out "
+              f"{m['ratio_if_main_flat']:.2f}x; 0.9x would need tok/s 100-300 <= {m['early_tok_s_for_0_9']:.1f}")
     same = len({r["ids_hash"] for m in summaries for r in m["runs"]}) == 1
     print(f"every setting and repetition generated the same tokens: {same}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
