@@ -12,6 +12,7 @@ import psutil
 
 from tandem import chat
 from tandem.config import SPEC_TYPES, ModelOptions, SpecOptions
+from tandem.engine import exact
 from tandem.engine.llama import Context, Model
 from tandem.engine.vocab import check_compatible
 from tandem.errors import BadInputError, TandemError
@@ -84,7 +85,7 @@ class Runtime:
         self._draft_costs: dict[str, dict[str, float]] = {}  # calibrate_draft per draft model, measured once
         p = self.plan
         rss0 = _rss()
-        self.main_model = Model(p.main.path, progress=_named(progress, p.main.name))
+        self.main_model = Model(p.main.path, progress=_named(progress, p.main.name), repack=not p.main.params.exact)
         rss_main = _rss() - rss0
         self.drafter: ModelDrafter | None = None
         draft_model, rss_draft = None, 0
@@ -100,6 +101,8 @@ class Runtime:
         rss0 = _rss()
         self.main = Context(self.main_model, p.main.params)
         self._check(p.main, self.main_model, self.main, rss_main + _rss() - rss0)
+        self.invariance: exact.Invariance | None = self._probe() if p.main.params.exact else None
+        """What the exact mode's probe found on the main model (None with --no-exact)."""
         if draft_model is not None and p.draft is not None:
             try:
                 rss0 = _rss()
@@ -110,6 +113,23 @@ class Runtime:
                 self._drop_draft(draft_model, e)
         if self.draft_status:
             log.warning("running without the draft (--draft-optional): %s", self.draft_status)
+
+    def _probe(self) -> exact.Invariance | None:
+        """Check that every verification batch size computes a row the same way (None when the context is too
+        small to probe). Lone rows stay paired whatever the probe saw: it cannot rule out a rare difference."""
+        rows = max(self.spec.draft_max + 1, 2)
+        if exact.probe_length(rows) > self.main.n_ctx:
+            return None
+        inv = exact.probe(self.main, exact.probe_tokens(self.main, exact.probe_length(rows)), max_rows=rows)
+        log.log(logging.INFO if inv.exact else logging.WARNING, "exact decoding, %s: %s", self.main_model.name,
+                inv.describe())
+        return inv
+
+    @property
+    def exact(self) -> bool:
+        """Whether speculative output is bit-for-bit the main model's plain output (the probe found every
+        batch size to give a row the same logits)."""
+        return self.invariance is not None and self.invariance.exact
 
     def _drop_draft(self, model: Model | None, err: TandemError) -> None:
         """With --draft-optional, note why the draft is not used; without it, re-raise."""
@@ -198,13 +218,25 @@ class Runtime:
 
     def generate(self, prompt: Sequence[int], gp: GenParams, *, use_draft: bool = True, spec_type: str | None = None,
                  model: ModelDrafter | None = None,
-                 cancel: Callable[[], bool] | None = None) -> Iterator[Token | Done]:
+                 cancel: Callable[[], bool] | None = None, exact: bool | None = None) -> Iterator[Token | Done]:
         """Tokens, then Done. `use_draft=False` decodes plainly, `spec_type` overrides --spec-type for this call
         and `model` the draft model (one loaded on demand). Without the draft that was asked for
-        (--draft-optional), Done's stats say why."""
+        (--draft-optional), Done's stats say why. `exact=False` decodes lone tokens alone for this call, as
+        llama.cpp does (the fastest plain decoding, which a draft may not match bit for bit: a bench baseline)."""
         drafter = self.speculator(model, spec_type) if use_draft else None
         events = generate(self.main, prompt, gp, drafter, cancel, costs=self.cost)
+        if exact is not None and exact != self.main.pairs:
+            events = self._pairing(events, exact)
         return events if self.draft_status is None else self._with_status(events)
+
+    def _pairing(self, events: Iterator[Token | Done], pairs: bool) -> Iterator[Token | Done]:
+        """Run a generation with lone-row pairing set to `pairs` (generate starts by emptying the cache, so the
+        exact mode's token tracking starts afresh), and restore it after."""
+        saved, self.main.pairs = self.main.pairs, pairs
+        try:
+            yield from events
+        finally:
+            self.main.pairs = saved
 
     def _with_status(self, events: Iterator[Token | Done]) -> Iterator[Token | Done]:
         for ev in events:

@@ -49,6 +49,7 @@ def test_health_is_loading_until_the_models_are_loaded(tiny):
             assert h.status_code == 200 and body["status"] == "ready" and body["speculative"] is True
             assert body["model"]["id"] == tiny["main"].stem
             assert body["model"]["draft_model"] == tiny["draft_close"].stem
+            assert body["model"]["exact"] is True  # the probe found every verification batch size alike
             assert sample(metrics(srv.url), "tandem_engine_ready") == 1
             r = httpx.post(f"{srv.url}{CHAT}", json={"messages": HELLO, "max_tokens": 3},
                            headers={"Authorization": f"Bearer {TEST_KEY}"}, timeout=30)

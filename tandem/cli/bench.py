@@ -21,6 +21,7 @@ from tandem.spec.generate import GenParams
 
 CONFIGS = {
     "no-draft": BenchConfig("no-draft", {"use_draft": False}),
+    "no-draft-lone": BenchConfig("no-draft-lone", {"use_draft": False, "exact": False}),
     "draft-model": BenchConfig("draft-model", {"spec_type": "draft-model"}),
     "ngram": BenchConfig("ngram", {"spec_type": "ngram"}),
     "both": BenchConfig("both", {"spec_type": "both"}),
@@ -33,8 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=Path, default=DATA / "bench_prompts.jsonl",
                    help="JSONL file of {id, prompt} (default: the LM Studio prompts, a code edit, a creative one)")
     p.add_argument("--only", nargs="*", default=None, help="prompt ids to run (default: all)")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
-                   help="configurations to compare; no-draft is always included as the baseline")
+    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "no-draft-lone"], choices=list(CONFIGS),
+                   help="configurations to compare; no-draft is always included as the baseline; no-draft-lone "
+                        "decodes lone tokens alone (the fastest plain decoding, what llama.cpp does; see --exact)")
     p.add_argument("--max-tokens", type=int, default=200, help="tokens per generation (default: 200)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of every (prompt, config) (default: 3)")
     p.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder (default: bench/out)")
@@ -84,6 +86,12 @@ def main(args: argparse.Namespace) -> int:
             "title": f"{rt.main_model.name} + {rt.draft_name}"}
     paths = write_outputs(rows, samples, args.out, meta)
     print(markdown(rows))
+    for mine in ("draft-model", "ngram", "both"):
+        r = versus(samples, mine, "no-draft-lone")
+        if r is not None:
+            print(f"\nTandem {mine} vs no-draft-lone (lone tokens decoded alone, as llama.cpp does: the fastest "
+                  f"plain decoding): {r:.2f}x tokens/s, {versus(samples, mine, 'no-draft-lone', end_to_end=True):.2f}x "
+                  "end to end")
     for mine, theirs in (("draft-model", f"{PEER}-draft"), ("ngram", f"{PEER}-ngram")):
         r = versus(samples, mine, theirs)
         if r is not None:

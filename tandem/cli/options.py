@@ -78,6 +78,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, 
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         help_ = docs.get(f.name, "") + (f" (default: {default})" if default not in (None, "") else "")
+        help_ = help_.replace("%", "%%")  # argparse %-formats help strings
         if tp is bool:
             group.add_argument(flag, action=_Bool, default=default, help=help_)
         else:

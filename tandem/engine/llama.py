@@ -94,6 +94,10 @@ def init_backend() -> LlamaLog:
     lib = _lib()
     router = LlamaLog()
     lib.llama_log_set(router.callback, ctypes.c_void_p(0))
+    # ggml's tiled K-quant matmul takes over at 8+ rows and gives a row other logits than the 2-7 row kernel
+    # (up to 1.2 on Q6_K, measured), so a 17-token verification would not match a 2-token plain step. Off
+    # for the whole process (ggml reads it once); a user who sets it keeps their value.
+    os.environ.setdefault("GGML_CPU_TILED_MM", "0")
     lib.llama_backend_init()
     return router
 
@@ -117,6 +121,12 @@ class ContextParams:
     flash_attn: bool = False
     """Flash attention. Off by default: on CPU it makes a batch of k+1 tokens give logits up to 5e-2
     away from one-at-a-time decoding, enough to flip greedy tokens (measured on the tiny fixtures)."""
+    exact: bool = False
+    """Never decode a lone row: a single new token is decoded together with the token before it (whose KV
+    cell is rewritten with the same values), and a decode never asks for the logits of one row only.
+    llama.cpp's CPU kernels for one row round differently from those for two or more, while every batch of 2+
+    rows gives a row the same logits, so a plain step then computes exactly what a verification batch does
+    (see tandem.engine.exact). The main model's setting; the draft's contexts decode lone rows."""
 
     def threads(self) -> int:
         return self.n_threads or (os.cpu_count() or 1)
@@ -126,13 +136,16 @@ class Model:
     """Loaded weights plus their vocabulary."""
 
     def __init__(self, path: str | Path, *, n_gpu_layers: int = 0,
-                 progress: Callable[[float], None] | None = None):
+                 progress: Callable[[float], None] | None = None, repack: bool = True):
+        """`repack`: let llama.cpp repack weights for its CPU GEMM kernels (extra buffer types). A repacked
+        Q4_K matmul switches kernels at 4 rows and changes a row's logits; the exact main model loads without."""
         lib = _lib()
         log_router = init_backend()
         self.path = Path(path)
         check_gguf(self.path)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = repack
         if progress is not None:
             @lib.llama_progress_callback
             def _cb(p: float, _user: ctypes.c_void_p) -> bool:
@@ -265,6 +278,13 @@ class Context:
         self.decode_calls = 0
         self.decode_seconds = 0.0
         """Wall time spent inside llama_decode: the rest of a step's time is Python overhead."""
+        if params.exact and (params.n_seq_max != 1 or params.n_batch < 2):
+            raise EngineError("exact decoding needs one sequence and n_batch >= 2", "use the memory plan's params")
+        self.pairs = params.exact
+        """Whether lone rows are decoded with the row before them (see ContextParams.exact; the probe turns it
+        off while it measures llama.cpp itself)."""
+        self._tokens: list[int] = []  # exact mode: the token at each KV position of sequence 0
+        self._solo: int | None = None  # exact mode: a position whose cell a one-row decode wrote (a 1-token prompt)
 
     def decode(self, tokens: Sequence[int], pos0: int, *, seq_id: int = 0,
                logits: str | Sequence[int] = "last") -> np.ndarray:
@@ -282,13 +302,52 @@ class Context:
             want = []
         else:
             want = list(logits)
-        step = self.params.n_batch
+        if self.pairs:
+            tokens, pos0, want = self._with_previous(tokens, pos0, seq_id, want)
         out: list[np.ndarray] = []
-        for start in range(0, n, step):
-            chunk_want = [i - start for i in want if start <= i < start + step]
-            chunk = tokens[start:start + step]
-            out.append(self._decode_chunk(chunk, pos0 + start, seq_id, chunk_want))
+        chunks = self._chunks(len(tokens))
+        try:
+            for start, end in chunks:
+                chunk_want = [i - start for i in want if start <= i < end]
+                if self.pairs and len(chunk_want) == 1:
+                    # One output row would send the last layer's rows after attention through one-row kernels.
+                    i = chunk_want[0]
+                    rows = self._decode_chunk(tokens[start:end], pos0 + start, seq_id, sorted({i, i - 1 if i else 1}))
+                    out.append(rows[1:] if i else rows[:1])
+                else:
+                    out.append(self._decode_chunk(tokens[start:end], pos0 + start, seq_id, chunk_want))
+        finally:
+            if self.pairs:  # what the KV cache holds now: every chunk, or those decoded before an error
+                done = chunks[len(out) - 1][1] if out else 0
+                self._tokens[pos0:] = tokens[:done]
+                self._solo = pos0 if done == 1 else None
         return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def _with_previous(self, tokens: Sequence[int], pos0: int, seq_id: int,
+                       want: list[int]) -> tuple[Sequence[int], int, list[int]]:
+        """Exact mode: a lone token (or the first token after a cell a one-row decode wrote) is decoded with the
+        token before it, which is removed and decoded again: every batch of 2+ rows gives it the same values.
+        (decode then also asks for the previous row's logits: a batch's rows after the last layer's attention
+        are only those whose logits are asked for, and one such row would take the one-row kernels again.)"""
+        if seq_id != 0:
+            raise EngineError("exact decoding tracks sequence 0 only", "decode other sequences without exact")
+        if len(self._tokens) != pos0:
+            raise EngineError(f"exact decoding at position {pos0}, but the cache holds {len(self._tokens)} tokens",
+                              "roll back with Context.rollback before decoding again")
+        if pos0 == 0 or (len(tokens) > 1 and self._solo != pos0 - 1):
+            return tokens, pos0, want
+        prev = self._tokens[pos0 - 1]
+        self.rollback(pos0 - 1)
+        return [prev, *tokens], pos0 - 1, [i + 1 for i in want]
+
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        """[start, end) of each llama_decode call: n_batch tokens each; in exact mode never a lone last row."""
+        step = self.params.n_batch
+        bounds = [(s, min(s + step, n)) for s in range(0, n, step)]
+        if self.pairs and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+            (a, b), (_, e) = bounds[-2], bounds[-1]
+            bounds[-2:] = [(a, b - 1), (b - 1, e)]
+        return bounds
 
     def _decode_chunk(self, tokens: Sequence[int], pos0: int, seq_id: int, want: Sequence[int]) -> np.ndarray:
         lib = _lib()
@@ -322,9 +381,14 @@ class Context:
             raise EngineError(f"llama.cpp refused to roll back sequence {seq_id} to position {pos}",
                               "this model's memory cannot be partially removed (recurrent models); "
                               "disable speculation with --draft none")
+        del self._tokens[pos:]
+        if self._solo is not None and self._solo >= pos:
+            self._solo = None
 
     def shift(self, p0: int, p1: int, delta: int, *, seq_id: int = 0) -> None:
         """Drop cells [p0, p1) of the sequence and add `delta` to the positions of all later cells."""
+        if self.params.exact:
+            raise EngineError("the exact main model's cache cannot shift", "shift draft contexts only")
         lib = _lib()
         lib.llama_memory_seq_rm(self._mem, seq_id, p0, p1)
         lib.llama_memory_seq_add(self._mem, seq_id, p1, -1, delta)
@@ -340,6 +404,7 @@ class Context:
 
     def clear(self) -> None:
         _lib().llama_memory_clear(self._mem, True)
+        self._tokens, self._solo = [], None
 
     def state_bytes(self) -> int:
         return int(_lib().llama_state_get_size(self._ptr))

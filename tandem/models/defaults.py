@@ -19,7 +19,7 @@ log = logging.getLogger("tandem.models")
 
 DRAFT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: llama.cpp ftype numbers for the main-model precisions we can derive.
-FTYPES = {"f32": 0, "f16": 1, "q8_0": 7}
+FTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}
 #: The main model's precision. F32 is where speculation pays on a CPU (measured in docs/benchmarks.md).
 DEFAULT_MAIN_TYPE = "f32"
 

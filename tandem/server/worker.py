@@ -51,6 +51,8 @@ class ModelInfo:
     created: int
     draft_model: str | None
     draft_path: str | None
+    exact: bool = False
+    """Speculative output is bit-for-bit the main model's plain output (see tandem.engine.exact)."""
 
 
 @dataclass(frozen=True)
@@ -455,7 +457,7 @@ def _model_info(rt: Runtime, model_id: str | None = None) -> ModelInfo:
                      aliases=frozenset({model_id or rt.main_model.name, rt.main_model.name, path.name, str(path),
                                         str(Path(path).resolve())}),
                      n_ctx=rt.main.n_ctx, created=created, draft_model=rt.draft_name,
-                     draft_path=str(d.ctx.model.path) if d else None)
+                     draft_path=str(d.ctx.model.path) if d else None, exact=rt.exact)
 
 
 def _log_done(job: _Job, s: SpecStats) -> None:

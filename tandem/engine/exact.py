@@ -1,0 +1,115 @@
+"""Does a row's logits depend on how many rows share its llama_decode? Measured once per main model.
+
+Speculative output equals plain output token for token only if a verification batch of k + 1 rows computes
+each row exactly as a plain step does. llama.cpp's CPU backend picks its matmul kernel by the number of rows:
+one row takes ggml's dot-product path, two or more take llamafile's tinyBLAS (F32 and F16 weights, and the
+attention's product with V for every weight type), repacked weights switch kernels at 4 rows (Q4_K) and the
+tiled K-quant matmul at 8. With repacking and the tiled matmul off (Model(repack=False), init_backend), every
+batch of two or more rows gives a row bit-identical logits. Measured on SmolLM2-135M (2026-12, /tmp scripts
+summarised in docs/benchmarks.md §5): stock llama.cpp, a lone row differs from the same row in a batch by
+2.6e-5 (F32), 3.8e-2 (F16) and 0.8-1.2 (Q8_0, Q4_0, Q4_1, Q4_K_M, Q6_K) in a logit, and batches of 2-3 rows
+differ from batches of 8+ by up to 1.2 on Q4_K_M and Q6_K.
+
+The exact mode (ContextParams.exact) therefore never decodes a lone row on the main model. `probe` checks the
+rest on the loaded model: that batches of 2..draft_max + 1 rows agree bit for bit, and says so when they do not
+(a backend or setting whose kernels switch by batch size). It cannot clear lone rows: their difference is in the
+last bits of the attention output and reaches the logits only where quantizing a layer's input to 8 bits rounds
+the other way (Q8_0 main, one dev prompt: 1 position in 40, by 0.95), so lone rows stay paired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tandem.engine.llama import Context
+
+PROBE_TEXT = ("The lighthouse keeper climbed the stairs at dusk, counted the ships on the grey water, and wrote "
+              "their names in a book that nobody had opened for years.")
+
+
+@dataclass(frozen=True)
+class Invariance:
+    """What the probe found on one model and context."""
+
+    multi_row: bool
+    """Every batch of 2..max_rows rows gave each of its rows the same logits as 2-row batches (bit for bit)."""
+    single_row: bool
+    """A lone row did too, at the positions probed (lone rows are paired anyway: see the module docstring)."""
+    multi_row_diff: float
+    """Largest logit difference between batch sizes of 2 and more (0.0 when multi_row)."""
+    single_row_diff: float
+    """Largest logit difference between a lone row and the same row in a 2-row batch."""
+    max_rows: int
+    """Largest batch checked (the longest verification: draft_max + 1)."""
+
+    @property
+    def exact(self) -> bool:
+        """Speculative output is bit-for-bit plain output (with lone rows paired where single_row is False)."""
+        return self.multi_row
+
+    def describe(self) -> str:
+        if not self.multi_row:
+            return (f"batches of 2-{self.max_rows} rows differ by up to {self.multi_row_diff:.1e} in a logit: "
+                    "speculative greedy output can differ from plain output where logits nearly tie")
+        lone = ("lone rows matched here" if self.single_row
+                else f"a lone row differs by up to {self.single_row_diff:.1e}")
+        return (f"every batch of 2-{self.max_rows} rows gives a row the same logits ({lone}; lone tokens are "
+                "decoded with the token before them)")
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+PREFIX = 64
+"""Tokens in the cache before the compared rows. Attention sums over the cached tokens, and with only a few
+of them the one-row and multi-row kernels add in the same order: at 20 cached tokens a lone row matched on
+Q8_0, at 57 it was 0.95 off (the attention output differs in its last bits, and quantizing the next
+layer's input to 8 bits turns that into whole steps)."""
+
+
+def probe_length(max_rows: int) -> int:
+    """Tokens the probe needs for batches of up to max_rows rows."""
+    return PREFIX + max_rows + (max_rows % 2)
+
+
+def probe(ctx: Context, tokens: Sequence[int], max_rows: int = 17) -> Invariance:
+    """After a PREFIX-token prompt, decode the next max_rows (+1) tokens in batches of 2 (the reference), then
+    as single batches of 3, 4, 5, 8 and max_rows rows and as lone rows, and compare logits. About 18 decodes;
+    empties the context before and after (use it before the first generation). `tokens` needs
+    probe_length(max_rows) tokens and the context as many cells."""
+    n = max_rows + (max_rows % 2)  # 2-row chunks cover it exactly
+    if len(tokens) < PREFIX + n or max_rows < 2:
+        raise ValueError(f"the probe needs {PREFIX + n} tokens and max_rows >= 2, got {len(tokens)} and {max_rows}")
+    p0, toks = PREFIX, list(tokens[PREFIX:PREFIX + n])
+    pairs, ctx.pairs = ctx.pairs, False  # the probe measures llama.cpp itself
+    try:
+        ctx.rollback(0)
+        ctx.decode(tokens[:p0], 0, logits="none")
+        ref = np.concatenate([ctx.decode(toks[s:s + 2], p0 + s, logits="all") for s in range(0, n, 2)])
+        multi = 0.0
+        for rows in sorted({3, 4, 5, 8, max_rows}):
+            if rows <= n:
+                ctx.rollback(p0)
+                multi = max(multi, _max_diff(ctx.decode(toks[:rows], p0, logits="all"), ref[:rows]))
+        ctx.rollback(p0)
+        single = _max_diff(ctx.decode(toks[:1], p0, logits="all")[0], ref[0])  # a lone row after the prompt
+        ctx.rollback(p0)
+        ctx.decode(toks[:2], p0, logits="none")
+        single = max(single, _max_diff(ctx.decode(toks[2:3], p0 + 2, logits="all")[0], ref[2]))  # after a pair
+    finally:
+        ctx.rollback(0)
+        ctx.pairs = pairs
+    return Invariance(multi_row=multi == 0.0, single_row=single == 0.0, multi_row_diff=multi,
+                      single_row_diff=single, max_rows=max_rows)
+
+
+def probe_tokens(ctx: Context, n: int) -> list[int]:
+    """At least n tokens of ordinary text for the probe (PROBE_TEXT, repeated as needed)."""
+    toks = ctx.model.tokenize(PROBE_TEXT, add_special=True, parse_special=False)
+    while len(toks) < n:
+        toks += ctx.model.tokenize(" " + PROBE_TEXT, add_special=False, parse_special=False)
+    return toks
