@@ -37,12 +37,14 @@ class ModelOptions:
     memory_limit: str | None = None
     """Memory the models may use, in bytes or with a K/M/G suffix (e.g. 512M, 2G); overrides the available
     RAM in the memory plan (see `tandem fit`)."""
-    exact: bool = True
+    exact: bool | None = None
     """Decode the main model so that a token's logits never depend on how many tokens share its batch (lone
     tokens go with the token before them, and its weights are not repacked; ggml's tiled K-quant matmul is off
-    in every Tandem process): output with a draft is then bit-for-bit output without one, for any weight type. --no-exact decodes lone tokens
-    alone, as llama.cpp does: plain steps are 15-60% faster, and a draft can change greedy output on F16 and
-    quantized mains (5 of 10 dev prompts within 128 tokens on Q8_0; docs/benchmarks.md)."""
+    in every Tandem process): output with a draft is then bit-for-bit output without one, for any weight type.
+    Default: on when Tandem speculates (a draft model, or --spec-type ngram), off with --draft none. --no-exact
+    decodes lone tokens alone, as llama.cpp does: plain steps are 1.2-1.8x faster, and a draft can change
+    greedy output on F16 and quantized mains (5-7 of 10 dev prompts within 128 tokens on Q8_0 and Q4_K_M;
+    docs/benchmarks.md §5)."""
     draft_optional: bool = False
     """When the draft cannot be used (missing, not GGUF, incompatible, does not fit, fails to load), run
     without it instead of failing: /health says 'degraded' and every response's stats carry draft_status."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +55,8 @@ def plan_runtime(opts: ModelOptions, spec: SpecOptions | None = None,
     if spec.spec_type == "both" and paths.draft is None:
         raise BadInputError("--spec-type both needs a draft model", "pass --draft PATH, or use --spec-type ngram")
     draft = paths.draft if spec.spec_type != "ngram" else None  # ngram speculation loads no draft model
+    if opts.exact is None:  # exact where there is a speculative output to be exact against
+        opts = dataclasses.replace(opts, exact=draft is not None or spec.spec_type == "ngram")
     return plan_for(opts, paths.main, draft, draft_max=spec.draft_max)
 
 

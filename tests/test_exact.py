@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tandem.config import ModelOptions
+from tandem.config import ModelOptions, SpecOptions
 from tandem.engine import exact
 from tandem.engine.llama import Context, ContextParams, Model
 from tandem.errors import EngineError
@@ -159,7 +159,7 @@ def test_the_probe_reports_batch_sizes_that_disagree():
     assert "can differ from plain output" in inv.describe()
 
 
-def test_runtime_is_exact_by_default_and_not_with_no_exact(tiny):
+def test_runtime_is_exact_when_it_speculates_and_not_with_no_exact_or_no_draft(tiny):
     rt = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=256),
                  announce=lambda s: None)
     assert rt.main.params.exact and rt.main.pairs and rt.exact
@@ -167,6 +167,10 @@ def test_runtime_is_exact_by_default_and_not_with_no_exact(tiny):
     # the per-call override (the bench's fastest plain baseline) restores pairing afterwards
     events = list(rt.generate(rt.prompt(text="Hi", raw=True), GenParams(max_tokens=4), use_draft=False, exact=False))
     assert events and rt.main.pairs
-    loose = Runtime(ModelOptions(model=str(tiny["main"]), draft="none", ctx_size=256, exact=False),
+    for opts in (ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=256, exact=False),
+                 ModelOptions(model=str(tiny["main"]), draft="none", ctx_size=256)):  # nothing to be exact against
+        loose = Runtime(opts, announce=lambda s: None)
+        assert not loose.main.params.exact and not loose.main.pairs and not loose.exact and loose.invariance is None
+    ngram = Runtime(ModelOptions(model=str(tiny["main"]), draft="none", ctx_size=256), spec=SpecOptions(spec_type="ngram"),
                     announce=lambda s: None)
-    assert not loose.main.params.exact and not loose.main.pairs and not loose.exact and loose.invariance is None
+    assert ngram.main.pairs and ngram.exact  # n-gram drafting speculates without a draft model

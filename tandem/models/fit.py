@@ -264,7 +264,7 @@ def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
                             "attention, which Tandem keeps off (it changes batched logits)",
                             f"use --cache-type-v{suffix} f16, and quantize K instead (--cache-type-k{suffix} q8_0)")
     return ContextParams(n_ctx=n_ctx, n_batch=min(N_BATCH, n_ctx), n_threads=opts.threads, type_k=type_k,
-                         type_v=type_v, exact=opts.exact and not draft and n_ctx >= 2)
+                         type_v=type_v, exact=bool(opts.exact) and not draft and n_ctx >= 2)
 
 
 def plan_model(header: GGUFHeader, params: ContextParams, *, role: str, out_rows: int = 1) -> ModelPlan:
