@@ -11,6 +11,7 @@ Writes docs/window.json (all numbers) and docs/window.png (median tokens/s per 1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -123,10 +124,12 @@ class Setting:
     """Loaded once."""
 
 
-def load(draft_ctx: int | None) -> Setting:
+def load(draft_ctx: int | None, kv: str | None) -> Setting:
+    """The default pair at main context 4096 (main KV cache type `kv`, default: Tandem's)."""
+    opts = ModelOptions(ctx_size=4096) if kv is None else ModelOptions(ctx_size=4096, cache_type_k=kv, cache_type_v=kv)
     if draft_ctx is None:
-        return Setting("no draft", None, Runtime(ModelOptions(ctx_size=4096, draft="none"), announce=print))
-    rt = Runtime(ModelOptions(ctx_size=4096, ctx_size_draft=draft_ctx), announce=print)
+        return Setting("no draft", None, Runtime(dataclasses.replace(opts, draft="none"), announce=print))
+    rt = Runtime(dataclasses.replace(opts, ctx_size_draft=draft_ctx), announce=print)
     assert rt.drafter is not None, rt.draft_status
     return Setting(f"draft ctx {draft_ctx}", draft_ctx, rt)
 
@@ -263,9 +266,10 @@ def main() -> None:
     ap.add_argument("--draft-ctx", type=int, nargs="+", default=[256, 4096])
     ap.add_argument("--no-baseline", action="store_true", help="leave out the no-draft setting")
     ap.add_argument("--draft-policy", default="adaptive", choices=["adaptive", "fixed"])
+    ap.add_argument("--cache-type", default=None, help="main model KV cache type (default: Tandem's)")
     ap.add_argument("--out", type=Path, default=DOCS / "window")
     args = ap.parse_args()
-    settings = [load(n) for n in args.draft_ctx] + ([] if args.no_baseline else [load(None)])
+    settings = [load(n, args.cache_type) for n in args.draft_ctx] + ([] if args.no_baseline else [load(None, args.cache_type)])
     for s in settings:  # untimed: calibrate costs and learn acceptance once, as a server's first request does
         one_run(s, args.warmup, args.draft_policy)
     runs: dict[str, list[dict]] = {s.label: [] for s in settings}

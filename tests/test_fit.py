@@ -57,8 +57,8 @@ def test_small_contexts_are_padded_to_256_cells_and_batch_to_the_context(tiny):
     assert plan(tiny, None, ctx_size=257).main.n_cells == 512
     big = plan(tiny, None, ctx_size=4096).main
     assert big.params.n_batch == 512
-    # 2 layers x 4 KV heads x 16 dims x (K + V) x 4 bytes per cell
-    assert big.kv == 4096 * 2 * 64 * 2 * 4
+    # 2 layers x 4 KV heads x 16 dims x (K + V) x 2 bytes per cell (f16, the main's default)
+    assert big.kv == 4096 * 2 * 64 * 2 * 2
 
 
 def test_quantized_k_saves_and_quantized_v_is_refused(tiny):

@@ -113,7 +113,8 @@ class ContextParams:
     n_threads: int = 0
     """CPU threads; 0 means all cores."""
     type_k: str = "f32"
-    """KV cache type for K (f32, f16, q8_0, ...). f32 makes batched verification match one-at-a-time decoding."""
+    """KV cache type for K (f32, f16, q8_0, ...). Without `exact`, f32 keeps batched verification closest to
+    one-at-a-time decoding; with it, every type gives bit-for-bit the same rows in every batch of 2+."""
     type_v: str = "f32"
     """KV cache type for V."""
     n_seq_max: int = 1
@@ -309,7 +310,7 @@ class Context:
         try:
             for start, end in chunks:
                 chunk_want = [i - start for i in want if start <= i < end]
-                if self.pairs and len(chunk_want) == 1:
+                if self.pairs and len(chunk_want) == 1 and end - start > 1:
                     # One output row would send the last layer's rows after attention through one-row kernels.
                     i = chunk_want[0]
                     rows = self._decode_chunk(tokens[start:end], pos0 + start, seq_id, sorted({i, i - 1 if i else 1}))
