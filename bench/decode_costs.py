@@ -4,6 +4,7 @@ These costs bound what speculation can gain (docs/benchmarks.md §1): a step dra
 k draft decodes plus one main decode of k + 1 tokens.
 
     .venv/bin/python bench/decode_costs.py [--reps 30]
+    .venv/bin/python bench/decode_costs.py --by-position --reps 9   # by KV position, f32 vs f16 main KV
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import statistics
 import time
 
 from tandem.engine.llama import Context, ContextParams, Model
-from tandem.models.defaults import cache_dir, derive, draft_path
+from tandem.models.defaults import cache_dir, derive, draft_path, main_path
 
 SIZES = (1, 2, 3, 5, 9, 17)
 OFFSET = 60
@@ -39,10 +40,46 @@ def costs(model: Model, kv: str, sizes: tuple[int, ...], reps: int, prompt: list
         ctx.close()
 
 
+POSITIONS = (200, 1000, 1800)
+"""KV positions of the --by-position table (the window bench's early window and last 500 tokens)."""
+
+
+def by_position(reps: int) -> None:
+    """Milliseconds of one F32-main decode of 1 and 17 tokens at several KV positions, per main KV type: how
+    much a long context slows verification (docs/benchmarks.md §3)."""
+    main = Model(main_path())
+    prompt = main.tokenize("The quick brown fox jumps over the lazy dog. " * 300, add_special=True,
+                           parse_special=False)
+    print("| main KV | tokens | " + " | ".join(f"position {p}" for p in POSITIONS) + " |")
+    print("|---|---:|" + "---:|" * len(POSITIONS))
+    for kv in ("f32", "f16"):
+        for n in (1, 17):
+            ms = []
+            for pos in POSITIONS:
+                ctx = Context(main, ContextParams(n_ctx=4096, type_k=kv, type_v=kv))
+                try:
+                    ctx.decode(prompt[:pos], 0, logits="none")
+                    times = []
+                    for _ in range(reps):
+                        t0 = time.perf_counter()
+                        ctx.decode(prompt[pos:pos + n], pos, logits="all")
+                        times.append(time.perf_counter() - t0)
+                        ctx.rollback(pos)
+                    ms.append(1000 * statistics.median(times))
+                finally:
+                    ctx.close()
+            print(f"| {kv} | {n} | " + " | ".join(f"{m:.1f} ms" for m in ms) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--by-position", action="store_true",
+                    help="instead: F32 main, 1 and 17 tokens at KV positions 200/1000/1800, f32 vs f16 KV")
     args = ap.parse_args()
+    if args.by_position:
+        by_position(args.reps)
+        return
     draft = Model(draft_path())
     prompt = draft.tokenize("The quick brown fox jumps over the lazy dog. " * 12, add_special=True,
                             parse_special=False)
