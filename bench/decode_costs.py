@@ -21,23 +21,29 @@ OFFSET = 60
 """Tokens already in the KV cache when each batch is decoded."""
 
 
-def costs(model: Model, kv: str, sizes: tuple[int, ...], reps: int, prompt: list[int]) -> dict[int, float]:
-    """Median milliseconds of one decode of n tokens (all logits) at position OFFSET, for n in sizes."""
-    ctx = Context(model, ContextParams(n_ctx=1024, type_k=kv, type_v=kv))
+def costs(model: Model, kv: str, sizes: tuple[int, ...], reps: int, prompt: list[int], *, offset: int = OFFSET,
+          n_ctx: int = 1024) -> dict[int, float]:
+    """Median milliseconds of one decode of n tokens (all logits) at position `offset`, for n in sizes."""
+    ctx = Context(model, ContextParams(n_ctx=n_ctx, type_k=kv, type_v=kv))
     try:
-        ctx.decode(prompt[:OFFSET], 0, logits="none")
+        ctx.decode(prompt[:offset], 0, logits="none")
         out = {}
         for n in sizes:
             times = []
             for _ in range(reps):
                 t0 = time.perf_counter()
-                ctx.decode(prompt[OFFSET:OFFSET + n], OFFSET, logits="all")
+                ctx.decode(prompt[offset:offset + n], offset, logits="all")
                 times.append(time.perf_counter() - t0)
-                ctx.rollback(OFFSET)
+                ctx.rollback(offset)
             out[n] = 1000 * statistics.median(times)
         return out
     finally:
         ctx.close()
+
+
+def _text(model: Model, repeats: int) -> list[int]:
+    return model.tokenize("The quick brown fox jumps over the lazy dog. " * repeats, add_special=True,
+                          parse_special=False)
 
 
 POSITIONS = (200, 1000, 1800)
@@ -48,27 +54,13 @@ def by_position(reps: int) -> None:
     """Milliseconds of one F32-main decode of 1 and 17 tokens at several KV positions, per main KV type: how
     much a long context slows verification (docs/benchmarks.md §3)."""
     main = Model(main_path())
-    prompt = main.tokenize("The quick brown fox jumps over the lazy dog. " * 300, add_special=True,
-                           parse_special=False)
+    prompt = _text(main, 300)
     print("| main KV | tokens | " + " | ".join(f"position {p}" for p in POSITIONS) + " |")
     print("|---|---:|" + "---:|" * len(POSITIONS))
     for kv in ("f32", "f16"):
+        by_pos = {pos: costs(main, kv, (1, 17), reps, prompt, offset=pos, n_ctx=4096) for pos in POSITIONS}
         for n in (1, 17):
-            ms = []
-            for pos in POSITIONS:
-                ctx = Context(main, ContextParams(n_ctx=4096, type_k=kv, type_v=kv))
-                try:
-                    ctx.decode(prompt[:pos], 0, logits="none")
-                    times = []
-                    for _ in range(reps):
-                        t0 = time.perf_counter()
-                        ctx.decode(prompt[pos:pos + n], pos, logits="all")
-                        times.append(time.perf_counter() - t0)
-                        ctx.rollback(pos)
-                    ms.append(1000 * statistics.median(times))
-                finally:
-                    ctx.close()
-            print(f"| {kv} | {n} | " + " | ".join(f"{m:.1f} ms" for m in ms) + " |", flush=True)
+            print(f"| {kv} | {n} | " + " | ".join(f"{by_pos[p][n]:.1f} ms" for p in POSITIONS) + " |", flush=True)
 
 
 def main() -> None:
@@ -81,8 +73,7 @@ def main() -> None:
         by_position(args.reps)
         return
     draft = Model(draft_path())
-    prompt = draft.tokenize("The quick brown fox jumps over the lazy dog. " * 12, add_special=True,
-                            parse_special=False)
+    prompt = _text(draft, 12)
     print("| model | KV | " + " | ".join(f"{n} tok" for n in SIZES) + " |")
     print("|---|---|" + "---:|" * len(SIZES))
     for kind in ("F32", "F16"):

@@ -44,7 +44,9 @@ class ModelOptions:
     """Decode the main model so that a token's logits never depend on how many tokens share its batch (lone
     tokens go with the token before them, and its weights are not repacked; ggml's tiled K-quant matmul is off
     in every Tandem process): output with a draft is then bit-for-bit output without one, for any weight type.
-    Default: on when Tandem speculates (a draft model, or --spec-type ngram), off with --draft none. --no-exact
+    Default: on when Tandem speculates (a draft model, or --spec-type ngram), off with --draft none (then a
+    request that asks for a draft or n-gram speculation is not bit-exact: /health says exact false; pass
+    --exact to make it so). --no-exact
     decodes lone tokens alone, as llama.cpp does: plain steps are 1.2-1.8x faster, and a draft can change
     greedy output on F16 and quantized mains (5-7 of 10 dev prompts within 128 tokens on Q8_0 and Q4_K_M;
     docs/benchmarks.md §5)."""

@@ -5,10 +5,11 @@ each row exactly as a plain step does. llama.cpp's CPU backend picks its matmul 
 one row takes ggml's dot-product path, two or more take llamafile's tinyBLAS (F32 and F16 weights, and the
 attention's product with V for every weight type), repacked weights switch kernels at 4 rows (Q4_K) and the
 tiled K-quant matmul at 8. With repacking and the tiled matmul off (Model(repack=False), init_backend), every
-batch of two or more rows gives a row bit-identical logits. Measured on SmolLM2-135M (2026-12, /tmp scripts
-summarised in docs/benchmarks.md §5): stock llama.cpp, a lone row differs from the same row in a batch by
-2.6e-5 (F32), 3.8e-2 (F16) and 0.8-1.2 (Q8_0, Q4_0, Q4_1, Q4_K_M, Q6_K) in a logit, and batches of 2-3 rows
-differ from batches of 8+ by up to 1.2 on Q4_K_M and Q6_K.
+batch of two or more rows gives a row bit-identical logits. Measured on SmolLM2-135M (bench/row_invariance.py,
+docs/benchmarks.md §5): a lone row differs from the same row in a batch by 1.6e-5 (F32) and 2.8e-2 (F16) in
+a logit on the probe's text; on Q8_0, Q4_0 and Q4_K_M only at some positions of some texts (0.95 at 1 of 40
+positions of one dev prompt); Q4_K_M batches of 3-17 rows differ from 2-row ones by up to 1.2 with repacked
+weights and 0.9 with the tiled matmul.
 
 The exact mode (ContextParams.exact) therefore never decodes a lone row on the main model. `probe` checks the
 rest on the loaded model: that batches of 2..draft_max + 1 rows agree bit for bit, and says so when they do not
