@@ -167,7 +167,11 @@ def test_ngram_greedy_equals_plain_greedy(loopy, main, policy):
             assert s.draft_steps + s.plain_steps >= 1 and s.draft_model == "ngram"
             accepted += s.accepted
             rejected += s.rejected
-    assert accepted > 0 and rejected > 0
+    assert accepted > 0
+    # Rollback after a rejection is only certain under the fixed policy. The adaptive one chooses lengths from
+    # measured timings, so how much it drafts depends on the machine: one CI run drafted 5 tokens, all accepted.
+    if policy == "fixed":
+        assert rejected > 0
 
 
 def test_ngram_sampling_keeps_the_stats_identity(loopy):
