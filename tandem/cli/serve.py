@@ -103,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
         raise BadInputError(f"cannot listen on {server.host}:{server.port}: {e.strerror or e}",
                             "pick another --port (0 picks a free one) or stop the process using it") from e
     url = url_of(sock)
-    print(f"Tandem serving on {url} (OpenAI API under {url}/v1)", flush=True)
+    print(f"Tandem serving on {url} (OpenAI API under {url}/v1, chat page at {url}/)", flush=True)
     print(f"  main model: {models.model or 'embedded default pair (SmolLM2-135M-Instruct, F32 main)'}")
     draft = _draft_line(models, spec) if not plan.draft_status else f"none: {plan.draft_status} (--draft-optional)"
     print(f"  draft:      {draft}")

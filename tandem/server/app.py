@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI-compatible routes over the engine thread, plus /health and /metrics.
+"""The FastAPI app: OpenAI-compatible routes over the engine thread, plus /health, /metrics and the chat page (/).
 
 `create_app(options, runtime_factory)` returns an app with its own engine, queue and metrics registry;
 nothing is global, so tests can run several apps in one process.
@@ -29,12 +29,13 @@ from tandem.server.models import ModelDirectory, ModelSource
 from tandem.server.options import ServerOptions
 from tandem.server.responses import Builder, Piece, sse
 from tandem.server.schemas import ChatRequest, CompletionRequest, ModelCard, ModelList
+from tandem.server.web import PAGES, web_router
 from tandem.server.worker import SERVING, Engine, EngineStatus, JobHandle, JobSpec, ModelInfo, not_ready_error
 from tandem.spec.generate import Done, GenParams
 from tandem.spec.sampling import SamplingParams
 
 _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/api/v0/models", "/health",
-                        "/metrics"})
+                        "/metrics", *PAGES})
 
 
 class _RequestMetrics:
@@ -286,6 +287,8 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    app.include_router(web_router())
 
     return app
 

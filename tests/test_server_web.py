@@ -1,0 +1,184 @@
+"""The chat page: served without a key under a strict policy, wired to routes and element ids that exist, and
+its JavaScript (run under Node) turning a real server's stream into coloured pieces and stats."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from importlib import resources
+
+import httpx
+import pytest
+from test_server_models import make_app
+from test_registry import link_models
+from test_server_support import FIXED_DRAFTS, client, start, tiny_app
+
+from tandem.server.serving import ServerThread
+from tandem.server.web import CSP
+
+WEB = resources.files("tandem") / "web"
+HTML = (WEB / "chat.html").read_text()
+JS = (WEB / "chat.js").read_text()
+NODE = shutil.which("node")
+needs_node = pytest.mark.skipif(NODE is None, reason="needs Node.js to run the page's JavaScript")
+
+
+@pytest.fixture(scope="module")
+def server(tiny) -> Iterator[ServerThread]:
+    """The tiny main with its close draft (default), behind an API key."""
+    srv = start(tiny_app(tiny))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def registry_server(tiny, tmp_path_factory) -> Iterator[ServerThread]:
+    """A registry server whose models folder holds compatible drafts and one of another vocabulary."""
+    root = tmp_path_factory.mktemp("web")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TANDEM_CACHE_DIR", str(root / "cache"))
+        srv = start(make_app(link_models(tiny, root / "models")))
+        yield srv
+        srv.stop()
+
+
+def js(fn: str, *args):
+    """Call one of chat.js's exported functions under Node; "stream" feeds raw SSE text in small pieces."""
+    driver = """
+const c = require(process.argv[1]);
+let input = "";
+process.stdin.on("data", (d) => (input += d));
+process.stdin.on("end", () => {
+  const { fn, args } = JSON.parse(input);
+  let out;
+  if (fn === "stream") {  // as the network delivers it: arbitrary cuts, even inside an event
+    const [raw, size] = args;
+    const turn = c.newTurn();
+    let buffer = "";
+    for (let i = 0; i < raw.length && !turn.done; i += size) {
+      const parsed = c.parseSSE(buffer + raw.slice(i, i + size));
+      buffer = parsed.rest;
+      for (const p of parsed.events) c.applyEvent(turn, p);
+    }
+    out = turn;
+  } else {
+    out = c[fn](...args);
+  }
+  process.stdout.write(JSON.stringify(out === undefined ? null : out));
+});
+"""
+    r = subprocess.run([NODE, "-e", driver, str(WEB / "chat.js")], input=json.dumps({"fn": fn, "args": args}),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+# -- the files and their wiring ---------------------------------------------------------------------------
+
+def test_page_needs_no_key_and_comes_with_a_strict_policy(server):
+    for path, kind in (("/", "text/html"), ("/chat.js", "text/javascript")):
+        r = httpx.get(f"{server.url}{path}")  # no Authorization header: the page holds no data
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind)
+        assert r.headers["content-security-policy"] == CSP and "script-src 'self'" in CSP
+        assert r.headers["x-content-type-options"] == "nosniff"
+    assert httpx.get(f"{server.url}/").text == HTML
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401  # while the API still needs the key
+
+
+def test_page_loads_nothing_from_other_hosts_and_has_no_inline_script():
+    for text in (HTML, JS):
+        assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", text, re.I)
+    assert re.findall(r"<script[^>]*>", HTML) == ['<script src="/chat.js">']  # the policy blocks inline code
+
+
+def test_every_element_the_script_uses_exists():
+    used = set(re.findall(r'\$\("([\w-]+)"\)', JS))
+    ids = set(re.findall(r'id="([\w-]+)"', HTML))
+    assert used and used <= ids, used - ids
+
+
+def test_every_path_the_script_requests_is_served(server):
+    paths = set(re.findall(r'(?:fetch|api)\("(/[^"]*)"', JS))
+    assert paths == {"/health", "/v1/models", "/v1/chat/completions"}
+    with client(server) as c:
+        for path in paths:
+            r = c.post(path, json={}) if "completions" in path else c.get(path)
+            assert r.status_code != 404, path
+
+
+def test_model_output_is_never_parsed_as_html():
+    assert "innerHTML" not in JS and "insertAdjacentHTML" not in JS and "document.write" not in JS
+
+
+# -- the script's logic, under Node, against the real server ----------------------------------------------
+
+@needs_node
+def test_draft_selector_lists_only_compatible_drafts(registry_server):
+    with client(registry_server) as c:
+        listing = c.get("/v1/models").json()["data"]
+    assert "different_vocab" in {m["id"] for m in listing}
+    main = next(m for m in listing if m["id"] == "main")
+    options = js("draftOptions", main)
+    values = [o["value"] for o in options]
+    assert values[:2] == ["", "none"] and options[0]["label"].startswith("default (")
+    assert values[2:] == main["compatible_draft_models"] and "draft_small" in values
+    assert "different_vocab" not in values  # the vocabulary check, as served
+
+
+@needs_node
+@pytest.mark.parametrize("size", [7, 1000])
+def test_stream_becomes_coloured_pieces_equal_to_the_whole_answer(server, size):
+    messages = [{"role": "user", "content": "Write a poem about the sea."}]
+    with client(server) as c:
+        model = c.get("/v1/models").json()["data"][0]["id"]
+        body = js("requestBody", model, "", messages, 0, 40)  # "": the model's default draft (draft_close)
+        assert body["stream"] and body["return_token_sources"] and "draft_model" not in body
+        raw = c.post("/v1/chat/completions", json={**body, **FIXED_DRAFTS}).text
+        plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        whole = c.post("/v1/chat/completions", json={**plain, **FIXED_DRAFTS}).json()
+    assert "choices" in whole, whole
+    turn = js("stream", raw, size)
+    assert turn["done"] and turn["error"] is None and turn["finish"] == "length", (turn, raw[-300:])
+    assert turn["text"] == whole["choices"][0]["message"]["content"]
+    # the same provenance as the non-streamed answer, runs of one source merged into one span
+    expected: list[dict] = []
+    for s in whole["choices"][0]["token_sources"]:
+        if s["text"] and expected and expected[-1]["source"] == s["source"]:
+            expected[-1]["text"] += s["text"]
+        elif s["text"]:
+            expected.append(dict(s))
+    assert turn["pieces"] == expected and any(p["source"] == "draft" for p in expected)
+    stats = turn["stats"]
+    assert stats["accepted_draft_tokens_count"] == whole["stats"]["accepted_draft_tokens_count"] > 0
+    line = js("statsLine", stats)
+    assert (f"draft {stats['draft_model']}: {stats['accepted_draft_tokens_count']} of {stats['total_draft_tokens_count']} "
+            f"accepted") in line and "tok/s" in line
+
+
+@needs_node
+def test_errors_reach_the_turn_with_their_cause(registry_server):
+    with client(registry_server) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                 "draft_model": "different_vocab", "stream": True})
+    assert r.status_code == 422
+    assert js("applyEvent", js("newTurn"), json.dumps(r.json()))["error"] == r.json()["error"]["message"]
+    turn = js("stream", 'data: {"error": {"message": "llama_decode failed: the KV cache is full"}}\n\n', 5)
+    assert turn["done"] and turn["error"] == "llama_decode failed: the KV cache is full"
+
+
+@needs_node
+def test_status_bar_says_when_the_draft_is_missing(server):
+    health = httpx.get(f"{server.url}/health").json()
+    line = js("healthLine", health)
+    assert line["level"] == "ok" and health["model"]["id"] in line["text"]
+    degraded = {**health, "status": "degraded", "reason": "draft needs 7.0 GiB, 2.1 GiB free"}
+    assert js("healthLine", degraded) == {"text": "serving WITHOUT its draft: draft needs 7.0 GiB, 2.1 GiB free",
+                                          "level": "warn"}
+    assert js("healthLine", None)["level"] == "error"
+    no_draft = {"draft_model": None, "status": "degraded", "draft_status": "draft failed to load: out of memory"}
+    stats = {"tokens_per_second": 30.0, "time_to_first_token": 0.05, "generated_tokens": 10, **no_draft}
+    assert js("statsLine", stats).endswith("no draft · draft unavailable: draft failed to load: out of memory")
+
