@@ -7,6 +7,7 @@ speedup if Python cost nothing, from the time spent inside llama_decode alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -25,6 +26,8 @@ class BenchConfig:
     """Label in tables and plots."""
     generate_kwargs: dict = field(default_factory=dict)
     """Passed to Runtime.generate (e.g. use_draft=False)."""
+    params: dict = field(default_factory=dict)
+    """GenParams fields this configuration overrides (e.g. spare_guess=False)."""
     peer: object | None = None
     """A tandem.bench_peer.LlamaServerPeer that generates instead of Tandem (greedy only)."""
 
@@ -71,7 +74,7 @@ def measure(rt, prompt: Sequence[int], gp: GenParams, cfg: BenchConfig, prompt_i
     ids: list[int] = []
     llama0 = None
     stats = None
-    for ev in rt.generate(prompt, gp, **cfg.generate_kwargs):
+    for ev in rt.generate(prompt, dataclasses.replace(gp, **cfg.params), **cfg.generate_kwargs):
         if isinstance(ev, Token):
             ids.append(ev.id)
             if llama0 is None:  # the first token ends the prompt phase

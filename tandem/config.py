@@ -71,6 +71,10 @@ class SpecOptions:
     draft_policy: str = "adaptive"
     """adaptive: each step draft the number of tokens (0 included) with the most expected tokens per second,
     from measured draft and verify costs and the running acceptance; fixed: always draft up to --draft-max."""
+    spare_guess: bool = True
+    """In exact mode a plain step decodes two rows (a lone row would round differently from a verification);
+    fill the second with an n-gram guess of the next token instead of the previous token again. The same
+    cost and the same output; a right guess is one more token. --no-spare-guess repeats the previous token."""
     spec_type: str = "draft-model"
     """What drafts: draft-model (the --draft model), ngram (prompt lookup: repeats of earlier text, no draft
     model needed), or both (an n-gram match of 3+ tokens, else the draft model)."""

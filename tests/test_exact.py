@@ -3,6 +3,8 @@ depend on the batch it was decoded in, so speculative output is plain output bit
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,8 @@ from tandem.errors import EngineError
 from tandem.runtime import Runtime
 from tandem.spec.drafters import ModelDrafter
 from tandem.spec.generate import GenParams, Token, generate
+from tandem.testing.tiny import build_tiny_model
+from test_ngram import LOOPY
 
 EXACT = ContextParams(n_ctx=512, n_batch=128, n_threads=2, exact=True)
 LOOSE = ContextParams(n_ctx=512, n_batch=128, n_threads=2)
@@ -174,3 +178,54 @@ def test_runtime_is_exact_when_it_speculates_and_not_with_no_exact_or_no_draft(t
     ngram = Runtime(ModelOptions(model=str(tiny["main"]), draft="none", ctx_size=256), spec=SpecOptions(spec_type="ngram"),
                     announce=lambda s: None)
     assert ngram.main.pairs and ngram.exact  # n-gram drafting speculates without a draft model
+
+
+# -- spare-row guesses ----------------------------------------------------------------------------------
+
+def guessing_runs(ctx: Context, prompts: list[str], gp: GenParams) -> list[tuple[list, list, object]]:
+    """(tokens with guesses, tokens without, stats with guesses) per prompt, plain greedy steps."""
+    out = []
+    for text in prompts:
+        prompt = ctx.model.tokenize(text)
+        runs = {}
+        for on in (True, False):
+            runs[on] = list(generate(ctx, prompt, dataclasses.replace(gp, spare_guess=on)))
+        out.append(([e for e in runs[True] if isinstance(e, Token)], [e for e in runs[False] if isinstance(e, Token)],
+                    runs[True][-1].stats))
+    return out
+
+
+@pytest.fixture(scope="module")
+def loopy(tiny) -> Model:
+    """A fixture whose greedy output loops (the standard ones never repeat a 2-gram: nothing to guess)."""
+    path = tiny["main"].parent / f"{LOOPY.name}-{LOOPY.digest()}.gguf"
+    if not path.is_file():
+        build_tiny_model(path, LOOPY)
+    return Model(path, repack=False)
+
+
+def test_spare_row_guesses_change_no_token_and_give_free_ones(loopy):
+    """Exact mode's plain step decodes two rows; with the second an n-gram guess instead of the previous token
+    again, the output is the same and right guesses add tokens at no extra decode."""
+    right = guessed = 0
+    ctx = Context(loopy, EXACT)
+    for with_guess, without, stats in guessing_runs(ctx, PROMPTS, GenParams(max_tokens=40)):
+        assert [t.id for t in with_guess] == [t.id for t in without]
+        assert sum(t.source == "guess" for t in with_guess) == stats.guesses_accepted
+        assert stats.drafted == 0 and stats.identity_holds() and stats.draft_steps == 0
+        right += stats.guesses_accepted
+        guessed += stats.guessed
+        # a step gives 1 token + its right guess (the first token comes from the prompt; max_tokens may cut
+        # the last step's second token)
+        n = len(with_guess) - 1 - stats.guesses_accepted
+        assert stats.plain_steps in (n, n + 1)
+    print(f"guesses: {right} of {guessed} right")
+    assert 0 < right < guessed  # some guesses were right and some wrong: both paths ran
+
+
+def test_no_guesses_without_exact_mode(loopy):
+    """Lone rows cost one row: a guess would cost a second one, so a non-exact context never guesses."""
+    ctx = Context(loopy, LOOSE)
+    for with_guess, without, stats in guessing_runs(ctx, PROMPTS[:3], GenParams(max_tokens=40)):
+        assert stats.guessed == 0 and all(t.source == "main" for t in with_guess)
+        assert len(set(t.id for t in with_guess)) < len(with_guess) / 2  # it loops: guesses would have been made

@@ -182,3 +182,13 @@ def test_status_bar_says_when_the_draft_is_missing(server):
     stats = {"tokens_per_second": 30.0, "time_to_first_token": 0.05, "generated_tokens": 10, **no_draft}
     assert js("statsLine", stats).endswith("no draft · draft unavailable: draft failed to load: out of memory")
 
+
+
+@needs_node
+def test_stats_line_counts_spare_row_guesses():
+    stats = {"tokens_per_second": 50.0, "time_to_first_token": 0.02, "generated_tokens": 40, "draft_model": None,
+             "guessed_tokens_count": 5, "accepted_guessed_tokens_count": 3}
+    assert js("statsLine", stats) == "50.0 tok/s · first token 20 ms · 40 tokens · no draft · guesses 3 of 5 right"
+    turn = js("stream", 'data: {"choices": [{"delta": {"content": "ab"}, "token_sources": [{"text": "a", "source": '
+                        '"main"}, {"text": "b", "source": "guess"}]}]}\n\ndata: [DONE]\n\n', 9)
+    assert turn["pieces"] == [{"text": "a", "source": "main"}, {"text": "b", "source": "guess"}] and turn["done"]

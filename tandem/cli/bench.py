@@ -22,11 +22,15 @@ from tandem.spec.generate import GenParams
 CONFIGS = {
     "no-draft": BenchConfig("no-draft", {"use_draft": False}),
     "no-draft-lone": BenchConfig("no-draft-lone", {"use_draft": False, "exact": False}),
+    "no-draft-noguess": BenchConfig("no-draft-noguess", {"use_draft": False}, {"spare_guess": False}),
+    "draft-model-noguess": BenchConfig("draft-model-noguess", {"spec_type": "draft-model"}, {"spare_guess": False}),
     "draft-model": BenchConfig("draft-model", {"spec_type": "draft-model"}),
     "ngram": BenchConfig("ngram", {"spec_type": "ngram"}),
     "both": BenchConfig("both", {"spec_type": "both"}),
 }
-NEEDS_DRAFT = ("draft-model", "both")
+DEFAULT_CONFIGS = ("no-draft", "draft-model", "ngram", "both")
+"""What `tandem bench` compares unless --configs says otherwise."""
+NEEDS_DRAFT = ("draft-model", "draft-model-noguess", "both")
 """Configurations that need a draft model (skipped, with a note, when it is --draft none)."""
 
 
@@ -34,9 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=Path, default=DATA / "bench_prompts.jsonl",
                    help="JSONL file of {id, prompt} (default: the LM Studio prompts, a code edit, a creative one)")
     p.add_argument("--only", nargs="*", default=None, help="prompt ids to run (default: all)")
-    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "no-draft-lone"], choices=list(CONFIGS),
+    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c in DEFAULT_CONFIGS], choices=list(CONFIGS),
                    help="configurations to compare; no-draft is always included as the baseline; no-draft-lone "
-                        "decodes lone tokens alone (the fastest plain decoding, what llama.cpp does; see --exact)")
+                        "decodes lone tokens alone (the fastest plain decoding, what llama.cpp does; see --exact); "
+                        "*-noguess: without spare-row guesses (--no-spare-guess)")
     p.add_argument("--max-tokens", type=int, default=200, help="tokens per generation (default: 200)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of every (prompt, config) (default: 3)")
     p.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder (default: bench/out)")
@@ -63,7 +68,8 @@ def main(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, args.only)
     spec = build(SpecOptions, args)
     gp = GenParams(max_tokens=args.max_tokens, draft_max=spec.draft_max, draft_min=spec.draft_min,
-                   draft_p_min=spec.draft_p_min, draft_policy=spec.draft_policy)
+                   draft_p_min=spec.draft_p_min, draft_policy=spec.draft_policy,
+                   spare_guess=spec.spare_guess)
     opts = build(ModelOptions, args)
     with load_progress(console) as progress:
         rt = Runtime(opts, spec=spec, announce=console.print, progress=progress)

@@ -1,4 +1,5 @@
-"""`tandem run`: one generation on the terminal; accepted draft tokens in green, then a stats line."""
+"""`tandem run`: one generation on the terminal; accepted draft tokens in green (spare-row guesses in cyan),
+then a stats line."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from tandem.models.library import Library
 from tandem.runtime import Runtime
 from tandem.spec.generate import Done, GenParams
 from tandem.spec.sampling import SamplingParams
+
+SOURCE_STYLES = {"draft": "green", "guess": "cyan"}
+"""Terminal style of a token by its source (main-model tokens are unstyled)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
     models, spec = lib.resolve(build(ModelOptions, args), build(SpecOptions, args), explicit(args))
     gp = GenParams(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop),
                    draft_max=spec.draft_max, draft_min=spec.draft_min, draft_p_min=spec.draft_p_min,
-                   draft_policy=spec.draft_policy)
+                   draft_policy=spec.draft_policy, spare_guess=spec.spare_guess)
     with load_progress(err, quiet=args.json) as progress:
         rt = Runtime(models, spec=spec, announce=lambda s: err.print(s), progress=progress)
     tokens = rt.prompt(text=prompt, raw=args.raw)
@@ -58,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
             break
         records.append({"id": ev.id, "text": ev.text, "source": ev.source})
         if not args.json:
-            out.print(Text(ev.text, style="green" if ev.source == "draft" else ""), end="")
+            out.print(Text(ev.text, style=SOURCE_STYLES.get(ev.source, "")), end="")
     if args.json:
         print(json.dumps({"text": "".join(r["text"] for r in records),
                           "tokens": [r for r in records if r["id"] >= 0], "stats": stats.to_dict()}))
@@ -67,5 +71,6 @@ def main(args: argparse.Namespace) -> int:
     err.print(f"[dim]{stats.tokens_per_second:.1f} tok/s · {stats.generated_tokens} tokens · "
               f"acceptance {stats.acceptance_rate:.0%} · drafted {stats.drafted} / accepted {stats.accepted} / "
               f"rejected {stats.rejected} / ignored {stats.ignored} · draft {stats.draft_model or 'none'} · "
+              + (f"guesses {stats.guesses_accepted} of {stats.guessed} right · " if stats.guessed else "") +
               f"stop {stats.stop_reason}[/dim]")
     return 0

@@ -41,6 +41,11 @@ class Metrics:
         self.drafted_by_pos = Counter("tandem_spec_draft_tokens_per_pos",
                                       "Draft tokens proposed at each draft position (0-based)", ["position"],
                                       registry=r)
+        self.guessed = Counter("tandem_spec_guessed_tokens", "Plain steps' spare-row n-gram guesses (exact mode)",
+                               registry=r)
+        self.guesses_accepted = Counter("tandem_spec_accepted_guessed_tokens",
+                                        "Spare-row guesses the main model confirmed (tokens gained at no cost)",
+                                        registry=r)
         self.queue_depth = Gauge("tandem_queue_depth", "Requests waiting for the engine", registry=r)
         self.engine_ready = Gauge("tandem_engine_ready", "1 when the models are loaded and serving", registry=r)
 
@@ -54,6 +59,8 @@ class Metrics:
         self.accepted.inc(stats.accepted)
         self.rejected.inc(stats.rejected)
         self.ignored.inc(stats.ignored)
+        self.guessed.inc(stats.guessed)
+        self.guesses_accepted.inc(stats.guesses_accepted)
         # Position counts are of verified drafts; accepted-then-unused ones stay counted here.
         for pos, (d, a) in enumerate(zip(stats.drafted_by_position, stats.accepted_by_position)):
             self.drafted_by_pos.labels(str(pos)).inc(d)

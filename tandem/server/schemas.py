@@ -196,7 +196,7 @@ class CompletionRequest(_GenRequest):
 # -- responses ------------------------------------------------------------------------------------
 class TokenSource(BaseModel):
     text: str
-    source: Literal["draft", "main"]
+    source: Literal["draft", "guess", "main"]
 
 
 class Usage(BaseModel):

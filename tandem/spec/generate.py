@@ -12,6 +12,7 @@ from tandem.engine.llama import Context
 from tandem.errors import BadInputError, ContextOverflowError
 from tandem.spec.drafters import Drafter
 from tandem.spec.costs import CostModel
+from tandem.spec.ngram import NgramDrafter
 from tandem.spec.policy import POLICIES, DraftPolicy, make_policy
 from tandem.spec.sampling import SamplingParams, probs, sample
 from tandem.spec.stats import SpecStats
@@ -38,6 +39,10 @@ class GenParams:
     draft_policy: str = "adaptive"
     """adaptive: draft the number of tokens (0 included) with the most expected tokens per second;
     fixed: always up to draft_max. A seed at T > 0 uses fixed, so that the same seed gives the same text."""
+    spare_guess: bool = True
+    """Exact mode (the main model never decodes a lone row): a plain step fills its second row with an n-gram
+    guess of the next token instead of decoding the previous token again. The step costs the same; a right
+    guess gives one more token."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -60,7 +65,7 @@ class Token:
 
     id: int
     text: str
-    source: str  # "main" or "draft"
+    source: str  # "main", "draft" (proposed by the drafter, accepted) or "guess" (a plain step's spare-row guess)
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,9 @@ class _Output:
         self.done = True
         self.stats.stop_reason = reason
 
-    def emit(self, tokens: Sequence[int], n_draft: int) -> Iterator[Token]:
-        """Yield tokens (the first n_draft came from the draft) until a stop; count unused drafts as ignored."""
+    def emit(self, tokens: Sequence[int], n_draft: int, source: str = "draft") -> Iterator[Token]:
+        """Yield tokens (the first n_draft came from the drafter, or were a guess) until a stop; count unused
+        drafts as ignored."""
         used = 0
         for i, tok in enumerate(tokens):
             used = i + 1
@@ -92,14 +98,14 @@ class _Output:
                 self.finish("eos")
                 break
             self.stats.generated_tokens += 1
-            yield Token(tok, self.text.push(self.model.piece(tok)), "draft" if i < n_draft else "main")
+            yield Token(tok, self.text.push(self.model.piece(tok)), source if i < n_draft else "main")
             if self.text.stopped:
                 self.finish("stop")
                 break
             if self.stats.generated_tokens >= self.gp.max_tokens:
                 self.finish("length")
                 break
-        if n_draft > used:
+        if n_draft > used and source == "draft":
             self.stats.unuse(n_draft - used)
 
     @property
@@ -162,6 +168,9 @@ class _Speculator:
             # policy never drafted again (issue 6 bench, full draft context).
             self.policy.observe_time(n_drafted, accepted + 1, self._step_seconds + seconds)
 
+    def guessed(self, right: bool) -> None:
+        self.policy.observe_guess(right)
+
 
 class _Speculation:
     """The speculators of one generation: one per drafter, or one per part of a combined drafter (n-gram
@@ -193,6 +202,11 @@ class _Speculation:
     def verified(self, n_drafted: int, accepted: int, seconds: float) -> None:
         self.last.verified(n_drafted, accepted, seconds)
 
+    def guessed(self, right: bool) -> None:
+        """The step's spare-row guess was (or would have been) right: every part weighs plain steps by it."""
+        for part in self.parts:
+            part.guessed(right)
+
 
 def _fresh_costs() -> Callable[[Drafter, str], CostModel]:
     """A cost model per key, for one generate() call (the Runtime keeps its own across calls)."""
@@ -223,6 +237,7 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
     out = _Output(main, gp, stats)
     rng = np.random.default_rng(gp.sampling.seed)
     spec = _Speculation(drafter, gp, costs or _fresh_costs()) if drafter is not None else None
+    guesser = NgramDrafter() if main.pairs and gp.spare_guess else None
     t0 = time.perf_counter()
     # 1. Evaluate the prompt with the main model and choose the first token.
     main.rollback(0)
@@ -245,6 +260,12 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         # 3. Draft as many tokens as the policy finds worth it (0: a plain step), within max_tokens and the context.
         k = min(gp.draft_max, out.remaining - 1, main.n_ctx - n_past - 1)
         proposal = spec.propose(history, k, rng) if spec is not None else EMPTY
+        # 3b. Exact mode: a plain step decodes two rows anyway, so let the second be a guess instead of a repeat.
+        roomy = guesser is not None and min(out.remaining, main.n_ctx - n_past) > 1
+        guessed = guesser.propose(history, 1) if roomy else EMPTY
+        guess = not proposal.tokens and bool(guessed.tokens)
+        if guess:
+            proposal = guessed
         # 4. Verify the newest token and the drafts in ONE llama_decode, then keep the agreed prefix.
         keep, t_verify = n_past, time.perf_counter()
         try:
@@ -254,13 +275,15 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         finally:
             # 5. Roll the main KV back past the rejected drafts (on error, past the whole step).
             main.rollback(keep)
-        # 6. Record the step; let the cost model and the policy learn from it.
-        stats.record_step(len(proposal.tokens), result.accepted)
+        # 6. Record the step; let the cost model and the policy learn from it (a guess step is a plain step).
+        new, n_drafted = result.tokens(proposal), 0 if guess else len(proposal.tokens)
+        stats.record_step(n_drafted, result.accepted, guessed=len(proposal.tokens) if guess else 0)
         if spec is not None:
-            spec.verified(len(proposal.tokens), result.accepted, t_verify)
-        # 7. Emit the accepted drafts and the main model's own token; stop early if needed.
-        new = result.tokens(proposal)
-        yield from out.emit(new, result.accepted)
+            spec.verified(n_drafted, 0 if guess else result.accepted, t_verify)
+            if roomy:  # what a plain step would gain here: the guess, right or not, whichever step ran
+                spec.guessed(guessed.tokens[:1] == new[:1])
+        # 7. Emit the accepted drafts (or guess) and the main model's own token; stop early if needed.
+        yield from out.emit(new, result.accepted, "guess" if guess else "draft")
         history.extend(new)
     stats.generation_time = time.perf_counter() - t0 - stats.prompt_time
     yield Done(stats, out.text.flush())

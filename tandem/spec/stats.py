@@ -25,6 +25,11 @@ class SpecStats:
     """Verification steps that carried at least one draft token."""
     plain_steps: int = 0
     """Steps that decoded without a draft (policy chose 0, or the draft was shorter than draft-min)."""
+    guessed: int = 0
+    """Exact mode: plain steps whose spare row carried an n-gram guess of the next token (not drafts: they are
+    outside accepted + rejected + ignored == drafted)."""
+    guesses_accepted: int = 0
+    """Of those guesses, how many the main model confirmed: tokens gained at no cost."""
     prompt_tokens: int = 0
     """Tokens in the prompt."""
     generated_tokens: int = 0
@@ -41,10 +46,13 @@ class SpecStats:
     """Why there is no draft when one was expected (set by --draft-optional fallbacks)."""
 
     # -- recording ---------------------------------------------------------------------------
-    def record_step(self, n_drafted: int, n_accepted: int) -> None:
-        """One verification step: n_drafted offered, the first n_accepted agreed with the main model."""
+    def record_step(self, n_drafted: int, n_accepted: int, *, guessed: int = 0) -> None:
+        """One verification step: n_drafted offered, the first n_accepted agreed with the main model; a plain
+        step (n_drafted 0) may carry `guessed` spare-row guesses, of which n_accepted were right."""
         if n_drafted == 0:
             self.plain_steps += 1
+            self.guessed += guessed
+            self.guesses_accepted += n_accepted if guessed else 0
             return
         self.draft_steps += 1
         self.drafted += n_drafted
@@ -113,6 +121,8 @@ class SpecStats:
             "mean_accepted_length": round(self.mean_accepted_length, 3),
             "draft_steps": self.draft_steps,
             "plain_steps": self.plain_steps,
+            "guessed_tokens_count": self.guessed,
+            "accepted_guessed_tokens_count": self.guesses_accepted,
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated_tokens,
             **({"draft_status": self.draft_status} if self.draft_status else {}),

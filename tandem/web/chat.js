@@ -75,6 +75,9 @@ function statsLine(s) {
   } else {
     parts.push("no draft");
   }
+  if (s.guessed_tokens_count) {
+    parts.push(`guesses ${s.accepted_guessed_tokens_count} of ${s.guessed_tokens_count} right`);
+  }
   if (s.draft_status) parts.push(`draft unavailable: ${s.draft_status}`);
   return parts.join(" · ");
 }
