@@ -224,26 +224,3 @@ def test_probes_are_never_too_short_to_show_that_drafting_pays():
     rate, ks = simulate(policy, lambda _: 0.0, 1 / 60, tokens=300)
     assert min(k for k in ks if k > 0) >= shortest
     assert rate > 0.9 / verify_seconds(1)
-
-
-def test_right_spare_row_guesses_make_plain_steps_worth_more():
-    """In exact mode a plain step's spare row carries an n-gram guess: a sequence whose guesses are right
-    makes a plain step yield ~2 tokens, and a draft that beat 1 token per plain step must now beat that."""
-    cost = warm_cost(1 / 500)
-    acceptance = [0.8] * 8  # drafting 8 tokens: ~80 tok/s against 44 for a 1-token plain step
-    base = AdaptivePolicy(cost, 8)
-    assert base.plain_tokens() == 1.0 and base.best(8, acceptance) > 0
-    guessing = AdaptivePolicy(cost, 8)
-    for _ in range(30):
-        guessing.observe_guess(True)
-    assert guessing.plain_tokens() > 1.9 and guessing.best(8, acceptance) == 0
-    wrong = AdaptivePolicy(cost, 8)  # starts from the long run (all right so far), then learns its own
-    for _ in range(30):
-        wrong.observe_guess(False)
-    assert wrong.plain_tokens() < 1.2 and wrong.best(8, acceptance) > 0
-    # the drafter's long run carries over: a new sequence starts from what guesses achieved before, once it
-    # guesses at all (a generation with --no-spare-guess never does, and counts 1 token a plain step)
-    fresh = AdaptivePolicy(cost, 8)
-    assert fresh.plain_tokens() == 1.0
-    fresh.observe_guess(True)
-    assert 1.3 < fresh.plain_tokens() < 1.8

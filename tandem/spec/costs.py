@@ -191,7 +191,6 @@ class CostModel:
         """Weight of older acceptance observations per new one (about 100 steps of memory)."""
         self._hits: list[float] = []
         self._seen: list[float] = []
-        self._guess = [0.0, 0.0]  # decayed (right, made) counts of spare-row guesses, across sequences
         self._catch_up: float | None = None
         """Seconds per token for the drafter to catch up on tokens it has not seen (batched; running mean).
         The first draft of a sequence pays it for the whole prompt, so a probe there costs far more than
@@ -251,15 +250,6 @@ class CostModel:
         g = self.accept_decay
         self._seen[position] = g * self._seen[position] + 1.0
         self._hits[position] = g * self._hits[position] + (1.0 if accepted else 0.0)
-
-    def observe_guess(self, right: bool) -> None:
-        """A step's spare-row guess of its first token was (or, on a drafting step, would have been) right."""
-        g = self.accept_decay
-        self._guess = [g * self._guess[0] + (1.0 if right else 0.0), g * self._guess[1] + 1.0]
-
-    def guess_long_run(self) -> tuple[float, float]:
-        """(right, made) decayed counts of spare-row guesses across this drafter's sequences."""
-        return self._guess[0], self._guess[1]
 
     def long_run(self, position: int) -> tuple[float, float]:
         """(accepted, checked) decayed counts at 0-based `position` across this drafter's sequences."""

@@ -168,9 +168,6 @@ class _Speculator:
             # policy never drafted again (issue 6 bench, full draft context).
             self.policy.observe_time(n_drafted, accepted + 1, self._step_seconds + seconds)
 
-    def guessed(self, right: bool) -> None:
-        self.policy.observe_guess(right)
-
 
 class _Speculation:
     """The speculators of one generation: one per drafter, or one per part of a combined drafter (n-gram
@@ -201,11 +198,6 @@ class _Speculation:
 
     def verified(self, n_drafted: int, accepted: int, seconds: float) -> None:
         self.last.verified(n_drafted, accepted, seconds)
-
-    def guessed(self, right: bool) -> None:
-        """The step's spare-row guess was (or would have been) right: every part weighs plain steps by it."""
-        for part in self.parts:
-            part.guessed(right)
 
 
 def _fresh_costs() -> Callable[[Drafter, str], CostModel]:
@@ -261,11 +253,9 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         k = min(gp.draft_max, out.remaining - 1, main.n_ctx - n_past - 1)
         proposal = spec.propose(history, k, rng) if spec is not None else EMPTY
         # 3b. Exact mode: a plain step decodes two rows anyway, so let the second be a guess instead of a repeat.
-        roomy = guesser is not None and min(out.remaining, main.n_ctx - n_past) > 1
-        guessed = guesser.propose(history, 1) if roomy else EMPTY
-        guess = not proposal.tokens and bool(guessed.tokens)
+        guess = not proposal.tokens and guesser is not None and min(out.remaining, main.n_ctx - n_past) > 1
         if guess:
-            proposal = guessed
+            proposal = guesser.propose(history, 1)
         # 4. Verify the newest token and the drafts in ONE llama_decode, then keep the agreed prefix.
         keep, t_verify = n_past, time.perf_counter()
         try:
@@ -280,8 +270,6 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         stats.record_step(n_drafted, result.accepted, guessed=len(proposal.tokens) if guess else 0)
         if spec is not None:
             spec.verified(n_drafted, 0 if guess else result.accepted, t_verify)
-            if roomy:  # what a plain step would gain here: the guess, right or not, whichever step ran
-                spec.guessed(guessed.tokens[:1] == new[:1])
         # 7. Emit the accepted drafts (or guess) and the main model's own token; stop early if needed.
         yield from out.emit(new, result.accepted, "guess" if guess else "draft")
         history.extend(new)

@@ -6,8 +6,7 @@ given that tokens 1..i-1 were), a step that drafts k tokens yields on average
     tokens(k) = 1 + sum_{j<=k} prod_{i<=j} a_i        and costs    time(k) = draft_cost(k) + verify_cost(k+1)
 
 and the policy picks the k in {0} U [draft_min, max_k] maximising tokens(k) / time(k). k = 0 is a plain
-step (one single-token decode); in exact mode its spare row carries an n-gram guess, so it yields 1 + the
-chance that the guess is right, which the policy estimates from every step's guess, used or not. Costs are measured online (`CostModel`, shared across requests);
+step (one single-token decode). Costs are measured online (`CostModel`, shared across requests);
 acceptance is estimated per sequence (`AdaptivePolicy`, new per request). When no k > 0 pays, the policy
 still drafts a small probe now and then, spaced so that failed probes cost about 2% of the time, further
 apart after each failure and sooner after a success, so it notices when acceptance rises again.
@@ -37,9 +36,6 @@ class DraftPolicy(Protocol):
     def observe_time(self, drafted: int, tokens: int, seconds: float) -> None:
         """The step's wall time (draft + verify) and the tokens it yielded."""
 
-    def observe_guess(self, right: bool) -> None:
-        """Whether a plain step's spare-row guess was (or would have been) right this step (exact mode)."""
-
 
 class FixedPolicy:
     """Always drafts as many tokens as allowed (--draft-policy fixed)."""
@@ -57,9 +53,6 @@ class FixedPolicy:
         """Nothing to learn."""
 
     def observe_time(self, drafted: int, tokens: int, seconds: float) -> None:
-        """Nothing to learn."""
-
-    def observe_guess(self, right: bool) -> None:
         """Nothing to learn."""
 
 
@@ -106,8 +99,6 @@ class AdaptivePolicy:
         self.probe_max = probe_max
         self._hits = [0.0] * draft_max   # decayed accepted counts per draft position
         self._seen = [0.0] * draft_max   # decayed observation counts per draft position
-        self._guess = [0.0, 0.0]         # decayed (right, made) spare-row guesses of this sequence
-        self._guessing = False           # this sequence's plain steps guess (the first guess is observed)
         self._asked = 0                  # k chosen for the current step
         self._probing = False            # the current step is a probe
         # Probe interval exponent: a drafter with a history (its cost model has seen verifications) starts at the
@@ -132,24 +123,10 @@ class AdaptivePolicy:
             est.append(prior)
         return est
 
-    def plain_tokens(self) -> float:
-        """Expected tokens of a plain step: 1, plus the chance that its spare-row guess is right (exact mode;
-        a sequence's guesses shrunk towards the drafter's long run; 1 until this sequence makes a guess, so that
-        a generation without guesses does not count on earlier ones)."""
-        if not self._guessing:
-            return 1.0
-        long_right, long_made = self.cost.guess_long_run()
-        prior = long_right / long_made if long_made else 0.0
-        return 1.0 + (self._guess[0] + self.prior_weight * prior) / (self._guess[1] + self.prior_weight)
-
-    def _plain_rate(self) -> float:
-        """Tokens per second a k = 0 step must be beaten by, the margin included."""
-        return self.margin * self.plain_tokens() / max(self.cost.verify_cost(1), 1e-9)
-
     def best(self, max_k: int, acceptance: list[float] | None = None) -> int:
         """The k in {0} U [draft_min, max_k] with the most expected tokens per second (ties: smaller k),
         under the estimated acceptance (or the one given)."""
-        best_k, best_rate = 0, self._plain_rate()
+        best_k, best_rate = 0, self.margin / max(self.cost.verify_cost(1), 1e-9)
         for k, rate in self._rates(min(max_k, self.draft_max), acceptance):
             if k >= self.draft_min and self.cost.bias * rate > best_rate:
                 best_k, best_rate = k, self.cost.bias * rate
@@ -241,12 +218,6 @@ class AdaptivePolicy:
             self._probing, self._confirm = False, ok and self._probe_pays
             self._next_probe = 2 * drafted
 
-    def observe_guess(self, right: bool) -> None:
-        """A step's spare-row guess was (or, on a drafting step, would have been) right: what plain steps gain."""
-        g, self._guessing = self.decay, True
-        self._guess = [g * self._guess[0] + (1.0 if right else 0.0), g * self._guess[1] + 1.0]
-        self.cost.observe_guess(right)
-
     def _scale(self, g: float) -> None:
         """Weigh the acceptance evidence so far by g."""
         self._hits = [g * h for h in self._hits]
@@ -257,7 +228,7 @@ class AdaptivePolicy:
 
     def _paying_length(self, lo: int, hi: int) -> int | None:
         """The smallest k in [lo, hi] that would beat plain decoding if every draft token were accepted."""
-        plain = self._plain_rate()
+        plain = self.margin / max(self.cost.verify_cost(1), 1e-9)
         for k, rate in self._rates(hi, [1.0] * hi):
             if k >= lo and self.cost.bias * rate > plain:
                 return k
