@@ -23,6 +23,7 @@ from tandem.spec.drafters import Drafter, ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token, generate
 from tandem.spec.ngram import CombinedDrafter, NgramDrafter
 from tandem.spec.costs import CostModel
+from tandem.spec.payoff import best_case_speedup
 
 log = logging.getLogger("tandem.runtime")
 
@@ -116,6 +117,34 @@ class Runtime:
                 self._drop_draft(draft_model, e)
         if self.draft_status:
             log.warning("running without the draft (--draft-optional): %s", self.draft_status)
+        self.payoff: float | None = self._check_payoff()
+        """Exact mode with a draft model: the tokens/s ratio over plain decoding that the draft would give
+        if every token were accepted (below 1: it cannot pay; a warning at load). None otherwise."""
+
+    def _check_payoff(self) -> float | None:
+        """Time the main's lone and batched decodes and the draft's, and warn when even full acceptance
+        could not beat plain decoding (the calibrations are the cost models' starting points anyway)."""
+        if not self.main.pairs or self.drafter is None:
+            return None
+        if self._verify_costs is None:
+            self._verify_costs = calibrate_verify(self.main, max(self.main_model.bos, 0))
+        d = self.drafter
+        if d.name not in self._draft_costs:
+            self._draft_costs[d.name] = calibrate_draft(d.ctx, max(d.ctx.model.bos, 0))
+            d.reset()
+        lone = calibrate_lone(self.main, max(self.main_model.bos, 0))
+        drafted = self._draft_costs[d.name].get("one")
+        if lone is None or drafted is None or not self._verify_costs:
+            return None
+        ratio, k = best_case_speedup(self._verify_costs, drafted, lone, self.spec.draft_max)
+        if 0.0 < ratio < 1.0:
+            msg = (f"draft {d.name} cannot make {self.main_model.name} faster on this machine: even if every draft "
+                   f"token were accepted, the best draft length ({k}) would give {ratio:.2f}x the tokens/s of plain "
+                   f"decoding (a draft token costs {drafted * 1e3:.1f} ms, a plain main token {lone * 1e3:.1f} ms). "
+                   "Output stays exact. For speed, start with --draft none (plain decoding, one row a token), "
+                   "or use a smaller or more quantized draft")
+            log.warning("%s", msg)
+        return ratio
 
     def _probe(self) -> exact.Invariance | None:
         """Check that every verification batch size computes a row the same way (None when the context is too
@@ -278,6 +307,27 @@ def calibrate_verify(main: Context, token: int, *, reps: int = 3, offset: int = 
     finally:
         main.rollback(0)
     return out
+
+
+def calibrate_lone(main: Context, token: int, *, reps: int = 3, offset: int = 32) -> float | None:
+    """Median seconds of one lone-row decode of the main model, as llama.cpp's plain decoding runs it (exact
+    mode's pairing off for the measurement). None when the context is too small; leaves it empty."""
+    if offset + 1 > main.n_ctx:
+        return None
+    saved, main.pairs = main.pairs, False
+    main.rollback(0)
+    try:
+        main.decode([token] * offset, 0, logits="none")
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            main.decode([token], offset, logits="all")
+            times.append(time.perf_counter() - t0)
+            main.rollback(offset)
+        return sorted(times)[len(times) // 2]
+    finally:
+        main.rollback(0)
+        main.pairs = saved
 
 
 def calibrate_draft(ctx: Context, token: int, *, reps: int = 3, batch: int = 32) -> dict[str, float]:

@@ -1,10 +1,11 @@
-"""Runtime pieces not covered elsewhere: the verification-cost calibration the adaptive policy starts from."""
+"""Runtime pieces not covered elsewhere: the cost calibrations the adaptive policy starts from, and the
+load-time check of whether the draft can pay."""
 
 from __future__ import annotations
 
 from tandem.config import ModelOptions, SpecOptions
 from tandem.engine.llama import Context, ContextParams, Model
-from tandem.runtime import CALIBRATION_SIZES, Runtime, calibrate_draft, calibrate_verify
+from tandem.runtime import CALIBRATION_SIZES, Runtime, calibrate_draft, calibrate_lone, calibrate_verify
 from tandem.spec.generate import GenParams, Token
 
 
@@ -82,3 +83,26 @@ def test_a_draft_model_is_calibrated_once_for_all_its_cost_models(tiny):
     part = rt.cost(rt.drafter, f"ngram+{rt.drafter.name}/{rt.drafter.name}")
     assert part is not alone and rt.drafter.ctx.tokens_processed == before
     assert part.draft(1) == alone.draft(1) and part.catch_up == alone.catch_up
+
+
+def test_lone_row_timing_leaves_exact_pairing_on_and_the_context_empty(tiny):
+    ctx = Context(Model(tiny["main"], repack=False), ContextParams(n_ctx=256, exact=True))
+    ctx.decode([1, 2, 3], 0)
+    assert calibrate_lone(ctx, 1) > 0
+    assert ctx.pairs and ctx.pos_max() == -1
+    ctx.decode([5], 0)  # exact-mode tracking starts afresh: a one-token prompt, then a lone token, pair fine
+    ctx.decode([6], 1)
+    assert ctx.pos_max() == 1
+    assert calibrate_lone(ctx, 1, offset=256) is None  # no room after the offset
+
+
+def test_the_draft_payoff_is_measured_at_load_in_exact_mode_only(tiny):
+    rt = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=256),
+                 spec=SpecOptions(), announce=lambda _s: None)
+    assert rt.exact and rt.payoff is not None and rt.payoff > 0
+    assert rt.main.pos_max() == -1 and rt._verify_costs and rt.drafter.name in rt._draft_costs  # calibrated once
+    plain = Runtime(ModelOptions(model=str(tiny["main"]), draft="none", ctx_size=256), announce=lambda _s: None)
+    assert plain.payoff is None
+    loose = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=256, exact=False),
+                    announce=lambda _s: None)
+    assert loose.payoff is None

@@ -165,12 +165,17 @@ def test_errors_reach_the_turn_with_their_cause(registry_server):
 @needs_node
 def test_status_bar_says_when_the_draft_is_missing(server):
     health = httpx.get(f"{server.url}/health").json()
-    line = js("healthLine", health)
+    assert "draft_payoff" in health["model"]  # the field the page reads is served
+    ready = {**health, "model": {**health["model"], "draft_payoff": 1.9}}  # (the tiny draft cannot pay: < 1)
+    line = js("healthLine", ready)
     assert line["level"] == "ok" and health["model"]["id"] in line["text"]
     degraded = {**health, "status": "degraded", "reason": "draft needs 7.0 GiB, 2.1 GiB free"}
     assert js("healthLine", degraded) == {"text": "serving WITHOUT its draft: draft needs 7.0 GiB, 2.1 GiB free",
                                           "level": "warn"}
     assert js("healthLine", None)["level"] == "error"
+    hopeless = {**health, "model": {**health["model"], "draft_payoff": 0.76}}
+    line = js("healthLine", hopeless)
+    assert line["level"] == "warn" and "at most 0.76x" in line["text"] and "draft none" in line["text"]
     no_draft = {"draft_model": None, "status": "degraded", "draft_status": "draft failed to load: out of memory"}
     stats = {"tokens_per_second": 30.0, "time_to_first_token": 0.05, "generated_tokens": 10, **no_draft}
     assert js("statsLine", stats).endswith("no draft · draft unavailable: draft failed to load: out of memory")

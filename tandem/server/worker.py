@@ -53,6 +53,9 @@ class ModelInfo:
     draft_path: str | None
     exact: bool = False
     """Speculative output is bit-for-bit the main model's plain output (see tandem.engine.exact)."""
+    draft_payoff: float | None = None
+    """Exact mode with a draft model: tokens/s over plain decoding if every draft token were accepted, from
+    costs timed at load (below 1: the draft cannot make this model faster here; see tandem.spec.payoff)."""
 
 
 @dataclass(frozen=True)
@@ -457,7 +460,8 @@ def _model_info(rt: Runtime, model_id: str | None = None) -> ModelInfo:
                      aliases=frozenset({model_id or rt.main_model.name, rt.main_model.name, path.name, str(path),
                                         str(Path(path).resolve())}),
                      n_ctx=rt.main.n_ctx, created=created, draft_model=rt.draft_name,
-                     draft_path=str(d.ctx.model.path) if d else None, exact=rt.exact)
+                     draft_path=str(d.ctx.model.path) if d else None, exact=rt.exact,
+                     draft_payoff=None if rt.payoff is None else round(rt.payoff, 3))
 
 
 def _log_done(job: _Job, s: SpecStats) -> None:

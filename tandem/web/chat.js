@@ -105,6 +105,10 @@ function healthLine(h) {
   if (!h) return { text: "server unreachable", level: "error" };
   const m = h.model;
   const name = m ? `${m.id}${m.draft_model ? ` + draft ${m.draft_model}` : ", no draft"}${m.exact ? ", exact" : ""}` : "";
+  if (h.status === "ready" && m && m.draft_payoff != null && m.draft_payoff < 1) {
+    return { text: `ready: ${name}; this draft cannot make the model faster here (at most ${m.draft_payoff.toFixed(2)}x ` +
+      "if every draft token were accepted): choose draft none", level: "warn" };
+  }
   if (h.status === "ready") return { text: `ready: ${name}`, level: "ok" };
   if (h.status === "degraded") return { text: `serving WITHOUT its draft: ${h.reason}`, level: "warn" };
   if (h.status === "loading") return { text: `loading${name ? " " + name : ""}…`, level: "warn" };
