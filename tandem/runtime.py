@@ -264,11 +264,8 @@ class Runtime:
     def _pairing(self, events: Iterator[Token | Done], pairs: bool) -> Iterator[Token | Done]:
         """Run a generation with lone-row pairing set to `pairs` (generate starts by emptying the cache, so the
         exact mode's token tracking starts afresh), and restore it after."""
-        saved, self.main.pairs = self.main.pairs, pairs
-        try:
+        with self.main.pairing(pairs):
             yield from events
-        finally:
-            self.main.pairs = saved
 
     def _with_status(self, events: Iterator[Token | Done]) -> Iterator[Token | Done]:
         for ev in events:
@@ -289,9 +286,22 @@ def calibrate_verify(main: Context, token: int, *, reps: int = 3, offset: int = 
     cores: 15.7 ms for 1 token, 22.7 for 2, 46.7 for 9), so a line through the large sizes it does time
     puts a plain step at twice its real cost and drafting looks better than it is. Runs on an empty
     context (about 20 decodes; it empties it first) and leaves it empty."""
-    sizes = [n for n in CALIBRATION_SIZES if offset + n <= main.n_ctx]
+    return _time_decodes(main, token, [n for n in CALIBRATION_SIZES if offset + n <= main.n_ctx], reps, offset)
+
+
+def calibrate_lone(main: Context, token: int, *, reps: int = 3, offset: int = 32) -> float | None:
+    """Median seconds of one lone-row decode of the main model, as llama.cpp's plain decoding runs it (exact
+    mode's pairing off for the measurement). None when the context is too small; leaves it empty."""
+    with main.pairing(False):
+        return _time_decodes(main, token, [1] if offset + 1 <= main.n_ctx else [], reps, offset).get(1)
+
+
+def _time_decodes(main: Context, token: int, sizes: Sequence[int], reps: int, offset: int) -> dict[int, float]:
+    """Median seconds of a decode of n tokens (all logits) after `offset` cached tokens, for each n in sizes;
+    empties the context first and leaves it empty ({} when sizes is empty: a context too small to time in,
+    whose costs are then learnt online only)."""
     out: dict[int, float] = {}
-    if not sizes:  # a context too small to calibrate in: the costs are learnt online only
+    if not sizes:
         return out
     main.rollback(0)
     try:
@@ -307,27 +317,6 @@ def calibrate_verify(main: Context, token: int, *, reps: int = 3, offset: int = 
     finally:
         main.rollback(0)
     return out
-
-
-def calibrate_lone(main: Context, token: int, *, reps: int = 3, offset: int = 32) -> float | None:
-    """Median seconds of one lone-row decode of the main model, as llama.cpp's plain decoding runs it (exact
-    mode's pairing off for the measurement). None when the context is too small; leaves it empty."""
-    if offset + 1 > main.n_ctx:
-        return None
-    saved, main.pairs = main.pairs, False
-    main.rollback(0)
-    try:
-        main.decode([token] * offset, 0, logits="none")
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            main.decode([token], offset, logits="all")
-            times.append(time.perf_counter() - t0)
-            main.rollback(offset)
-        return sorted(times)[len(times) // 2]
-    finally:
-        main.rollback(0)
-        main.pairs = saved
 
 
 def calibrate_draft(ctx: Context, token: int, *, reps: int = 3, batch: int = 32) -> dict[str, float]:

@@ -3,6 +3,7 @@ depend on the batch it was decoded in, so speculative output is plain output bit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -151,6 +152,9 @@ class _BatchDependent:
 
     def rollback(self, pos: int) -> None:
         self.n = pos
+
+    def pairing(self, on: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def decode(self, tokens, pos0, *, logits="all"):
         rows = np.arange(pos0, pos0 + len(tokens), dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)

@@ -86,24 +86,23 @@ def probe(ctx: Context, tokens: Sequence[int], max_rows: int = 17) -> Invariance
     if len(tokens) < PREFIX + n or max_rows < 2:
         raise ValueError(f"the probe needs {PREFIX + n} tokens and max_rows >= 2, got {len(tokens)} and {max_rows}")
     p0, toks = PREFIX, list(tokens[PREFIX:PREFIX + n])
-    pairs, ctx.pairs = ctx.pairs, False  # the probe measures llama.cpp itself
-    try:
-        ctx.rollback(0)
-        ctx.decode(tokens[:p0], 0, logits="none")
-        ref = np.concatenate([ctx.decode(toks[s:s + 2], p0 + s, logits="all") for s in range(0, n, 2)])
-        multi = 0.0
-        for rows in sorted({3, 4, 5, 8, max_rows}):
-            if rows <= n:
-                ctx.rollback(p0)
-                multi = max(multi, _max_diff(ctx.decode(toks[:rows], p0, logits="all"), ref[:rows]))
-        ctx.rollback(p0)
-        single = _max_diff(ctx.decode(toks[:1], p0, logits="all")[0], ref[0])  # a lone row after the prompt
-        ctx.rollback(p0)
-        ctx.decode(toks[:2], p0, logits="none")
-        single = max(single, _max_diff(ctx.decode(toks[2:3], p0 + 2, logits="all")[0], ref[2]))  # after a pair
-    finally:
-        ctx.rollback(0)
-        ctx.pairs = pairs
+    with ctx.pairing(False):  # the probe measures llama.cpp itself
+        try:
+            ctx.rollback(0)
+            ctx.decode(tokens[:p0], 0, logits="none")
+            ref = np.concatenate([ctx.decode(toks[s:s + 2], p0 + s, logits="all") for s in range(0, n, 2)])
+            multi = 0.0
+            for rows in sorted({3, 4, 5, 8, max_rows}):
+                if rows <= n:
+                    ctx.rollback(p0)
+                    multi = max(multi, _max_diff(ctx.decode(toks[:rows], p0, logits="all"), ref[:rows]))
+            ctx.rollback(p0)
+            single = _max_diff(ctx.decode(toks[:1], p0, logits="all")[0], ref[0])  # a lone row after the prompt
+            ctx.rollback(p0)
+            ctx.decode(toks[:2], p0, logits="none")
+            single = max(single, _max_diff(ctx.decode(toks[2:3], p0 + 2, logits="all")[0], ref[2]))  # after a pair
+        finally:
+            ctx.rollback(0)
     return Invariance(multi_row=multi == 0.0, single_row=single == 0.0, multi_row_diff=multi,
                       single_row_diff=single, max_rows=max_rows)
 

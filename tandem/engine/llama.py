@@ -376,6 +376,16 @@ class Context:
         ptr = lib.llama_get_logits(self._ptr)
         return np.ctypeslib.as_array(ptr, shape=(len(want), self.model.n_vocab)).copy()
 
+    @contextlib.contextmanager
+    def pairing(self, on: bool) -> Iterator[None]:
+        """Decode with lone-row pairing on or off inside the block (the probe and the lone-row timing measure
+        llama.cpp itself; a bench baseline decodes as llama.cpp does), then restore it."""
+        saved, self.pairs = self.pairs, on
+        try:
+            yield
+        finally:
+            self.pairs = saved
+
     def rollback(self, pos: int, *, seq_id: int = 0) -> None:
         """Forget every cell of the sequence at position >= pos: the one place the KV cache is rewound."""
         if not _lib().llama_memory_seq_rm(self._mem, seq_id, pos, -1):

@@ -17,6 +17,7 @@ PAGES = {"/": ("chat.html", "text/html; charset=utf-8"), "/chat.js": ("chat.js",
 CSP = ("default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 """Scripts from this server only (no inline script), requests to this server only, and no framing."""
+HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
 def web_router() -> APIRouter:
@@ -25,10 +26,9 @@ def web_router() -> APIRouter:
     web = resources.files("tandem") / "web"
     for path, (name, media_type) in PAGES.items():
         body = (web / name).read_bytes()
-        headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
         async def page(body: bytes = body, media_type: str = media_type) -> Response:
-            return Response(body, media_type=media_type, headers=headers)
+            return Response(body, media_type=media_type, headers=HEADERS)
 
         router.add_api_route(path, page, methods=["GET", "HEAD"], include_in_schema=False)
     return router

@@ -203,14 +203,16 @@ if (typeof document !== "undefined") {
   }
 
   function render(turn, view) {
-    view.body.replaceChildren(...turn.pieces.map((p) => {
-      const span = document.createElement("span");
-      span.className = p.source;
-      span.textContent = p.text;
-      return span;
-    }));
+    // Only what changed: the last span (a run of one source grows) and the spans after it, not the whole answer
+    // on every chunk.
+    const spans = view.body.getElementsByTagName("span");
+    for (let i = Math.max(spans.length - 1, 0); i < turn.pieces.length; i++) {
+      const span = spans[i] || view.body.appendChild(document.createElement("span"));
+      span.className = turn.pieces[i].source;
+      span.textContent = turn.pieces[i].text;
+    }
     view.meta.textContent = turn.error ? "" : statsLine(turn.stats);
-    if (turn.error) {
+    if (turn.error && !view.body.querySelector(".error")) {
       const err = document.createElement("div");
       err.className = "error";
       err.textContent = turn.error;
