@@ -118,7 +118,10 @@ class ContextParams:
     type_v: str = "f32"
     """KV cache type for V."""
     n_seq_max: int = 1
-    """Parallel sequences sharing the context."""
+    """Sequences the context can hold at once (seq_id 0..n_seq_max-1), decoded together by decode_batch."""
+    kv_unified: bool = True
+    """One KV buffer shared by every sequence (n_ctx cells in all). Per-sequence streams (False) make llama.cpp
+    split a batch into equal-length pieces per sequence, so a mixed batch would take several decodes."""
     flash_attn: bool = False
     """Flash attention. Off by default: on CPU it makes a batch of k+1 tokens give logits up to 5e-2
     away from one-at-a-time decoding, enough to flip greedy tokens (measured on the tiny fixtures)."""
@@ -245,6 +248,27 @@ class Model:
         self.close()
 
 
+@dataclass(frozen=True)
+class SeqRows:
+    """One sequence's part of a batch: `tokens` at positions pos0.. of sequence `seq_id`."""
+
+    seq_id: int
+    tokens: Sequence[int]
+    pos0: int
+    logits: str | Sequence[int] = "last"
+    """"last", "all", "none" or the indices (into tokens) whose logits to return."""
+
+    def wanted(self) -> list[int]:
+        n = len(self.tokens)
+        if self.logits == "last":
+            return [n - 1] if n else []
+        if self.logits == "all":
+            return list(range(n))
+        if self.logits == "none":
+            return []
+        return sorted(self.logits)
+
+
 class Context:
     """A KV cache and compute state over a Model. Not thread-safe: one engine thread owns it."""
 
@@ -257,6 +281,7 @@ class Context:
         cp.n_batch = params.n_batch
         cp.n_ubatch = params.n_batch
         cp.n_seq_max = params.n_seq_max
+        cp.kv_unified = params.kv_unified
         cp.n_threads = cp.n_threads_batch = params.threads()
         cp.type_k = GGML_TYPES[params.type_k]
         cp.type_v = GGML_TYPES[params.type_v]
@@ -273,19 +298,19 @@ class Context:
         """What llama.cpp reported allocating for this context: {"kv", "compute", "output": bytes}."""
         self._mem = lib.llama_get_memory(self._ptr)
         self.n_ctx: int = lib.llama_n_ctx(self._ptr)
-        self._batch = lib.llama_batch_init(params.n_batch, 0, max(1, params.n_seq_max))
+        self._batch = lib.llama_batch_init(params.n_batch, 0, 1)
         self.tokens_processed = 0
         """How many tokens this context has decoded in all: the draft window's cost counter."""
         self.decode_calls = 0
         self.decode_seconds = 0.0
         """Wall time spent inside llama_decode: the rest of a step's time is Python overhead."""
-        if params.exact and (params.n_seq_max != 1 or params.n_batch < 2):
-            raise EngineError("exact decoding needs one sequence and n_batch >= 2", "use the memory plan's params")
+        if params.exact and params.n_batch < 2:
+            raise EngineError("exact decoding needs n_batch >= 2", "use the memory plan's params")
         self.pairs = params.exact
         """Whether lone rows are decoded with the row before them (see ContextParams.exact; the probe turns it
         off while it measures llama.cpp itself)."""
-        self._tokens: list[int] = []  # exact mode: the token at each KV position of sequence 0
-        self._solo: int | None = None  # exact mode: a position whose cell a one-row decode wrote (a 1-token prompt)
+        self._tokens: dict[int, list[int]] = {}  # exact mode: per sequence, the token at each KV position
+        self._solo: dict[int, int] = {}  # exact mode: per sequence, a position a one-row decode wrote (1-token prompt)
 
     def decode(self, tokens: Sequence[int], pos0: int, *, seq_id: int = 0,
                logits: str | Sequence[int] = "last") -> np.ndarray:
@@ -294,52 +319,68 @@ class Context:
         `logits` is "last", "all", "none" or the indices (into `tokens`) whose logits to return.
         Returns an array [n_requested, n_vocab] (float32, a copy). Long inputs are split into n_batch chunks.
         """
-        n = len(tokens)
-        if logits == "last":
-            want = [n - 1]
-        elif logits == "all":
-            want = list(range(n))
-        elif logits == "none":
-            want = []
-        else:
-            want = list(logits)
-        if self.pairs:
-            tokens, pos0, want = self._with_previous(tokens, pos0, seq_id, want)
+        part = SeqRows(seq_id, tokens, pos0, logits)
+        want = part.wanted()
+        if self.pairs and tokens:  # pair first, so the chunks below count the re-decoded row
+            seq_id, tokens, pos0, want = self._with_previous((seq_id, tokens, pos0, want), lone=len(tokens) == 1)
+        if len(tokens) <= self.params.n_batch:
+            return self.decode_batch([SeqRows(seq_id, tokens, pos0, want)])[0]
         out: list[np.ndarray] = []
-        chunks = self._chunks(len(tokens))
-        try:
-            for start, end in chunks:
-                chunk_want = [i - start for i in want if start <= i < end]
-                if self.pairs and len(chunk_want) == 1 and end - start > 1:
-                    # One output row would send the last layer's rows after attention through one-row kernels.
-                    i = chunk_want[0]
-                    rows = self._decode_chunk(tokens[start:end], pos0 + start, seq_id, sorted({i, i - 1 if i else 1}))
-                    out.append(rows[1:] if i else rows[:1])
-                else:
-                    out.append(self._decode_chunk(tokens[start:end], pos0 + start, seq_id, chunk_want))
-        finally:
-            if self.pairs:  # what the KV cache holds now: every chunk, or those decoded before an error
-                done = chunks[len(out) - 1][1] if out else 0
-                self._tokens[pos0:] = tokens[:done]
-                self._solo = pos0 if done == 1 else None
-        return np.concatenate(out) if len(out) > 1 else out[0]
+        for start, end in self._chunks(len(tokens)):
+            chunk_want = [i - start for i in want if start <= i < end]
+            out.append(self.decode_batch([SeqRows(seq_id, tokens[start:end], pos0 + start, chunk_want)])[0])
+        return np.concatenate(out)
 
-    def _with_previous(self, tokens: Sequence[int], pos0: int, seq_id: int,
-                       want: list[int]) -> tuple[Sequence[int], int, list[int]]:
+    def decode_batch(self, parts: Sequence[SeqRows]) -> list[np.ndarray]:
+        """Decode the rows of several sequences in ONE llama_decode; per part, the logits it asked for.
+
+        Parts name distinct sequences (0 <= seq_id < n_seq_max) and hold at most n_batch rows in all. In exact
+        mode a batch of one row is decoded with the row before it, and a batch that asks for one row's logits
+        asks for a second row's too (see ContextParams.exact), so no row ever takes llama.cpp's one-row kernels.
+        """
+        seqs = [p.seq_id for p in parts]
+        if len(set(seqs)) != len(seqs) or not all(0 <= s < max(1, self.params.n_seq_max) for s in seqs):
+            raise EngineError(f"a batch names sequences {seqs}: each at most once, below {self.params.n_seq_max}",
+                              "give every sequence one part, with n_seq_max large enough")
+        rows = [(p.seq_id, p.tokens, p.pos0, p.wanted()) for p in parts if p.tokens]
+        n = sum(len(r[1]) for r in rows)
+        if self.pairs:
+            rows = [self._with_previous(r, lone=n == 1) for r in rows]
+            n = sum(len(r[1]) for r in rows)
+        if n > self.params.n_batch:
+            raise EngineError(f"a batch of {n} rows exceeds n_batch {self.params.n_batch}",
+                              "split the batch, or use decode() for a long prompt")
+        done = False
+        try:
+            logits = self._decode_rows(rows)
+            done = True
+        finally:
+            if self.pairs:  # what the KV cache holds now: every part, or none after an error
+                for seq, toks, pos0, _ in rows:
+                    held = self._tokens.setdefault(seq, [])
+                    held[pos0:] = list(toks) if done else []
+                    if n == 1 and done:
+                        self._solo[seq] = pos0
+                    elif self._solo.get(seq, -1) >= pos0:
+                        del self._solo[seq]
+        out, it = [], iter(logits)
+        for p in parts:
+            out.append(next(it) if p.tokens else np.empty((0, self.model.n_vocab), dtype=np.float32))
+        return out
+
+    def _with_previous(self, row: tuple, *, lone: bool) -> tuple:
         """Exact mode: a lone token (or the first token after a cell a one-row decode wrote) is decoded with the
-        token before it, which is removed and decoded again: every batch of 2+ rows gives it the same values.
-        (decode then also asks for the previous row's logits: a batch's rows after the last layer's attention
-        are only those whose logits are asked for, and one such row would take the one-row kernels again.)"""
-        if seq_id != 0:
-            raise EngineError("exact decoding tracks sequence 0 only", "decode other sequences without exact")
-        if len(self._tokens) != pos0:
-            raise EngineError(f"exact decoding at position {pos0}, but the cache holds {len(self._tokens)} tokens",
-                              "roll back with Context.rollback before decoding again")
-        if pos0 == 0 or (len(tokens) > 1 and self._solo != pos0 - 1):
-            return tokens, pos0, want
-        prev = self._tokens[pos0 - 1]
-        self.rollback(pos0 - 1)
-        return [prev, *tokens], pos0 - 1, [i + 1 for i in want]
+        token before it, which is removed and decoded again: every batch of 2+ rows gives it the same values."""
+        seq, toks, pos0, want = row
+        held = self._tokens.setdefault(seq, [])
+        if len(held) != pos0:
+            raise EngineError(f"exact decoding of sequence {seq} at position {pos0}, but the cache holds "
+                              f"{len(held)} tokens", "roll back with Context.rollback before decoding again")
+        if pos0 == 0 or not (lone or self._solo.get(seq) == pos0 - 1):
+            return row
+        prev = held[pos0 - 1]
+        self.rollback(pos0 - 1, seq_id=seq)
+        return seq, [prev, *toks], pos0 - 1, [i + 1 for i in want]
 
     def _chunks(self, n: int) -> list[tuple[int, int]]:
         """[start, end) of each llama_decode call: n_batch tokens each; in exact mode never a lone last row."""
@@ -350,18 +391,27 @@ class Context:
             bounds[-2:] = [(a, b - 1), (b - 1, e)]
         return bounds
 
-    def _decode_chunk(self, tokens: Sequence[int], pos0: int, seq_id: int, want: Sequence[int]) -> np.ndarray:
+    def _decode_rows(self, rows: Sequence[tuple]) -> list[np.ndarray]:
+        """One llama_decode of (seq_id, tokens, pos0, wanted) parts; the wanted logits per part."""
         lib = _lib()
         b = self._batch
-        n = len(tokens)
-        wanted = set(want)
-        for i, t in enumerate(tokens):
-            b.token[i] = t
-            b.pos[i] = pos0 + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq_id
-            b.logits[i] = i in wanted
-        b.n_tokens = n
+        wanted = {(r, i) for r, (_, _, _, want) in enumerate(rows) for i in want}
+        extra = None
+        if self.pairs and len(wanted) == 1 and sum(len(r[1]) for r in rows) > 1:
+            # One output row would send the last layer's rows after attention through one-row kernels.
+            r, i = next(iter(wanted))
+            extra = (r, i - 1) if i else (r, 1) if len(rows[r][1]) > 1 else (0 if r else 1, 0)
+            wanted.add(extra)
+        k = 0
+        for r, (seq, toks, pos0, _) in enumerate(rows):
+            for i, t in enumerate(toks):
+                b.token[k] = t
+                b.pos[k] = pos0 + i
+                b.n_seq_id[k] = 1
+                b.seq_id[k][0] = seq
+                b.logits[k] = (r, i) in wanted
+                k += 1
+        b.n_tokens = k
         t0 = time.perf_counter()
         rc = lib.llama_decode(self._ptr, b)
         self.decode_seconds += time.perf_counter() - t0
@@ -370,11 +420,17 @@ class Context:
             hint = ("the KV cache is full: lower max_tokens or raise --ctx-size" if rc == 1
                     else "see the log for llama.cpp's message")
             raise EngineError(f"llama_decode failed with code {rc} for {self.model.name}", hint)
-        self.tokens_processed += n
-        if not want:
-            return np.empty((0, self.model.n_vocab), dtype=np.float32)
-        ptr = lib.llama_get_logits(self._ptr)
-        return np.ctypeslib.as_array(ptr, shape=(len(want), self.model.n_vocab)).copy()
+        self.tokens_processed += k
+        n_out = len(wanted)
+        all_rows = (np.ctypeslib.as_array(lib.llama_get_logits(self._ptr), shape=(n_out, self.model.n_vocab))
+                    if n_out else np.empty((0, self.model.n_vocab), dtype=np.float32))
+        # llama.cpp stores the output rows in batch order, which is (part, index) order
+        order = {key: j for j, key in enumerate(sorted(wanted))}
+        out = []
+        for r, (_, _, _, want) in enumerate(rows):
+            idx = [order[(r, i)] for i in want]
+            out.append(all_rows[idx].copy() if idx else np.empty((0, self.model.n_vocab), dtype=np.float32))
+        return out
 
     @contextlib.contextmanager
     def pairing(self, on: bool) -> Iterator[None]:
@@ -392,9 +448,17 @@ class Context:
             raise EngineError(f"llama.cpp refused to roll back sequence {seq_id} to position {pos}",
                               "this model's memory cannot be partially removed (recurrent models); "
                               "disable speculation with --draft none")
-        del self._tokens[pos:]
-        if self._solo is not None and self._solo >= pos:
-            self._solo = None
+        del self._tokens.setdefault(seq_id, [])[pos:]
+        if self._solo.get(seq_id, -1) >= pos:
+            del self._solo[seq_id]
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Make sequence dst's first n positions share sequence src's cells (no compute; dst must be empty)."""
+        if n > 0:
+            _lib().llama_memory_seq_cp(self._mem, src, dst, 0, n)
+        self._tokens[dst] = list(self._tokens.get(src, [])[:n])
+        if self._solo.get(src, n) < n:
+            self._solo[dst] = self._solo[src]
 
     def shift(self, p0: int, p1: int, delta: int, *, seq_id: int = 0) -> None:
         """Drop cells [p0, p1) of the sequence and add `delta` to the positions of all later cells."""
@@ -415,7 +479,7 @@ class Context:
 
     def clear(self) -> None:
         _lib().llama_memory_clear(self._mem, True)
-        self._tokens, self._solo = [], None
+        self._tokens, self._solo = {}, {}
 
     def state_bytes(self) -> int:
         return int(_lib().llama_state_get_size(self._ptr))
