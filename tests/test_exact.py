@@ -11,7 +11,7 @@ import pytest
 
 from tandem.config import ModelOptions, SpecOptions
 from tandem.engine import exact
-from tandem.engine.llama import Context, ContextParams, Model
+from tandem.engine.llama import Context, ContextParams, Model, SeqRows
 from tandem.errors import EngineError
 from tandem.runtime import Runtime
 from tandem.spec.drafters import ModelDrafter
@@ -235,3 +235,34 @@ def test_no_guesses_without_exact_mode(loopy):
         assert stats.guessed == 0 and all(t.source == "main" for t in with_guess)
         ids = [t.id for t in with_guess]  # it loops: in exact mode these steps would have guessed
         assert any(NgramDrafter().propose(ids[:i], 1).tokens for i in range(1, len(ids)))
+
+
+def _after_other_sequence(model: Model, toks: list[int], other_cells: int) -> np.ndarray:
+    """Sequence 0's exact plain steps (two rows each) after a 64-token prompt, decoded after sequence 1 took
+    the first `other_cells` KV cells."""
+    ctx = Context(model, dataclasses.replace(EXACT, n_seq_max=2))
+    if other_cells:
+        ctx.decode_batch([SeqRows(1, toks[:other_cells], 0, "none")])
+    ctx.decode(toks[:64], 0, logits="none")
+    return np.concatenate([ctx.decode(toks[64 + i:66 + i], 64 + i, logits="all") for i in range(0, 8, 2)])
+
+
+def test_where_a_sequences_cells_sit_is_what_moves_its_logits(model):
+    """What probe_sequences measures: attention sums run over KV cells in 16-wide SIMD groups, so another
+    sequence's cells before this one's change its rounding unless they fill whole groups."""
+    toks = exact.probe_tokens(Context(model, EXACT), 80)
+    alone = _after_other_sequence(model, toks, 0)
+    assert np.array_equal(_after_other_sequence(model, toks, 16), alone)
+    shifted = _after_other_sequence(model, toks, 5)
+    assert not np.array_equal(shifted, alone) and np.abs(shifted - alone).max() < 0.1
+
+
+@pytest.mark.parametrize("n_seqs", [2, 4])
+def test_probe_sequences_reports_what_sharing_a_batch_does_and_empties_the_cache(model, n_seqs):
+    ctx = Context(model, dataclasses.replace(EXACT, n_seq_max=4))
+    toks = exact.probe_tokens(ctx, exact.probe_length(8))
+    found = exact.probe_sequences(ctx, toks, n_seqs)
+    assert found.n_seqs == n_seqs and found.same == (found.diff == 0.0)
+    assert not found.same and 0 < found.diff < 0.1  # the fixtures' cells land at other offsets: see above
+    assert "other sequences share" in found.describe()
+    assert all(ctx.pos_max(s) == -1 for s in range(4))
