@@ -25,7 +25,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
-	$(BIN)/python bench/spec_bench.py $(ARGS)
+	$(BIN)/tandem bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -78,7 +78,7 @@ def test_llama_server_peer_runs_side_by_side(tiny, tmp_path):
 
 def test_end_to_end_ratio_counts_the_prompt_phase():
     """A config that moves work from the decode phase into the prompt phase gains tok/s, not end-to-end time."""
-    from tandem.bench import Sample, summarize, versus
+    from tandem.benchmarks.compare import Sample, summarize, versus
 
     def sample(cfg: str, ttft: float, seconds: float) -> Sample:
         return Sample(cfg, "p", 0, 101, seconds, 100 / seconds, ttft, 0, 0, 0.0, 0.0, 0, 0, 0.0, [1])
@@ -87,3 +87,123 @@ def test_end_to_end_ratio_counts_the_prompt_phase():
     row = next(r for r in summarize(samples) if r.config == "draft-model" and r.prompt_id == "all")
     assert row.ratio == pytest.approx(2.0 / 1.5) and row.end_to_end_ratio == pytest.approx(1.0)
     assert versus(samples, "draft-model", "no-draft", end_to_end=True) == pytest.approx(1.0)
+
+
+# The other modes (`tandem bench MODE`): each once on the tiny fixtures, at the smallest settings.
+
+
+ONE_THREAD = ("--threads", "1")
+"""Tiny models gain nothing from more threads, and a busy machine slows spinning threads down."""
+
+
+def bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tandem", "bench", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    """The cells of the Markdown table rows of `text` whose first cell starts with first_cell."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|")]
+    return [r for r in rows if r[0].startswith(first_cell)]
+
+
+def test_help_lists_every_mode_and_the_compare_options():
+    from tandem.benchmarks import MODES
+
+    r = bench("--help")
+    assert r.returncode == 0, r.stderr
+    for mode in MODES:
+        assert f"\n    {mode} " in r.stdout, mode
+    assert "--configs" in r.stdout and "--llama-server" in r.stdout  # the default mode's options
+    r = bench("window", "--help")
+    assert r.returncode == 0 and "--draft-ctx" in r.stdout and "--configs" not in r.stdout
+
+
+def test_mode_arguments_are_checked(tmp_path):
+    r = bench("costs", "--reps", "0")
+    assert r.returncode == 2 and "--reps: must be at least 1" in r.stderr
+    r = bench("rows", "--types", "q3_x")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = bench("payoff", "--model", str(tmp_path / "missing.gguf"))
+    assert r.returncode == 2 and "--model" in r.stderr and "does not exist" in r.stderr
+    r = bench("window", "--max-tokens", "100")
+    assert r.returncode == 2 and "at least 600" in r.stderr
+
+
+def test_costs_by_batch_size_and_by_position(tiny):
+    r = bench("costs", "--model", str(tiny["main"]), "--draft", str(tiny["draft_same"]), "--reps", "1", *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    (main,) = table_rows(r.stdout, "main ")
+    (draft,) = table_rows(r.stdout, "draft ")
+    assert all(c.endswith(" ms") and float(c.split()[0]) > 0 for c in main[2:]) and len(main) == 8
+    assert draft[2].endswith(" ms") and draft[3].endswith(" ms") and draft[4] == ""  # the draft: 1 and 2 tokens
+    r = bench("costs", "--by-position", "--model", str(tiny["main"]), "--positions", "40", "90", "--reps", "1",
+              *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    assert [(row[0], row[1]) for row in table_rows(r.stdout, "f")] == [("f32", "1"), ("f32", "17"), ("f16", "1"),
+                                                                       ("f16", "17")]
+    assert "position 90" in r.stdout
+
+
+def test_rows_probe_finds_batches_of_two_or_more_alike(tiny):
+    r = bench("rows", "--model", str(tiny["main"]), str(tiny["main_f16"]), *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    rows = table_rows(r.stdout, "tiny-main")
+    assert [(row[0].split("-")[-2], row[1]) for row in rows] == [("main", "no"), ("main", "yes"), ("f16", "no"),
+                                                                 ("f16", "yes")]
+    assert all(float(row[3]) == 0.0 for row in rows if row[1] == "no")  # what exact decoding relies on
+
+
+def test_exactness_counts_no_divergence_with_a_draft_equal_to_the_main(tiny, tmp_path):
+    out = tmp_path / "exactness.json"
+    r = bench("exactness", "--model", str(tiny["main"]), "--draft", str(tiny["draft_same"]), "--max-tokens", "6",
+              "--num-prompts", "3", "--out", str(out), *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["exact"]["diverged"] == [] and len(res["exact"]["spec_tok_s"]) == 3
+    assert res["plain_exact_vs_no_exact"] > 0 and "| exact | 0/3 |" in r.stdout
+
+
+def test_payoff_reports_the_load_time_figure_and_a_second_timing(tiny):
+    r = bench("payoff", "--model", str(tiny["main"]), "--draft", str(tiny["draft_same"]), *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    (row,) = table_rows(r.stdout, "tiny-main")
+    at_load, again, k = row[1], row[2], row[3]
+    assert float(at_load.rstrip("x")) > 0 and float(again.rstrip("x")) > 0 and 1 <= int(k) <= 16
+    assert row[4].endswith(" ms") and row[5].endswith(" ms")
+
+
+def test_kv_types_compares_f16_and_f32_main_caches(tiny, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(PROMPTS[1]) + "\n")
+    r = bench("kv-types", "--model", str(tiny["main"]), "--draft", str(tiny["draft_same"]), "--prompts", str(prompts),
+              "--max-tokens", "6", "--reps", "1", *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    assert "main KV f16: draft-model" in r.stdout and "main KV f32: draft-model" in r.stdout
+    assert "draft-model: f16 / f32 KV" in r.stdout and "draft-model output equal, f16 vs f32 KV:" in r.stdout
+
+
+def test_fit_tables_plan_against_llama_cpp_per_context(tiny):
+    r = bench("fit", "--model", str(tiny["main"]), "--draft", str(tiny["draft_same"]), "--ctx-size", "256",
+              "--q8-ctx-size", "512", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    per_model = [row for row in table_rows(r.stdout, "256") + table_rows(r.stdout, "512") if len(row) == 9]
+    assert [(row[0], row[1].split()[0]) for row in per_model] == [("256", "main"), ("256", "draft"),
+                                                                  ("512, q8_0 draft K", "main"),
+                                                                  ("512, q8_0 draft K", "draft")]
+    assert per_model[3][2] == "q8_0/f16" and all(row[-1] == "yes" for row in per_model)
+    assert len([row for row in table_rows(r.stdout, "256") if len(row) == 5]) == 1  # the whole-process table
+
+
+def test_window_slides_the_draft_and_keeps_the_output(tiny, tmp_path):
+    out = tmp_path / "window"
+    r = bench("window", "--model", str(tiny["main"]), "--draft", str(tiny["draft_same"]), "--ctx-size", "1024",
+              "--draft-ctx", "256", "--max-tokens", "600", "--warmup", "16", "--reps", "1", "--draft-policy", "fixed",
+              "--no-baseline", "--out", str(out), *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.with_suffix(".json").read_text())
+    (setting,) = data["settings"]
+    assert setting["shifts"] > 0 and setting["runs"][0]["generated"] == 600  # the window slid
+    assert data["same_tokens_everywhere"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

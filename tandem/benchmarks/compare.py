@@ -29,7 +29,7 @@ class BenchConfig:
     params: dict = field(default_factory=dict)
     """GenParams fields this configuration overrides (e.g. spare_guess=False)."""
     peer: object | None = None
-    """A tandem.bench_peer.LlamaServerPeer that generates instead of Tandem (greedy only)."""
+    """A tandem.benchmarks.peer.LlamaServerPeer that generates instead of Tandem (greedy only)."""
 
 
 @dataclass

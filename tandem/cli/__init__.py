@@ -12,7 +12,7 @@ from tandem.errors import TandemError
 SUBCOMMANDS = {
     "run": "Generate once from a prompt, colouring the tokens the draft got accepted.",
     "serve": "Serve an OpenAI-compatible API with speculative decoding.",
-    "bench": "Measure tokens/s with and without speculation, side by side.",
+    "bench": "Measure tokens/s with and without speculation, side by side (or what a MODE measures).",
     "models": "List models and their compatible drafts; set per-model defaults.",
     "fit": "Show the memory plan for a model and its draft before loading.",
 }

@@ -1,20 +1,22 @@
-"""`tandem bench`: configurations side by side in one process; writes Markdown, JSON and a PNG plot."""
+"""`tandem bench`: configurations side by side in one process (Markdown, JSON and a PNG plot), or one of the
+modes of tandem.benchmarks (`tandem bench MODE`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 
-from tandem.bench import PEER, BenchConfig, markdown, now_iso, run_suite, summarize, versus, write_outputs
-from tandem.bench_peer import LlamaServerPeer, PeerSettings
+from tandem.benchmarks import MODES, module_name
+from tandem.benchmarks.common import load_prompts
+from tandem.benchmarks.compare import PEER, BenchConfig, markdown, now_iso, run_suite, summarize, versus, write_outputs
+from tandem.benchmarks.peer import LlamaServerPeer, PeerSettings
 from tandem.cli.options import add_options, build
 from tandem.cli.progress import load_progress
 from tandem.config import ModelOptions, SpecOptions
-from tandem.errors import BadInputError
 from tandem.prompts import DATA
 from tandem.runtime import Runtime
 from tandem.spec.generate import GenParams
@@ -35,6 +37,9 @@ NEEDS_DRAFT = ("draft-model", "draft-model-noguess", "both")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.allow_abbrev = False  # a mode's options come after MODE: no prefix of them may match an option above
+    p.usage = ("%(prog)s [OPTIONS]            compare configurations side by side (the options below)\n"
+               "       %(prog)s MODE [OPTIONS]       one of the modes listed at the end")
     p.add_argument("--prompts", type=Path, default=DATA / "bench_prompts.jsonl",
                    help="JSONL file of {id, prompt} (default: the LM Studio prompts, a code edit, a creative one)")
     p.add_argument("--only", nargs="*", default=None, help="prompt ids to run (default: all)")
@@ -51,19 +56,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(llama-server-ngram), for the configs chosen")
     add_options(p, ModelOptions)
     add_options(p, SpecOptions)
-
-
-def load_prompts(path: Path, only: list[str] | None) -> dict[str, str]:
-    if not path.exists():
-        raise BadInputError(f"prompt file {path} does not exist", "pass --prompts FILE.jsonl")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    prompts = {r["id"]: r["prompt"] for r in rows if only is None or r["id"] in only}
-    if not prompts:
-        raise BadInputError(f"no prompts selected from {path}", "check --only against the ids in the file")
-    return prompts
+    modes = p.add_subparsers(dest="mode", metavar="MODE", title="modes", prog=p.prog,
+                             description="Without a MODE, tandem bench compares the configurations above side by "
+                                         "side. `tandem bench MODE --help` lists a mode's own options.")
+    for name in MODES:
+        mod = importlib.import_module(module_name(name))
+        mode = modes.add_parser(name, help=mod.HELP, description=mod.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(mode)
+        mode.set_defaults(mode_main=mod.main)
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "mode", None):
+        return int(args.mode_main(args) or 0)
+    return compare(args)
+
+
+def compare(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     prompts = load_prompts(args.prompts, args.only)
     spec = build(SpecOptions, args)

@@ -4,7 +4,7 @@ Pure: GGUF headers (tandem.models.gguf_header) and arithmetic, no llama.cpp. The
 ContextParams that `Runtime` hands to llama.cpp, so `tandem fit` and the real load cannot disagree.
 
 The sizes model llama.cpp 0.3.36 on the CPU (flash attention off, one sequence), as measured from its
-own "buffer size" log lines (bench/fit_check.py checks them against a real load):
+own "buffer size" log lines (`tandem bench fit` checks them against a real load):
 
 - weights: the tensor bytes of the file (mapped with MAP_POPULATE, so resident).
 - KV cache: cells x layers x (K row + V row) at the cache types; cells are the requested context

@@ -1,11 +1,12 @@
-"""Sliding draft window: tokens/s and acceptance per 100 generated tokens, draft context 256 vs 4096 vs no draft.
+"""Sliding draft window: tokens/s and acceptance per 100 tokens of one long generation, by draft context.
 
-The default pair (SmolLM2-135M F32 main, Q4_1 draft), main context 4096, the same long greedy generation
-with each setting, repeated: settings interleaved, their order reversed every other repetition, each
-setting's Runtime loaded once and kept (as a server keeps it). The ratios are medians over repetitions.
-Writes docs/window.json (all numbers) and docs/window.png (median tokens/s per 100-token window).
-
-    .venv/bin/python bench/window_bench.py [--reps 5] [--tokens 2000] [--draft-ctx 256 4096] [--draft-policy adaptive]
+The pair at main context --ctx-size, the same long greedy generation with each setting (each --draft-ctx,
+and no draft), repeated: settings interleaved, their order reversed every other repetition, each setting's
+Runtime loaded once and kept (as a server keeps it) and warmed up with an untimed generation. The default
+(adaptive) draft policy runs with the Runtime's cost models, as in `serve`. Besides tok/s it records the
+milliseconds spent inside the main's and the draft's llama_decode per generated token, so that a late slowdown
+splits into the draft window's part and the main model's own. Writes OUT.json (every number) and OUT.png
+(median tokens/s and acceptance per 100-token window).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,15 +24,22 @@ from pathlib import Path
 
 import numpy as np
 
+from tandem.benchmarks.common import add_model_arguments, draft_file, one_main, positive_int
 from tandem.config import ModelOptions, SpecOptions
+from tandem.errors import BadInputError
 from tandem.runtime import Runtime
 from tandem.spec.drafters import ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token, generate
 from tandem.spec.sampling import SamplingParams
 from tandem.spec.verify import DraftProposal
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+HELP = "tokens/s and acceptance along a long generation, by draft context (sliding window)"
+"""One line for `tandem bench --help`."""
+
 BUCKET = 100
+LATE = 500
+"""The late span: the last LATE tokens, against tokens 100-300."""
+MIN_TOKENS = 600
 # A raw (untemplated) opening that a small model continues instead of closing: no EOS in 2,000 greedy tokens.
 PROMPT = ("The following is the complete text of a very long novel about a lighthouse keeper and the "
           "strange ship she sees one winter night.\n\nChapter 1\n\n")
@@ -124,14 +133,18 @@ class Setting:
     """Loaded once."""
 
 
-def load(draft_ctx: int | None, kv: str | None) -> Setting:
-    """The default pair at main context 4096 (main KV cache type `kv`, default: Tandem's)."""
-    opts = ModelOptions(ctx_size=4096) if kv is None else ModelOptions(ctx_size=4096, cache_type_k=kv, cache_type_v=kv)
+def load(opts: ModelOptions, draft_ctx: int | None) -> Setting:
+    """The pair of `opts` with this draft context (None: without the draft, decoding lone rows as --draft none)."""
     if draft_ctx is None:
-        return Setting("no draft", None, Runtime(dataclasses.replace(opts, draft="none"), announce=print))
-    rt = Runtime(dataclasses.replace(opts, ctx_size_draft=draft_ctx), announce=print)
-    assert rt.drafter is not None, rt.draft_status
+        return Setting("no draft", None, Runtime(dataclasses.replace(opts, draft="none", exact=False), announce=_note))
+    rt = Runtime(dataclasses.replace(opts, ctx_size_draft=draft_ctx), announce=_note)
+    if rt.drafter is None:
+        raise BadInputError(f"the draft did not load: {rt.draft_status}", "pass a draft that serves this main model")
     return Setting(f"draft ctx {draft_ctx}", draft_ctx, rt)
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def one_run(s: Setting, n_tokens: int, policy: str) -> dict:
@@ -166,8 +179,8 @@ def one_run(s: Setting, n_tokens: int, policy: str) -> dict:
             st = ev.stats
     rows = buckets(times, loads, rec.steps if rec else [], t0, clocks)
     out = {"generated": st.generated_tokens, "stop_reason": st.stop_reason, "prompt_tokens": st.prompt_tokens,
-           "seconds": times[-1] - t0, "early": span(rows, 100, 300), "last_500": span(rows, n_tokens - 500, n_tokens),
-           "buckets": rows, "ids_hash": hash(tuple(ids)), "distinct_4grams_last_500": distinct_4grams(ids[-500:]),
+           "seconds": times[-1] - t0, "early": span(rows, 100, 300), "last_500": span(rows, n_tokens - LATE, n_tokens),
+           "buckets": rows, "ids_hash": hash(tuple(ids)), "distinct_4grams_last_500": distinct_4grams(ids[-LATE:]),
            "text_tail": rt.main_model.detokenize(ids[-60:])}
     out["ratio"] = out["last_500"]["tok_s"] / out["early"]["tok_s"]
     if rt.drafter is not None:
@@ -231,7 +244,7 @@ def summarize(s: Setting, runs: list[dict]) -> dict:
     return out
 
 
-def plot(summaries: list[dict], path: Path) -> None:
+def plot(summaries: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,7 +257,7 @@ def plot(summaries: list[dict], path: Path) -> None:
         if r["draft_ctx"] is not None:
             ax2.plot(x, [b["acceptance"] for b in r["buckets"]], marker="o", label=r["label"])
     ax1.set_ylabel("tokens/s per 100 tokens (median)")
-    ax1.set_title(f"SmolLM2-135M F32 main (ctx 4096) + Q4_1 draft, greedy, {summaries[0]['reps']} reps")
+    ax1.set_title(f"{title}, greedy, {summaries[0]['reps']} reps")
     ax2.set_ylabel("acceptance")
     ax2.set_xlabel("tokens generated")
     for ax in (ax1, ax2):
@@ -254,47 +267,78 @@ def plot(summaries: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=2000)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=400, help="tokens of an untimed first generation per setting")
-    ap.add_argument("--draft-ctx", type=int, nargs="+", default=[256, 4096])
-    ap.add_argument("--no-baseline", action="store_true", help="leave out the no-draft setting")
-    ap.add_argument("--draft-policy", default="adaptive", choices=["adaptive", "fixed"])
-    ap.add_argument("--cache-type", default=None, help="main model KV cache type (default: Tandem's)")
-    ap.add_argument("--out", type=Path, default=DOCS / "window")
-    args = ap.parse_args()
-    settings = [load(n, args.cache_type) for n in args.draft_ctx] + ([] if args.no_baseline else [load(None, args.cache_type)])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p, None)
+    p.add_argument("--ctx-size", type=positive_int, default=4096, metavar="N",
+                   help="main model context (default: 4096)")
+    p.add_argument("--draft-ctx", type=positive_int, nargs="+", default=[256, 4096], metavar="N",
+                   help="draft contexts to compare; below the main's, the draft slides a window (default: 256 4096)")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the setting without a draft")
+    p.add_argument("--max-tokens", type=positive_int, default=2000, metavar="N",
+                   help=f"tokens per generation, at least {MIN_TOKENS} (default: 2000)")
+    p.add_argument("--reps", type=positive_int, default=5, metavar="N",
+                   help="repetitions of every setting (default: 5)")
+    p.add_argument("--warmup", type=positive_int, default=400, metavar="N",
+                   help="tokens of an untimed first generation per setting (default: 400)")
+    p.add_argument("--draft-policy", default="adaptive", choices=["adaptive", "fixed"],
+                   help="draft policy (default: adaptive)")
+    p.add_argument("--cache-type", default=ModelOptions.cache_type_k,
+                   help=f"main model KV cache type (default: {ModelOptions.cache_type_k})")
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+                   help="exact decoding for the draft settings (default: on); the setting without a draft decodes "
+                        "lone rows, as --draft none does")
+    p.add_argument("--out", type=Path, default=Path("bench/out/window"),
+                   help="writes OUT.json and OUT.png (default: bench/out/window)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.max_tokens < MIN_TOKENS:
+        raise BadInputError(f"--max-tokens must be at least {MIN_TOKENS}, got {args.max_tokens}",
+                            f"the bench compares tokens 100-300 with the last {LATE}")
+    opts = ModelOptions(model=str(one_main(args)), draft=str(draft_file(args)), ctx_size=args.ctx_size,
+                        threads=args.threads, cache_type_k=args.cache_type, cache_type_v=args.cache_type,
+                        exact=args.exact)
+    settings = [load(opts, n) for n in args.draft_ctx] + ([] if args.no_baseline else [load(opts, None)])
+    try:
+        summaries = run_settings(settings, args)
+    finally:
+        for s in settings:
+            s.rt.close()
+    same = len({r["ids_hash"] for m in summaries for r in m["runs"]}) == 1
+    print(f"every setting and repetition generated the same tokens: {'yes' if same else 'NO'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"prompt": PROMPT, "tokens": args.max_tokens, "draft_policy": args.draft_policy,
+         "same_tokens_everywhere": same, "settings": summaries}, indent=1))
+    rt = settings[0].rt
+    plot(summaries, args.out.with_suffix(".png"),
+         f"{rt.main_model.name} (ctx {args.ctx_size}) + {Path(opts.draft).stem}")
+    print(f"wrote {args.out.with_suffix('.json')}, {args.out.with_suffix('.png')}")
+    return 0
+
+
+def run_settings(settings: list[Setting], args: argparse.Namespace) -> list[dict]:
+    """Warm each setting up, run the repetitions interleaved, print each run and the medians."""
     for s in settings:  # untimed: calibrate costs and learn acceptance once, as a server's first request does
         one_run(s, args.warmup, args.draft_policy)
     runs: dict[str, list[dict]] = {s.label: [] for s in settings}
     for rep in range(args.reps):
         for s in (settings if rep % 2 == 0 else settings[::-1]):
-            r = one_run(s, args.tokens, args.draft_policy)
+            r = one_run(s, args.max_tokens, args.draft_policy)
             runs[s.label].append(r)
-            extra = (f"; acceptance {r['acceptance']:.3f}, last 500 {r['last_500']['acceptance']:.3f}; "
+            extra = (f"; acceptance {r['acceptance']:.3f}, last {LATE} {r['last_500']['acceptance']:.3f}; "
                      f"shifts {r['shifts']}; draft cost ratio {r['draft_cost_ratio']:.3f}") if "acceptance" in r else ""
             print(f"rep {rep} {s.label}: {r['generated']} tokens ({r['stop_reason']}), tok/s 100-300 "
-                  f"{r['early']['tok_s']:.1f}, last 500 {r['last_500']['tok_s']:.1f} ({r['ratio']:.2f}x){extra}; "
+                  f"{r['early']['tok_s']:.1f}, last {LATE} {r['last_500']['tok_s']:.1f} ({r['ratio']:.2f}x){extra}; "
                   f"{where_time_went(r)}", flush=True)
     summaries = [summarize(s, runs[s.label]) for s in settings]
     for m in summaries:
-        print(f"{m['label']}: median last-500/100-300 {m['ratio_median']:.2f}x (reps {', '.join(f'{x:.2f}' for x in m['ratios'])}); "
-              f"median tok/s {m['early_tok_s']:.1f} -> {m['last_500_tok_s']:.1f}; same text every rep: {m['same_text_every_rep']}; "
-              f"median main ms/token {m['early_main_ms_per_token']:.1f} -> {m['last_500_main_ms_per_token']:.1f}"
+        print(f"{m['label']}: median last-{LATE}/100-300 {m['ratio_median']:.2f}x "
+              f"(reps {', '.join(f'{x:.2f}' for x in m['ratios'])}); median tok/s {m['early_tok_s']:.1f} -> "
+              f"{m['last_500_tok_s']:.1f}; same text every rep: {m['same_text_every_rep']}; median main ms/token "
+              f"{m['early_main_ms_per_token']:.1f} -> {m['last_500_main_ms_per_token']:.1f}"
               + (f", draft ms/token {m['early_draft_ms_per_token']:.1f} -> {m['last_500_draft_ms_per_token']:.1f}"
                  if m["early_draft_ms_per_call"] is not None else ""))
-        print(f"  main model's own growth {m['main_growth_ms']:.1f} ms/token; last-500/100-300 with it taken out "
+        print(f"  main model's own growth {m['main_growth_ms']:.1f} ms/token; last-{LATE}/100-300 with it taken out "
               f"{m['ratio_if_main_flat']:.2f}x")
-    same = len({r["ids_hash"] for m in summaries for r in m["runs"]}) == 1
-    print(f"every setting and repetition generated the same tokens: {same}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"prompt": PROMPT, "tokens": args.tokens, "draft_policy": args.draft_policy, "same_tokens_everywhere": same,
-         "settings": summaries}, indent=1))
-    plot(summaries, args.out.with_suffix(".png"))
-
-
-if __name__ == "__main__":
-    main()
+    return summaries
