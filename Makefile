@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make serve` (the main job) and `make test` (the test suite).
-# Each creates .venv and installs the project; llama-cpp-python builds from source once (~12 min on
-# 2 cores) and pip caches the wheel for later runs.
+# Each creates .venv and installs the project. llama-cpp-python builds from its sdist once, with Tandem's
+# patch to the vendored llama.cpp (patches/), about 7-12 min on 2 cores; the wheel is kept in
+# ~/.cache/tandem/wheels for later installs.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,14 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_PATCH := patches/llama-cpp-python.patch
+
+$(VENV)/.llama: $(LLAMA_PATCH) patches/build.py | $(BIN)/python
+	$(BIN)/python patches/build.py $(LLAMA_CPP_PYTHON) $(LLAMA_PATCH)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.llama | $(BIN)/python
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tandem.engine.llama import Context, SeqRows
+from tandem.engine.llama import Context, ContextParams, Model, SeqRows, patch_level
 
 PROBE_TEXT = ("The lighthouse keeper climbed the stairs at dusk, counted the ships on the grey water, and wrote "
               "their names in a book that nobody had opened for years.")
@@ -128,22 +128,23 @@ class SequenceInvariance:
 
     def describe(self) -> str:
         if self.same:
-            return f"a sequence's logits do not depend on the {self.n_seqs - 1} others in its batch"
+            return (f"a sequence's logits do not depend on the {self.n_seqs - 1} others in its batch or on where its "
+                    "KV cells sit")
         return (f"a sequence's logits move by up to {self.diff:.1e} when {self.n_seqs - 1} other sequences share its "
                 "batches and KV cache (attention sums run over KV cells in SIMD groups, so where the others' cells "
                 "sit changes the rounding): greedy output under load can differ where logits nearly tie")
 
 
 def probe_sequences(ctx: Context, tokens: Sequence[int], n_seqs: int, rows: int = 8) -> SequenceInvariance:
-    """Decode sequence 0 (a PREFIX-token prompt, then `rows` tokens two at a time, as exact plain steps do)
-    alone, then again with sequences 1..n_seqs-1 placed in the KV cache first (prompts of odd lengths, so
-    sequence 0's cells land at other offsets) and sharing every batch with rows of their own (1 to 3 each),
-    and compare sequence 0's logits. Needs n_seq_max >= n_seqs, probe_length(rows) + 16 * n_seqs cells and
-    len(tokens) >= probe_length(rows); leaves every probed sequence empty."""
+    """Decode a text as sequence 0 alone (a PREFIX-token prompt, then `rows` tokens two at a time, as exact plain
+    steps do), then again as sequence n_seqs-1 after sequences 0..n_seqs-2 took cells first (prompts of odd
+    lengths) and sharing every batch with rows of theirs (1 to 3 each), and compare its logits. Covers both
+    where a sequence's cells sit and who shares its batch. Needs n_seq_max >= n_seqs, room for PREFIX + rows
+    positions per sequence, and len(tokens) >= probe_length(rows); leaves every probed sequence empty."""
     n = rows + (rows % 2)
     if len(tokens) < PREFIX + n or n_seqs < 2:
         raise ValueError(f"the probe needs {PREFIX + n} tokens and n_seqs >= 2, got {len(tokens)} and {n_seqs}")
-    others = range(1, n_seqs)
+    probed, others = n_seqs - 1, range(n_seqs - 1)
     toks = list(tokens[PREFIX:PREFIX + n])
     try:
         for s in range(n_seqs):
@@ -151,22 +152,41 @@ def probe_sequences(ctx: Context, tokens: Sequence[int], n_seqs: int, rows: int 
         ctx.decode(tokens[:PREFIX], 0, logits="none")
         ref = np.concatenate([ctx.decode(toks[i:i + 2], PREFIX + i, logits="all") for i in range(0, n, 2)])
         ctx.rollback(0)
-        held = {s: 3 + 5 * s for s in others}  # odd lengths: sequence 0's cells start at an odd offset
+        held = {s: 3 + 5 * s for s in others}  # odd lengths: llama.cpp alone would put the probed cells off-group
         ctx.decode_batch([SeqRows(s, tokens[:held[s]], 0, "none") for s in others])
-        ctx.decode_batch([SeqRows(0, tokens[:PREFIX], 0, "none")] +
-                         [SeqRows(s, tokens[held[s]:held[s] + 2], held[s], "last") for s in others])
+        ctx.decode_batch([SeqRows(s, tokens[held[s]:held[s] + 2], held[s], "last") for s in others] +
+                         [SeqRows(probed, tokens[:PREFIX], 0, "none")])
         for s in others:
             held[s] += 2
         got = []
         for step, i in enumerate(range(0, n, 2)):
-            mixed = [SeqRows(0, toks[i:i + 2], PREFIX + i, "all")]
+            mixed = []
             for s in others:
                 k = 1 + (step + s) % 3
                 mixed.append(SeqRows(s, tokens[held[s]:held[s] + k], held[s], "all"))
                 held[s] += k
-            got.append(ctx.decode_batch(mixed)[0])
+            mixed.append(SeqRows(probed, toks[i:i + 2], PREFIX + i, "all"))
+            got.append(ctx.decode_batch(mixed)[-1])
         diff = _max_diff(np.concatenate(got), ref)
     finally:
         for s in range(n_seqs):
             ctx.rollback(0, seq_id=s)
     return SequenceInvariance(same=diff == 0.0, diff=diff, n_seqs=n_seqs)
+
+
+SEQUENCE_PROBE = 4
+"""Sequences the load-time cross-sequence probe decodes together."""
+
+
+def probe_model_sequences(model: Model, params: ContextParams, n_seqs: int = SEQUENCE_PROBE) -> SequenceInvariance:
+    """probe_sequences on a small context of its own (n_seqs sequences with fixed cells where the library is
+    patched, else wherever llama.cpp puts them), created with `params`' threads and cache types and freed after:
+    what batching several requests would do to each one's logits with this model and library."""
+    per_seq = 128
+    ctx = Context(model, ContextParams(n_ctx=per_seq * n_seqs, n_batch=per_seq, n_threads=params.n_threads,
+                                       type_k=params.type_k, type_v=params.type_v, n_seq_max=n_seqs,
+                                       seq_cells=True))
+    try:
+        return probe_sequences(ctx, probe_tokens(ctx, probe_length(8)), n_seqs)
+    finally:
+        ctx.close()

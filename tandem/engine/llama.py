@@ -102,6 +102,21 @@ def init_backend() -> LlamaLog:
     return router
 
 
+@functools.cache
+def patch_level() -> int:
+    """The level of Tandem's patch to llama.cpp (patches/llama-cpp-python.patch) in the loaded library: 0 for a
+    stock build (installed some other way), which works without what the patch adds (ContextParams.seq_cells)."""
+    fn = getattr(_lib().llama_cpp._lib, "tandem_patch_level", None)
+    if fn is None:
+        return 0
+    fn.restype, fn.argtypes = ctypes.c_int, []
+    return int(fn())
+
+
+_CREATE_LOCK = threading.Lock()
+"""Serialises context creation: the patch reads its placement switch from the environment while creating one."""
+
+
 @dataclass(frozen=True)
 class ContextParams:
     """Everything llama.cpp needs to create a context. Built by the memory plan, nowhere else."""
@@ -122,6 +137,12 @@ class ContextParams:
     kv_unified: bool = True
     """One KV buffer shared by every sequence (n_ctx cells in all). Per-sequence streams (False) make llama.cpp
     split a batch into equal-length pieces per sequence, so a mixed batch would take several decodes."""
+    seq_cells: bool = False
+    """Give each sequence fixed KV cells: position p of sequence s at cell s * seq_capacity + p (Tandem's llama.cpp
+    patch). Attention sums run over cells in SIMD groups, so where a sequence's cells sit changes its rounding;
+    fixed, 64-aligned cells make a sequence's logits independent of the others in the cache and in its batch
+    (tandem.engine.exact.probe_sequences). Each sequence then holds at most n_ctx / n_seq_max positions (rounded
+    down to 64), as with llama-server's parallel slots, and its cells cannot shift (no sliding window)."""
     flash_attn: bool = False
     """Flash attention. Off by default: on CPU it makes a batch of k+1 tokens give logits up to 5e-2
     away from one-at-a-time decoding, enough to flip greedy tokens (measured on the tiny fixtures)."""
@@ -286,8 +307,14 @@ class Context:
         cp.type_k = GGML_TYPES[params.type_k]
         cp.type_v = GGML_TYPES[params.type_v]
         cp.flash_attn_type = 1 if params.flash_attn else 0
-        with init_backend().capture() as lines:
-            self._ptr = lib.llama_init_from_model(model._ptr, cp)
+        placed = params.seq_cells and params.kv_unified and patch_level() > 0
+        with init_backend().capture() as lines, _CREATE_LOCK:
+            if placed:
+                os.environ["LLAMA_KV_SEQ_CELLS"] = "1"
+            try:
+                self._ptr = lib.llama_init_from_model(model._ptr, cp)
+            finally:
+                os.environ.pop("LLAMA_KV_SEQ_CELLS", None)
         if not self._ptr:
             why = next((ln for ln in reversed(lines) if "fail" in ln.lower() or "error" in ln.lower()), "")
             raise LoadFailedError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {model.name}"
@@ -298,6 +325,9 @@ class Context:
         """What llama.cpp reported allocating for this context: {"kv", "compute", "output": bytes}."""
         self._mem = lib.llama_get_memory(self._ptr)
         self.n_ctx: int = lib.llama_n_ctx(self._ptr)
+        self.seq_capacity: int | None = self.n_ctx // max(1, params.n_seq_max) // 64 * 64 if placed else None
+        """With fixed cells per sequence (ContextParams.seq_cells, on a patched library): the positions each sequence
+        can hold. None: cells are placed by llama.cpp wherever they are free."""
         self._batch = lib.llama_batch_init(params.n_batch, 0, 1)
         self.tokens_processed = 0
         """How many tokens this context has decoded in all: the draft window's cost counter."""
@@ -350,6 +380,11 @@ class Context:
         if n > self.params.n_batch:
             raise EngineError(f"a batch of {n} rows exceeds n_batch {self.params.n_batch}",
                               "split the batch, or use decode() for a long prompt")
+        cap = self.seq_capacity
+        full = [seq for seq, toks, pos0, _ in rows if cap is not None and pos0 + len(toks) > cap]
+        if full:
+            raise EngineError(f"sequence {full[0]} would pass the {cap} positions each sequence holds",
+                              "lower max_tokens, or raise --ctx-size (each parallel sequence gets its share)")
         done = False
         try:
             logits = self._decode_rows(rows)
@@ -462,8 +497,9 @@ class Context:
 
     def shift(self, p0: int, p1: int, delta: int, *, seq_id: int = 0) -> None:
         """Drop cells [p0, p1) of the sequence and add `delta` to the positions of all later cells."""
-        if self.params.exact:
-            raise EngineError("the exact main model's cache cannot shift", "shift draft contexts only")
+        if self.params.exact or self.seq_capacity is not None:
+            raise EngineError("this context's cells cannot shift (exact decoding, or fixed cells per sequence)",
+                              "shift draft contexts only")
         lib = _lib()
         lib.llama_memory_seq_rm(self._mem, seq_id, p0, p1)
         lib.llama_memory_seq_add(self._mem, seq_id, p1, -1, delta)
