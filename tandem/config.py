@@ -43,13 +43,12 @@ class ModelOptions:
     exact: bool | None = None
     """Decode the main model so that a token's logits never depend on how many tokens share its batch (lone
     tokens go with the token before them, and its weights are not repacked; ggml's tiled K-quant matmul is off
-    in every Tandem process): output with a draft is then bit-for-bit output without one, for any weight type.
-    Default: on when Tandem speculates (a draft model, or --spec-type ngram), off with --draft none (then a
-    request that asks for a draft or n-gram speculation is not bit-exact: /health says exact false; pass
-    --exact to make it so). --no-exact
-    decodes lone tokens alone, as llama.cpp does: plain steps are 1.2-1.8x faster, and a draft can change
-    greedy output on F16 and quantized mains (5-7 of 10 dev prompts within 128 tokens on Q8_0 and Q4_K_M;
-    docs/benchmarks.md §5)."""
+    in every Tandem process): output with a draft is then bit-for-bit output without one (both with --exact),
+    for any weight type, at the price of plain steps that decode two rows (1.2-2x a lone row; /health's
+    model.exact says the probe passed). Off by default: lone tokens are decoded alone, as llama.cpp and
+    --draft none do, and a draft can change greedy output only where a batch's rounding flips a near tie
+    (F32 and F16 mains: 8 of 8 held-out prompts unchanged; Q8_0 and Q4_K_M change, so there the default
+    decodes as --draft none unless the draft pays; docs/benchmarks.md)."""
     draft_optional: bool = False
     """When the draft cannot be used (missing, not GGUF, incompatible, does not fit, fails to load), run
     without it instead of failing: /health says 'degraded' and every response's stats carry draft_status."""
@@ -75,6 +74,10 @@ class SpecOptions:
     """In exact mode a plain step decodes two rows (a lone row would round differently from a verification);
     fill the second with an n-gram guess of the next token instead of the previous token again. The same
     cost and the same output; a right guess is one more token. --no-spare-guess repeats the previous token."""
+    pause_slow_draft: bool = True
+    """When even full acceptance could not beat plain decoding on this machine (costs timed at load), requests that
+    do not name the draft decode as --draft none does, and /health says why (draft_paused). --exact, or
+    --no-pause-slow-draft, keeps the draft on."""
     spec_type: str = "draft-model"
     """What drafts: draft-model (the --draft model), ngram (prompt lookup: repeats of earlier text, no draft
     model needed), or both (an n-gram match of 3+ tokens, else the draft model)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -14,7 +13,7 @@ import psutil
 from tandem import chat
 from tandem.config import SPEC_TYPES, ModelOptions, SpecOptions
 from tandem.engine import exact
-from tandem.engine.llama import Context, Model
+from tandem.engine.llama import Context, Model, patch_level
 from tandem.engine.vocab import check_compatible
 from tandem.errors import BadInputError, TandemError
 from tandem.models.defaults import default_pair
@@ -56,8 +55,6 @@ def plan_runtime(opts: ModelOptions, spec: SpecOptions | None = None,
     if spec.spec_type == "both" and paths.draft is None:
         raise BadInputError("--spec-type both needs a draft model", "pass --draft PATH, or use --spec-type ngram")
     draft = paths.draft if spec.spec_type != "ngram" else None  # ngram speculation loads no draft model
-    if opts.exact is None:  # exact where there is a speculative output to be exact against
-        opts = dataclasses.replace(opts, exact=draft is not None or spec.spec_type == "ngram")
     return plan_for(opts, paths.main, draft, draft_max=spec.draft_max)
 
 
@@ -105,8 +102,13 @@ class Runtime:
         rss0 = _rss()
         self.main = Context(self.main_model, p.main.params)
         self._check(p.main, self.main_model, self.main, rss_main + _rss() - rss0)
-        self.invariance: exact.Invariance | None = self._probe() if p.main.params.exact else None
-        """What the exact mode's probe found on the main model (None with --no-exact)."""
+        self.invariance: exact.Invariance | None = self._probe()
+        """What the load-time probe found on the main model: do a token's logits depend on how many rows share its
+        batch (None when the context is too small to probe)."""
+        self.sequences: exact.SequenceInvariance = exact.probe_model_sequences(self.main_model, p.main.params)
+        """What the load-time probe found when several sequences share batches and the KV cache."""
+        log.log(logging.INFO if self.sequences.same else logging.WARNING, "batching sequences, %s (llama.cpp patch "
+                "level %d): %s", self.main_model.name, patch_level(), self.sequences.describe())
         if draft_model is not None and p.draft is not None:
             try:
                 rss0 = _rss()
@@ -117,14 +119,33 @@ class Runtime:
                 self._drop_draft(draft_model, e)
         if self.draft_status:
             log.warning("running without the draft (--draft-optional): %s", self.draft_status)
+        self.exact_price: float | None = None
+        """What exact mode's plain step (two rows) costs over a lone row, timed at load with a draft model (--exact's
+        price on plain steps; verification batches cost the same either way)."""
         self.payoff: float | None = self._check_payoff()
-        """Exact mode with a draft model: the tokens/s ratio over plain decoding that the draft would give
-        if every token were accepted (below 1: it cannot pay; a warning at load). None otherwise."""
+        """With a draft model: the tokens/s ratio over plain lone-row decoding (what --draft none does) that the
+        draft would give if every token were accepted (below 1: it cannot pay; a warning at load). None
+        without a draft model."""
+        self.draft_paused: str | None = self._pause_draft()
+        """Why requests that do not name a draft decode as --draft none would (the draft cannot pay here and
+        --exact was not asked for); None when the configured speculation runs."""
+
+    def _pause_draft(self) -> str | None:
+        """By default a draft that cannot beat plain decoding even at full acceptance is not used: Tandem then
+        decodes exactly as --draft none does, so the user loses neither speed nor the text --draft none gives.
+        --exact keeps it (the user asked for speculation bit for bit), and a request may still name it."""
+        if self.payoff is None or self.payoff >= 1.0 or self.opts.exact or not self.spec.pause_slow_draft:
+            return None
+        why = (f"draft {self.drafter.name} cannot make {self.main_model.name} faster on this machine (at most "
+               f"{self.payoff:.2f}x plain decoding, even if every draft token were accepted), so requests decode "
+               "as --draft none does; a request may still name the draft (draft_model), and --exact keeps it on")
+        log.warning("%s", why)
+        return why
 
     def _check_payoff(self) -> float | None:
         """Time the main's lone and batched decodes and the draft's, and warn when even full acceptance
         could not beat plain decoding (the calibrations are the cost models' starting points anyway)."""
-        if not self.main.pairs or self.drafter is None:
+        if self.drafter is None:
             return None
         if self._verify_costs is None:
             self._verify_costs = calibrate_verify(self.main, max(self.main_model.bos, 0))
@@ -137,31 +158,42 @@ class Runtime:
         if lone is None or drafted is None or not self._verify_costs:
             return None
         ratio, k = best_case_speedup(self._verify_costs, drafted, lone, self.spec.draft_max)
+        if 2 in self._verify_costs:
+            self.exact_price = self._verify_costs[2] / lone
         if 0.0 < ratio < 1.0:
-            msg = (f"draft {d.name} cannot make {self.main_model.name} faster on this machine: even if every draft "
-                   f"token were accepted, the best draft length ({k}) would give {ratio:.2f}x the tokens/s of plain "
-                   f"decoding (a draft token costs {drafted * 1e3:.1f} ms, a plain main token {lone * 1e3:.1f} ms). "
-                   "Output stays exact. For speed, start with --draft none (plain decoding, one row a token), "
-                   "or use a smaller or more quantized draft")
-            log.warning("%s", msg)
+            log.warning("draft %s: even if every draft token were accepted, the best draft length (%d) would give "
+                        "%.2fx the tokens/s of plain decoding (a draft token costs %.1f ms, a plain main token "
+                        "%.1f ms); use a smaller or more quantized draft", d.name, k, ratio, drafted * 1e3, lone * 1e3)
         return ratio
 
     def _probe(self) -> exact.Invariance | None:
-        """Check that every verification batch size computes a row the same way (None when the context is too
-        small to probe). Lone rows stay paired whatever the probe saw: it cannot rule out a rare difference."""
+        """Check whether every verification batch size, and a lone row, computes a row the same way (None when the
+        context is too small to probe). In exact mode lone rows stay paired whatever the probe saw: it cannot
+        rule out a rare difference at positions it did not probe."""
         rows = max(self.spec.draft_max + 1, 2)
         if exact.probe_length(rows) > self.main.n_ctx:
             return None
         inv = exact.probe(self.main, exact.probe_tokens(self.main, exact.probe_length(rows)), max_rows=rows)
-        log.log(logging.INFO if inv.exact else logging.WARNING, "exact decoding, %s: %s", self.main_model.name,
+        level = logging.INFO if inv.exact or not self.main.pairs else logging.WARNING
+        log.log(level, "%s decoding, %s: %s", "exact" if self.main.pairs else "lone-row", self.main_model.name,
                 inv.describe())
         return inv
 
     @property
     def exact(self) -> bool:
-        """Whether speculative output is bit-for-bit the main model's plain output (the probe found every
-        batch size to give a row the same logits)."""
-        return self.invariance is not None and self.invariance.exact
+        """Whether speculative output is bit-for-bit the main model's plain output in the regime this runtime
+        decodes in: every batch size agrees (the probe), and lone rows are paired (exact mode) or were found to
+        agree too."""
+        inv = self.invariance
+        return inv is not None and inv.exact and (self.main.pairs or inv.single_row)
+
+    def invariance_report(self) -> dict:
+        """The probes' findings as plain values (for /health: see ModelInfo.invariance)."""
+        inv, seqs = self.invariance, self.sequences
+        return {"batch_sizes": inv.multi_row if inv else None, "batch_sizes_diff": inv.multi_row_diff if inv else None,
+                "lone_row": inv.single_row if inv else None, "lone_row_diff": inv.single_row_diff if inv else None,
+                "sequences": seqs.same, "sequences_diff": seqs.diff, "patch_level": patch_level(),
+                "exact_price": None if self.exact_price is None else round(self.exact_price, 2)}
 
     def _drop_draft(self, model: Model | None, err: TandemError) -> None:
         """With --draft-optional, note why the draft is not used; without it, re-raise."""
@@ -183,12 +215,16 @@ class Runtime:
 
     @property
     def draft_name(self) -> str | None:
-        d = self.speculator()
+        """What the configured speculation drafts with (also while draft_paused: a request may name it)."""
+        d = self.speculator(self.drafter)
         return d.name if d else None
 
     def speculator(self, model: ModelDrafter | None = None, spec_type: str | None = None) -> Drafter | None:
         """The drafter generation uses with draft model `model` (default: the loaded one), per `spec_type`
         (default: --spec-type). A type needing a draft model that is not loaded raises BadInputError."""
+        configured = model is None and spec_type is None
+        if configured and self.draft_paused and self.spec.spec_type != "ngram":
+            return None
         model = self.drafter if model is None else model
         spec_type = self.spec.spec_type if spec_type is None else spec_type
         if spec_type not in SPEC_TYPES:
@@ -259,7 +295,9 @@ class Runtime:
         events = generate(self.main, prompt, gp, drafter, cancel, costs=self.cost)
         if exact is not None and exact != self.main.pairs:
             events = self._pairing(events, exact)
-        return events if self.draft_status is None else self._with_status(events)
+        paused = use_draft and model is None and spec_type is None and drafter is None and self.draft_paused
+        status = self.draft_status or (paused or None)
+        return events if status is None else self._with_status(events, status)
 
     def _pairing(self, events: Iterator[Token | Done], pairs: bool) -> Iterator[Token | Done]:
         """Run a generation with lone-row pairing set to `pairs` (generate starts by emptying the cache, so the
@@ -267,10 +305,11 @@ class Runtime:
         with self.main.pairing(pairs):
             yield from events
 
-    def _with_status(self, events: Iterator[Token | Done]) -> Iterator[Token | Done]:
+    def _with_status(self, events: Iterator[Token | Done], status: str) -> Iterator[Token | Done]:
+        """Done's stats say why the draft that was asked for is not drafting (--draft-optional, or paused)."""
         for ev in events:
             if isinstance(ev, Done):
-                ev.stats.draft_status = self.draft_status
+                ev.stats.draft_status = status
             yield ev
 
 

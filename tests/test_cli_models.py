@@ -112,7 +112,8 @@ def tandem(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tandem", *args], capture_output=True, text=True, timeout=120)
 
 
-RUN = ("run", "--prompt", "Once upon a time", "--max-tokens", "12", "--json", "--draft-policy", "fixed")
+RUN = ("run", "--prompt", "Once upon a time", "--max-tokens", "12", "--json", "--draft-policy", "fixed",
+       "--no-pause-slow-draft")  # the tiny drafts cost as much as the tiny main: they would be paused
 
 
 def test_run_uses_the_default_draft_and_an_explicit_draft_wins(models, capsys):

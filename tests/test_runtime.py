@@ -3,10 +3,12 @@ load-time check of whether the draft can pay."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from tandem.config import ModelOptions, SpecOptions
 from tandem.engine.llama import Context, ContextParams, Model
 from tandem.runtime import CALIBRATION_SIZES, Runtime, calibrate_draft, calibrate_lone, calibrate_verify
-from tandem.spec.generate import GenParams, Token
+from tandem.spec.generate import Done, GenParams, Token
 
 
 def test_calibration_times_every_size_and_leaves_the_context_empty(tiny):
@@ -96,13 +98,36 @@ def test_lone_row_timing_leaves_exact_pairing_on_and_the_context_empty(tiny):
     assert calibrate_lone(ctx, 1, offset=256) is None  # no room after the offset
 
 
-def test_the_draft_payoff_is_measured_at_load_in_exact_mode_only(tiny):
-    rt = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=256),
-                 spec=SpecOptions(), announce=lambda _s: None)
-    assert rt.exact and rt.payoff is not None and rt.payoff > 0
-    assert rt.main.pos_max() == -1 and rt._verify_costs and rt.drafter.name in rt._draft_costs  # calibrated once
+def test_the_draft_payoff_is_measured_at_load_whenever_a_draft_model_is_loaded(tiny):
+    for exact_mode in (True, None):
+        rt = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=256,
+                                  exact=exact_mode), spec=SpecOptions(), announce=lambda _s: None)
+        assert rt.payoff is not None and rt.payoff > 0
+        assert rt.main.pos_max() == -1 and rt._verify_costs and rt.drafter.name in rt._draft_costs  # calibrated once
     plain = Runtime(ModelOptions(model=str(tiny["main"]), draft="none", ctx_size=256), announce=lambda _s: None)
-    assert plain.payoff is None
-    loose = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=256, exact=False),
-                    announce=lambda _s: None)
-    assert loose.payoff is None
+    assert plain.payoff is None and plain.draft_paused is None
+
+
+def _texts(rt: Runtime, **kw) -> tuple[list[int], int]:
+    ids, drafted = [], 0
+    for ev in rt.generate(rt.prompt(text="Once upon a time"), GenParams(max_tokens=24, draft_policy="fixed"), **kw):
+        if isinstance(ev, Done):
+            drafted = ev.stats.drafted
+        else:
+            ids.append(ev.id)
+    return ids, drafted
+
+
+def test_a_draft_that_cannot_pay_decodes_as_draft_none_by_default_and_a_request_may_name_it(tiny):
+    opts = ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_heavy"]), ctx_size=256)
+    rt = Runtime(opts, spec=SpecOptions(draft_policy="fixed"), announce=lambda _s: None)
+    assert rt.payoff < 1 and "decode as --draft none does" in rt.draft_paused  # several times the main's cost
+    plain = Runtime(dataclasses.replace(opts, draft="none"), announce=lambda _s: None)
+    ids, drafted = _texts(rt)
+    assert (ids, drafted) == (_texts(plain)[0], 0)  # what --draft none gives, token for token
+    assert rt.draft_name.startswith("tiny-draft-heavy") and rt.invariance_report()["lone_row"] is not None
+    assert _texts(rt, model=rt.drafter)[1] > 0  # named (draft_model), it drafts
+    for kept in (dataclasses.replace(opts, exact=True), opts):
+        spec = SpecOptions(draft_policy="fixed", pause_slow_draft=kept is not opts)
+        on = Runtime(kept, spec=spec, announce=lambda _s: None)
+        assert on.draft_paused is None and _texts(on)[1] > 0  # --exact, or --no-pause-slow-draft: drafts as asked

@@ -9,7 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-from test_server_support import TEST_KEY, assert_openai_error, client, metrics, sample, start, tiny_app, wait_ready
+from test_server_support import (RUNTIME_SPEC, TEST_KEY, assert_openai_error, client, metrics, sample, start, tiny_app,
+                                 wait_ready)
 
 from tandem.config import ModelOptions, SpecOptions
 from tandem.errors import IncompatibleDraftError
@@ -219,7 +220,7 @@ def test_unexpected_exceptions_become_500_engine_errors():
 
 def test_draft_paths_can_be_refused(tiny):
     opts = ModelOptions(model=str(tiny["main"]), draft="none", ctx_size=256, threads=1)
-    app = create_app(ServerOptions(draft_paths=False), lambda: Runtime(opts, announce=lambda _s: None),
+    app = create_app(ServerOptions(draft_paths=False), lambda: Runtime(opts, spec=RUNTIME_SPEC, announce=lambda _s: None),
                      SpecOptions())
     with ServerThread(app) as srv:
         wait_ready(srv.url)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_server_support import HELLO, TEST_KEY, assert_openai_error, client, spec_options
+from test_server_support import HELLO, RUNTIME_SPEC, TEST_KEY, assert_openai_error, client, spec_options
 
 from tandem.config import ModelOptions
 from tandem.models.fit import MIB, plan_for
@@ -100,7 +100,7 @@ def test_serve_with_draft_optional_serves_degraded_and_says_why(tiny, broken):
 
 # -- the app: start-up with --draft-optional --------------------------------------------------------------------
 def _app(opts: ModelOptions):
-    return create_app(ServerOptions(api_key=TEST_KEY), lambda: Runtime(opts, announce=lambda _s: None),
+    return create_app(ServerOptions(api_key=TEST_KEY), lambda: Runtime(opts, spec=RUNTIME_SPEC, announce=lambda _s: None),
                       spec_options())
 
 

@@ -12,7 +12,8 @@ import time
 
 import httpx
 import pytest
-from test_server_support import HELLO, TEST_KEY, assert_openai_error, metrics, model_options, sample, tiny_app
+from test_server_support import (HELLO, RUNTIME_SPEC, TEST_KEY, assert_openai_error, metrics, model_options, sample,
+                                 tiny_app)
 
 from tandem.config import ModelOptions
 from tandem.runtime import Runtime
@@ -27,7 +28,7 @@ def test_health_is_loading_until_the_models_are_loaded(tiny):
 
     def factory() -> Runtime:
         gate.wait(60)
-        rt = Runtime(opts, announce=lambda _s: None)
+        rt = Runtime(opts, spec=RUNTIME_SPEC, announce=lambda _s: None)
         loaded.set()
         return rt
 
@@ -65,7 +66,7 @@ def test_failed_load_reports_failed_with_the_reason(tiny, case):
     else:
         opts = ModelOptions(model=str(tiny["main"]), draft=str(tiny["different_vocab"]), threads=1, ctx_size=256)
         expect = "cannot be used with"
-    with ServerThread(tiny_app(tiny, factory=lambda: Runtime(opts, announce=lambda _s: None))) as srv:
+    with ServerThread(tiny_app(tiny, factory=lambda: Runtime(opts, spec=RUNTIME_SPEC, announce=lambda _s: None))) as srv:
         deadline = time.monotonic() + 60
         while (h := httpx.get(f"{srv.url}/health")).json()["status"] == "loading":
             assert time.monotonic() < deadline

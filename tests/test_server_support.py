@@ -22,9 +22,11 @@ HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 
 
 def model_options(tiny: dict[str, Path], *, draft: str | None = "draft_close", ctx: int = 2048) -> ModelOptions:
-    """Tiny main (+ draft) on one thread: steady timings even when other test runs share the CPU."""
+    """Tiny main (+ draft) on one thread (steady timings even when other test runs share the CPU), decoded in
+    exact mode (--exact): the random tiny models have near-tied logits everywhere, so only exact mode keeps
+    speculative output equal to plain output, which the server tests check."""
     return ModelOptions(model=str(tiny["main"]), draft=str(tiny[draft]) if draft else "none", ctx_size=ctx,
-                        threads=1)
+                        threads=1, exact=True)
 
 
 FIXED_DRAFTS: dict[str, str] = (
@@ -36,7 +38,12 @@ models drafting costs as much as verifying, so an adaptive policy would rarely d
 def spec_options() -> SpecOptions:
     """Draft up to 8 tokens whatever the draft's confidence (fixed lengths where SpecOptions has a policy)."""
     fixed = FIXED_DRAFTS if "draft_policy" in {f.name for f in dataclasses.fields(SpecOptions)} else {}
-    return SpecOptions(draft_max=8, draft_min=0, draft_p_min=0.0, **fixed)
+    return SpecOptions(draft_max=8, draft_min=0, draft_p_min=0.0, pause_slow_draft=False, **fixed)
+
+
+RUNTIME_SPEC = SpecOptions(pause_slow_draft=False)
+"""The server tests' runtime options: the tiny draft is as large as the main model, so it can never pay and
+would be paused by default; these tests are about what speculation does."""
 
 
 def tiny_app(tiny: dict[str, Path], *, draft: str | None = "draft_close", ctx: int = 2048,
@@ -44,7 +51,7 @@ def tiny_app(tiny: dict[str, Path], *, draft: str | None = "draft_close", ctx: i
              factory: Callable[[], Runtime] | None = None) -> FastAPI:
     opts = model_options(tiny, draft=draft, ctx=ctx)
     return create_app(ServerOptions(api_key=api_key, max_body_bytes=max_body_bytes),
-                      factory or (lambda: Runtime(opts, announce=lambda _s: None)),
+                      factory or (lambda: Runtime(opts, spec=RUNTIME_SPEC, announce=lambda _s: None)),
                       spec_options())
 
 

@@ -26,11 +26,12 @@ CONFIGS = {
     "no-draft-lone": BenchConfig("no-draft-lone", {"use_draft": False, "exact": False}),
     "no-draft-noguess": BenchConfig("no-draft-noguess", {"use_draft": False}, {"spare_guess": False}),
     "draft-model-noguess": BenchConfig("draft-model-noguess", {"spec_type": "draft-model"}, {"spare_guess": False}),
+    "default": BenchConfig("default", {}),
     "draft-model": BenchConfig("draft-model", {"spec_type": "draft-model"}),
     "ngram": BenchConfig("ngram", {"spec_type": "ngram"}),
     "both": BenchConfig("both", {"spec_type": "both"}),
 }
-DEFAULT_CONFIGS = ("no-draft", "draft-model", "ngram", "both")
+DEFAULT_CONFIGS = ("no-draft", "default", "draft-model", "ngram", "both")
 """What `tandem bench` compares unless --configs says otherwise."""
 NEEDS_DRAFT = ("draft-model", "draft-model-noguess", "both")
 """Configurations that need a draft model (skipped, with a note, when it is --draft none)."""
@@ -46,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c in DEFAULT_CONFIGS], choices=list(CONFIGS),
                    help="configurations to compare; no-draft is always included as the baseline; no-draft-lone "
                         "decodes lone tokens alone (the fastest plain decoding, what llama.cpp does; see --exact); "
-                        "*-noguess: without spare-row guesses (--no-spare-guess)")
+                        "*-noguess: without spare-row guesses (--no-spare-guess); default: what a request without "
+                        "draft_model gets (the configured speculation, or none where the draft cannot pay: "
+                        "--pause-slow-draft); draft-model: the draft model always")
     p.add_argument("--max-tokens", type=int, default=200, help="tokens per generation (default: 200)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of every (prompt, config) (default: 3)")
     p.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder (default: bench/out)")

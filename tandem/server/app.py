@@ -277,7 +277,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
             body["reason"] = st.reason
         if st.model is not None:
             body["model"] = {k: v for k, v in asdict(st.model).items() if k != "aliases"}
-            body["speculative"] = st.model.draft_model is not None
+            body["speculative"] = st.model.draft_model is not None and not st.model.draft_paused
         if st.state in SERVING:
             body["loaded_models"] = [i.id for i in st.loaded]
             if st.loading:

@@ -91,8 +91,10 @@ class DraftSelector:
         draft_model `name`, or for `path` when the caller already resolved it (from the registry)."""
         if path is not None:
             return self._path(path)
-        if name is None or name in self._configured:
+        if name is None:
             return CONFIGURED
+        if name in self._configured:  # named: used even where the server does not use it by default
+            return self.rt.drafter if self.rt.draft_paused and self.rt.drafter else CONFIGURED
         if name.lower() == "none":
             return NONE
         p = Path(name).expanduser()

@@ -54,8 +54,16 @@ class ModelInfo:
     exact: bool = False
     """Speculative output is bit-for-bit the main model's plain output (see tandem.engine.exact)."""
     draft_payoff: float | None = None
-    """Exact mode with a draft model: tokens/s over plain decoding if every draft token were accepted, from
+    """With a draft model: tokens/s over plain lone-row decoding if every draft token were accepted, from
     costs timed at load (below 1: the draft cannot make this model faster here; see tandem.spec.payoff)."""
+    invariance: dict | None = None
+    """What the load-time probes found: `batch_sizes` (every verification size gives a row the same logits),
+    `lone_row` (a lone row does too; exact mode pairs lone rows anyway), their largest differences, `sequences`
+    (a sequence's logits do not depend on the others sharing its batch and KV cache), and `patch_level` (Tandem's
+    llama.cpp patch in the loaded library; 0: stock)."""
+    draft_paused: str | None = None
+    """Why requests that do not name the draft decode as --draft none does (it cannot pay here); None when
+    the configured speculation runs."""
 
 
 @dataclass(frozen=True)
@@ -461,7 +469,8 @@ def _model_info(rt: Runtime, model_id: str | None = None) -> ModelInfo:
                                         str(Path(path).resolve())}),
                      n_ctx=rt.main.n_ctx, created=created, draft_model=rt.draft_name,
                      draft_path=str(d.ctx.model.path) if d else None, exact=rt.exact,
-                     draft_payoff=None if rt.payoff is None else round(rt.payoff, 3))
+                     draft_payoff=None if rt.payoff is None else round(rt.payoff, 3), draft_paused=rt.draft_paused,
+                     invariance=rt.invariance_report())
 
 
 def _log_done(job: _Job, s: SpecStats) -> None:

@@ -220,6 +220,8 @@ def fixture_specs(draft_close_noise: float = 0.003) -> dict[str, TinySpec]:
         "draft_small": TinySpec(seed=3, n_layer=1, name="tiny-draft-small"),
         "different_vocab": TinySpec(seed=4, vocab="different", name="tiny-different-vocab"),
         "main_f16": dataclasses.replace(main, ftype="f16", name="tiny-main-f16"),
+        # several times the main model's cost per token: a draft that can never pay
+        "draft_heavy": TinySpec(seed=5, n_layer=4, n_embd=512, n_ff=1024, ftype="f16", name="tiny-draft-heavy"),
     }
 
 

@@ -105,6 +105,9 @@ function healthLine(h) {
   if (!h) return { text: "server unreachable", level: "error" };
   const m = h.model;
   const name = m ? `${m.id}${m.draft_model ? ` + draft ${m.draft_model}` : ", no draft"}${m.exact ? ", exact" : ""}` : "";
+  if (h.status === "ready" && m && m.draft_paused) {
+    return { text: `ready: ${m.id}, decoding as draft none by default: ${m.draft_paused}`, level: "warn" };
+  }
   if (h.status === "ready" && m && m.draft_payoff != null && m.draft_payoff < 1) {
     return { text: `ready: ${name}; this draft cannot make the model faster here (at most ${m.draft_payoff.toFixed(2)}x ` +
       "if every draft token were accepted): choose draft none", level: "warn" };
