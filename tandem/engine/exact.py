@@ -5,7 +5,7 @@ each row exactly as a plain step does. llama.cpp's CPU backend picks its matmul 
 one row takes ggml's dot-product path, two or more take llamafile's tinyBLAS (F32 and F16 weights, and the
 attention's product with V for every weight type), repacked weights switch kernels at 4 rows (Q4_K) and the
 tiled K-quant matmul at 8. With repacking and the tiled matmul off (Model(repack=False), init_backend), every
-batch of two or more rows gives a row bit-identical logits. Measured on SmolLM2-135M (bench/row_invariance.py,
+batch of two or more rows gives a row bit-identical logits. Measured on SmolLM2-135M (`tandem bench rows`,
 docs/benchmarks.md §5): a lone row differs from the same row in a batch by 1.6e-5 (F32) and 2.8e-2 (F16) in
 a logit on the probe's text; on Q8_0, Q4_0 and Q4_K_M only at some positions of some texts (0.95 at 1 of 40
 positions of one dev prompt); Q4_K_M batches of 3-17 rows differ from 2-row ones by up to 1.2 with repacked
@@ -16,6 +16,13 @@ rest on the loaded model: that batches of 2..draft_max + 1 rows agree bit for bi
 (a backend or setting whose kernels switch by batch size). It cannot clear lone rows: their difference is in the
 last bits of the attention output and reaches the logits only where quantizing a layer's input to 8 bits rounds
 the other way (Q8_0 main, one dev prompt: 1 position in 40, by 0.95), so lone rows stay paired.
+
+Several sequences in one batch (`probe_sequences`): a mixed batch has two or more rows, so every row takes the
+multi-row kernels; what is left is where a sequence's KV cells sit. Attention sums run over the cells in 16-wide
+SIMD groups, and llama.cpp's unified cache puts a sequence's cells wherever cells are free (after or between
+the other sequences'), which changes the rounding (tiny fixtures: up to 6e-6 on F32, 3e-3 on F16). With
+Tandem's llama.cpp patch each sequence has fixed, 64-aligned cells (ContextParams.seq_cells), and its logits are
+bit for bit those it gets alone (probed on F32, F16 and Q8_0 SmolLM2 and the fixtures).
 """
 
 from __future__ import annotations

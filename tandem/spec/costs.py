@@ -4,8 +4,8 @@ A decode's time grows with the number of tokens in it and with the KV cells its 
 2-core CI machine the F32 SmolLM2-135M main verifies 17 tokens in 83 ms at KV position 200 and in 164 ms at
 2,000, and a full-context Q4_1 draft's token goes from 10 to 20 ms over the same span. A cost model blind to
 the position carried long-context costs into the next, short request: drafting looked like a loss there,
-the policy stopped drafting, and every later 2,000-token generation ran at 0.7-0.8x of no draft (issue 6
-bench, 2026-11-23). So costs are kept per KV bucket (`KvCost`).
+the policy stopped drafting, and every later 2,000-token generation ran at 0.7-0.8x of no draft (`tandem bench
+window`). So costs are kept per KV bucket (`KvCost`).
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ class CostModel:
         if predicted_rate > 0.0 and seconds > 0.0:
             # At most 1: a step that beats its prediction was lucky in acceptance, which the acceptance estimate
             # learns itself. Let luck raise the bias, and a length that cannot pay even at full acceptance looks
-            # as if it pays (F16 pair: drafted at 0.67x of plain with every draft accepted, issue 6 session).
+            # as if it pays (F16 pair: drafted at 0.67x of plain with every draft accepted, on a long generation).
             ratio = min(max(tokens / seconds / predicted_rate, 0.25), 1.0)
             self.bias += alpha * (ratio - self.bias)
 

@@ -165,7 +165,7 @@ class _Speculator:
             self.policy.observe(n_drafted, accepted)
             # Not the catch-up on plain steps' tokens, which the policy budgets apart (probe_interval): counted
             # as part of a probe's step, it pulled the bias correction down until no draft length paid, and the
-            # policy never drafted again (issue 6 bench, full draft context).
+            # policy never drafted again (`tandem bench window`, full draft context).
             self.policy.observe_time(n_drafted, accepted + 1, self._step_seconds + seconds)
 
 
