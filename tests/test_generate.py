@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -162,7 +163,7 @@ class CatchUpStub:
     def __init__(self, clock: list[float]):
         self.clock, self.seen = clock, 0
 
-    def reset(self) -> None:
+    def reset(self, history=None) -> None:
         self.seen = 0
 
     def prefill(self, history) -> None:
@@ -204,3 +205,34 @@ def test_a_drafts_catch_up_after_plain_steps_does_not_count_as_a_slow_draft(monk
         spec.verified(8, 8, 0.020)
     assert cost.bias > 0.95
     assert cost.catch_up == pytest.approx(0.001, rel=0.05)
+
+
+# -- prefix reuse (the previous turn of a chat) ------------------------------------------------------------
+
+def _ids(events) -> tuple[list[int], Done]:
+    events = list(events)
+    return [e.id for e in events if isinstance(e, Token)], events[-1]
+
+
+def test_a_chats_next_turn_reuses_the_cached_prefix_and_gives_a_cold_runs_output_bit_for_bit(tiny):
+    exact_params = ContextParams(n_ctx=1024, n_batch=128, n_threads=2, exact=True)
+    main_model, draft_model = Model(tiny["main"], repack=False), Model(tiny["draft_close"])
+    warm = Context(main_model, exact_params)
+    drafter = ModelDrafter(Context(draft_model, PARAMS))
+    gp = GenParams(max_tokens=20, draft_policy="fixed", draft_max=4)
+    turn1 = main_model.tokenize("User: Tell me about the sea.\nAssistant:")
+    out1, done1 = _ids(generate(warm, turn1, gp, drafter))
+    assert done1.stats.cached_tokens == 0 and out1
+    turn2 = [*turn1, *out1, *main_model.tokenize("\nUser: And the mountains?\nAssistant:", add_special=False)]
+    out2, done2 = _ids(generate(warm, turn2, gp, drafter))
+    # the KV held turn 1's prompt and all its output but the newest token
+    assert done2.stats.cached_tokens == len(turn1) + len(out1) - 1
+    assert drafter.ctx.pos_max() >= len(turn1)  # the draft kept its prefix too
+    cold = Context(main_model, exact_params)
+    cold_out, cold_done = _ids(generate(cold, turn2, gp, ModelDrafter(Context(draft_model, PARAMS))))
+    assert cold_done.stats.cached_tokens == 0 and out2 == cold_out
+    # cache_prompt=False decodes the whole prompt again; an unrelated prompt shares nothing
+    again, done3 = _ids(generate(warm, turn2, dataclasses.replace(gp, cache_prompt=False), drafter))
+    assert done3.stats.cached_tokens == 0 and again == cold_out
+    other = main_model.tokenize("SELECT * FROM users")
+    assert _ids(generate(warm, other, gp, drafter))[1].stats.cached_tokens <= 1  # at most the BOS token

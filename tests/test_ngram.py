@@ -104,7 +104,7 @@ class FakeModel:
     def __init__(self) -> None:
         self.calls = 0
 
-    def reset(self) -> None:
+    def reset(self, history=None) -> None:
         self.calls = 0
 
     def propose(self, history, max_tokens, sp, rng, p_min=None) -> DraftProposal:

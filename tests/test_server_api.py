@@ -229,3 +229,19 @@ def test_draft_policy_per_request_is_lossless(server):
         r = chat(server, PROMPTS[2], max_tokens=40, draft_policy=policy)
         assert r["choices"][0]["message"]["content"] == plain, policy
         assert_identity(r["stats"])
+
+
+def test_a_chats_second_turn_reuses_the_first_and_answers_as_a_cold_start(oai, model_id, server):
+    turn1 = [{"role": "system", "content": "You are a helpful assistant who answers briefly. " * 4},
+             {"role": "user", "content": "Name a colour."}]
+    first = oai.chat.completions.create(model=model_id, messages=turn1, max_tokens=12, temperature=0)
+    turn2 = [*turn1, {"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "And another one?"}]
+    warm = oai.chat.completions.create(model=model_id, messages=turn2, max_tokens=12, temperature=0)
+    cached = warm.usage.prompt_tokens_details.cached_tokens  # OpenAI's field, parsed by the official client
+    assert first.usage.prompt_tokens <= cached < warm.usage.prompt_tokens
+    assert warm.model_extra["stats"]["cached_tokens"] == warm.model_extra["timings"]["cache_n"] == cached
+    cold = chat(server, "", messages=turn2, max_tokens=12, cache_prompt=False)
+    assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert cold["choices"][0]["message"]["content"] == warm.choices[0].message.content  # exact mode: bit for bit
+    assert sample(metrics(server.url), "tandem_prefix_cache_hits_total") >= cached

@@ -4,6 +4,7 @@ and speed."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -81,9 +82,9 @@ def load_prompts(path: Path, only: list[str] | None) -> dict[str, str]:
 
 
 def generate_ids(rt, prompt: Sequence[int], gp: GenParams, **kwargs) -> tuple[list[int], float]:
-    """One generation with Runtime.generate (keyword arguments passed on): its token ids and tokens/s."""
+    """One cold generation with Runtime.generate (keyword arguments passed on): its token ids and tokens/s."""
     ids, tps = [], 0.0
-    for ev in rt.generate(prompt, gp, **kwargs):
+    for ev in rt.generate(prompt, dataclasses.replace(gp, cache_prompt=False), **kwargs):
         if isinstance(ev, Token):
             ids.append(ev.id)
         elif isinstance(ev, Done):

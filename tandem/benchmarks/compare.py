@@ -74,7 +74,7 @@ def measure(rt, prompt: Sequence[int], gp: GenParams, cfg: BenchConfig, prompt_i
     ids: list[int] = []
     llama0 = None
     stats = None
-    for ev in rt.generate(prompt, dataclasses.replace(gp, **cfg.params), **cfg.generate_kwargs):
+    for ev in rt.generate(prompt, dataclasses.replace(gp, cache_prompt=False, **cfg.params), **cfg.generate_kwargs):
         if isinstance(ev, Token):
             ids.append(ev.id)
             if llama0 is None:  # the first token ends the prompt phase

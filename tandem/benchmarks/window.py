@@ -58,8 +58,8 @@ class Recorder:
     def name(self) -> str:
         return self.inner.name
 
-    def reset(self) -> None:
-        self.inner.reset()
+    def reset(self, history: Sequence[int] | None = None) -> None:
+        self.inner.reset(history)
 
     def prefill(self, history: Sequence[int]) -> None:
         self.inner.prefill(history)

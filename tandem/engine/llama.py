@@ -113,6 +113,9 @@ def patch_level() -> int:
     return int(fn())
 
 
+UNKNOWN = -1
+"""Context.held()'s entry for a KV position whose token is not known (never equal to a token id)."""
+
 _CREATE_LOCK = threading.Lock()
 """Serialises context creation: the patch reads its placement switch from the environment while creating one."""
 
@@ -339,7 +342,7 @@ class Context:
         self.pairs = params.exact
         """Whether lone rows are decoded with the row before them (see ContextParams.exact; the probe turns it
         off while it measures llama.cpp itself)."""
-        self._tokens: dict[int, list[int]] = {}  # exact mode: per sequence, the token at each KV position
+        self._tokens: dict[int, list[int]] = {}  # per sequence, the token at each KV position (see held())
         self._solo: dict[int, int] = {}  # exact mode: per sequence, a position a one-row decode wrote (1-token prompt)
 
     def decode(self, tokens: Sequence[int], pos0: int, *, seq_id: int = 0,
@@ -389,15 +392,15 @@ class Context:
         try:
             logits = self._decode_rows(rows)
             done = True
-        finally:
-            if self.pairs:  # what the KV cache holds now: every part, or none after an error
-                for seq, toks, pos0, _ in rows:
-                    held = self._tokens.setdefault(seq, [])
-                    held[pos0:] = list(toks) if done else []
-                    if n == 1 and done:
-                        self._solo[seq] = pos0
-                    elif self._solo.get(seq, -1) >= pos0:
-                        del self._solo[seq]
+        finally:  # what the KV cache holds now: every part, or none after an error
+            for seq, toks, pos0, _ in rows:
+                held = self._tokens.setdefault(seq, [])
+                held.extend([UNKNOWN] * (pos0 - len(held)))
+                held[pos0:] = list(toks) if done else []
+                if self.pairs and n == 1 and done:
+                    self._solo[seq] = pos0
+                elif self._solo.get(seq, -1) >= pos0:
+                    del self._solo[seq]
         out, it = [], iter(logits)
         for p in parts:
             out.append(next(it) if p.tokens else np.empty((0, self.model.n_vocab), dtype=np.float32))
@@ -503,6 +506,16 @@ class Context:
         lib = _lib()
         lib.llama_memory_seq_rm(self._mem, seq_id, p0, p1)
         lib.llama_memory_seq_add(self._mem, seq_id, p1, -1, delta)
+        held = self._tokens.setdefault(seq_id, [])
+        if delta == p0 - p1:  # the later cells close the gap: the same tokens, at positions p1 - p0 lower
+            del held[p0:p1]
+        else:
+            held.clear()
+
+    def held(self, seq_id: int = 0) -> list[int]:
+        """The tokens the KV cache holds for the sequence, by position (UNKNOWN where a decode left a gap): what a
+        new prompt can reuse instead of decoding again (a copy)."""
+        return list(self._tokens.get(seq_id, ()))
 
     @property
     def can_shift(self) -> bool:

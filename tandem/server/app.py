@@ -74,7 +74,7 @@ def _check_model(name: str | None, info: ModelInfo) -> None:
 _GEN_FIELDS = frozenset(f.name for f in dataclasses.fields(GenParams))
 _SPEC_DEFAULTS = tuple(f.name for f in dataclasses.fields(SpecOptions) if f.name in _GEN_FIELDS)
 """Speculation knobs the server's SpecOptions sets by default for every generation."""
-_SPEC_REQUEST_FIELDS = ("draft_max", "draft_min", "draft_p_min", "draft_policy")
+_SPEC_REQUEST_FIELDS = ("draft_max", "draft_min", "draft_p_min", "draft_policy", "cache_prompt")
 """Speculation knobs a request may set, where GenParams has them."""
 
 

@@ -28,6 +28,10 @@ class Metrics:
                                    ["stop_reason"], registry=r)
         self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens evaluated", registry=r)
         self.generated_tokens = Counter("tandem_generated_tokens", "Tokens generated", registry=r)
+        self.prefix_queries = Counter("tandem_prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                      "(vLLM's prefix_cache_queries)", registry=r)
+        self.prefix_hits = Counter("tandem_prefix_cache_hits", "Prompt tokens the prefix cache held, not decoded "
+                                   "again (vLLM's prefix_cache_hits)", registry=r)
         self.drafts = Counter("tandem_spec_drafts", "Verification steps that carried a draft", registry=r)
         self.draft_tokens = Counter("tandem_spec_draft_tokens", "Draft tokens proposed", registry=r)
         self.accepted = Counter("tandem_spec_accepted_tokens", "Draft tokens accepted and used", registry=r)
@@ -54,6 +58,8 @@ class Metrics:
         self.generations.labels(stats.stop_reason or "unknown").inc()
         self.prompt_tokens.inc(stats.prompt_tokens)
         self.generated_tokens.inc(stats.generated_tokens)
+        self.prefix_queries.inc(stats.prompt_tokens)
+        self.prefix_hits.inc(stats.cached_tokens)
         self.drafts.inc(stats.draft_steps)
         self.draft_tokens.inc(stats.drafted)
         self.accepted.inc(stats.accepted)

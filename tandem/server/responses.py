@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandem.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, Completion, Delta, TextChoice,
-                                   TokenSource, Usage)
+from tandem.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, Completion, Delta,
+                                   PromptTokensDetails, TextChoice, TokenSource, Usage)
 from tandem.spec.generate import Done, Token
 from tandem.spec.stats import SpecStats
 
@@ -24,7 +24,8 @@ def finish_reason(stop_reason: str) -> str | None:
 
 def usage(stats: SpecStats) -> Usage:
     return Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.generated_tokens,
-                 total_tokens=stats.prompt_tokens + stats.generated_tokens)
+                 total_tokens=stats.prompt_tokens + stats.generated_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=stats.cached_tokens))
 
 
 @dataclass

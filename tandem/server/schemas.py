@@ -70,6 +70,7 @@ class _GenRequest(_Strict):
     draft_p_min: float | None = Field(None, ge=0.0, le=1.0)
     draft_policy: str | None = Field(None, min_length=1)
     return_token_sources: bool = False
+    cache_prompt: bool | None = None  # llama-server's name: false decodes the whole prompt again
     # Known OpenAI fields whose non-default values are not supported (checked in _unsupported).
     logprobs: Any = None
     presence_penalty: float | None = None
@@ -199,10 +200,15 @@ class TokenSource(BaseModel):
     source: Literal["draft", "guess", "main"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class AssistantMessage(BaseModel):

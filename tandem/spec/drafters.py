@@ -19,8 +19,9 @@ class Drafter(Protocol):
 
     name: str
 
-    def reset(self) -> None:
-        """Forget the previous sequence (a new generation starts)."""
+    def reset(self, history: Sequence[int] | None = None) -> None:
+        """Forget the previous sequence (a new generation starts), keeping what it shares with `history` (the new
+        prompt) where the drafter can: a chat's next turn need not be read again."""
 
     def prefill(self, history: Sequence[int]) -> None:
         """Catch up on all of history but its newest token now (in the prompt phase), in one batch."""
@@ -64,7 +65,11 @@ class ModelDrafter:
         if main_n_ctx is not None and size < main_n_ctx:
             self._require_shift()
 
-    def reset(self) -> None:
+    def reset(self, history: Sequence[int] | None = None) -> None:
+        if history is not None and self.window.dropped == 0:  # the KV mirrors the history one to one: keep a prefix
+            self._committed = 0  # nothing is known to match the new history until _sync compares it
+            self._sync(history)
+            return
         self._kv.clear()
         self._committed = 0
         self.window.reset()

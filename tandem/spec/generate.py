@@ -39,6 +39,9 @@ class GenParams:
     draft_policy: str = "adaptive"
     """adaptive: draft the number of tokens (0 included) with the most expected tokens per second;
     fixed: always up to draft_max. A seed at T > 0 uses fixed, so that the same seed gives the same text."""
+    cache_prompt: bool = True
+    """Reuse the start of the prompt that the main model's KV cache still holds (the previous turn of a chat, as
+    llama-server's cache_prompt) instead of decoding it again. False: a cold start (benchmarks)."""
     spare_guess: bool = True
     """Exact mode (the main model never decodes a lone row): a plain step fills its second row with an n-gram
     guess of the next token instead of decoding the previous token again. The step costs the same; a right
@@ -206,6 +209,16 @@ def _fresh_costs() -> Callable[[Drafter, str], CostModel]:
     return lambda _d, key: costs.setdefault(key, CostModel())
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _pick(logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator) -> int:
     return int(logits.argmax()) if sp.greedy else sample(probs(logits, sp), rng.random())
 
@@ -226,17 +239,23 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
             f"the prompt has {len(prompt)} tokens but the context holds {main.n_ctx}",
             "shorten the prompt or start with a larger --ctx-size", param="messages", code="context_length_exceeded")
     stats = SpecStats(prompt_tokens=len(prompt), draft_model=drafter.name if drafter else None)
+    # The main KV cache may still hold the start of this prompt (the previous turn of a chat): reuse it, but
+    # decode at least the last two prompt tokens (the last one's logits choose the first token; two rows take the
+    # kernels a whole prompt's batch takes, where one row would round differently).
+    reuse = max(0, min(common_prefix(main.held(), prompt), len(prompt) - 2)) if gp.cache_prompt else 0
     out = _Output(main, gp, stats)
     rng = np.random.default_rng(gp.sampling.seed)
     spec = _Speculation(drafter, gp, costs or _fresh_costs()) if drafter is not None else None
     guesser = NgramDrafter() if main.pairs and gp.spare_guess else None
     t0 = time.perf_counter()
-    # 1. Evaluate the prompt with the main model and choose the first token.
-    main.rollback(0)
-    history = [*prompt, _pick(main.decode(prompt, 0)[0], gp.sampling, rng)]
+    # 1. Evaluate the prompt with the main model (past what its cache already holds) and choose the first token.
+    main.rollback(reuse)
+    stats.cached_tokens = reuse
+    history = [*prompt, _pick(main.decode(prompt[reuse:], reuse)[0], gp.sampling, rng)]
     if spec is not None:
-        # 1b. Catch the drafter up on the prompt now if it is to draft at the first step.
-        drafter.reset()
+        # 1b. Catch the drafter up on the prompt now if it is to draft at the first step (a drafter keeps what
+        # it holds of a shared prefix too).
+        drafter.reset(history if gp.cache_prompt else None)
         spec.prefill(history, min(gp.draft_max, gp.max_tokens - 1))
     stats.prompt_time = time.perf_counter() - t0
     yield from out.emit(history[-1:], 0)

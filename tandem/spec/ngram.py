@@ -47,7 +47,8 @@ class NgramDrafter:
         self.match = 0
         """Size of the n-gram the last proposal matched (0: none)."""
 
-    def reset(self) -> None:
+    def reset(self, history: Sequence[int] | None = None) -> None:
+        """A full reset: indexing the new history again is a dict update per n-gram."""
         self._ends.clear()
         self._tail.clear()
         self._n = 0
@@ -118,9 +119,9 @@ class CombinedDrafter:
         self.min_match = min_match
         self.name = f"ngram+{model.name}"
 
-    def reset(self) -> None:
-        self.ngram.reset()
-        self.model.reset()
+    def reset(self, history: Sequence[int] | None = None) -> None:
+        self.ngram.reset(history)
+        self.model.reset(history)
 
     @property
     def parts(self) -> tuple[Drafter, Drafter]:

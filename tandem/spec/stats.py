@@ -32,6 +32,9 @@ class SpecStats:
     """Of those guesses, how many the main model confirmed: tokens gained at no cost."""
     prompt_tokens: int = 0
     """Tokens in the prompt."""
+    cached_tokens: int = 0
+    """Of those, tokens the main model's KV cache already held (the previous turn of the same chat): reused,
+    not decoded again."""
     generated_tokens: int = 0
     """Tokens produced (emitted to the caller; the end-of-generation token is not counted)."""
     prompt_time: float = 0.0
@@ -124,6 +127,7 @@ class SpecStats:
             "guessed_tokens_count": self.guessed,
             "accepted_guessed_tokens_count": self.guesses_accepted,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "generated_tokens": self.generated_tokens,
             **({"draft_status": self.draft_status} if self.draft_status else {}),
         }
@@ -131,7 +135,8 @@ class SpecStats:
     def timings(self) -> dict:
         """llama.cpp server's `timings` names."""
         return {
-            "prompt_n": self.prompt_tokens,
+            "cache_n": self.cached_tokens,
+            "prompt_n": self.prompt_tokens - self.cached_tokens,
             "prompt_ms": round(self.prompt_time * 1000, 3),
             "predicted_n": self.generated_tokens,
             "predicted_ms": round(self.generation_time * 1000, 3),
