@@ -47,8 +47,8 @@ class ModelOptions:
     for any weight type, at the price of plain steps that decode two rows (1.2-2x a lone row; /health's
     model.exact says the probe passed). Off by default: lone tokens are decoded alone, as llama.cpp and
     --draft none do, and a draft can change greedy output only where a batch's rounding flips a near tie
-    (F32 and F16 mains: 8 of 8 held-out prompts unchanged; Q8_0 and Q4_K_M change, so there the default
-    decodes as --draft none unless the draft pays; docs/benchmarks.md)."""
+    (F32 and F16 mains: 8 of 8 held-out prompts unchanged; with Q8_0 and Q4_K_M mains the Q4_1 draft cannot
+    pay on a CPU, so the default decodes as --draft none; docs/benchmarks.md §1)."""
     draft_optional: bool = False
     """When the draft cannot be used (missing, not GGUF, incompatible, does not fit, fails to load), run
     without it instead of failing: /health says 'degraded' and every response's stats carry draft_status."""
