@@ -60,15 +60,16 @@ def _draft_tokens_at_first_token(rt: Runtime, prompt: list[int], gp: GenParams) 
 
 
 def test_the_draft_catches_up_on_the_prompt_before_the_first_token_when_it_will_draft(tiny):
+    spec = SpecOptions(pause_slow_draft=False)  # the same-size tiny draft cannot pay: it would be paused
     rt = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_same"]), ctx_size=256),
-                 spec=SpecOptions(), announce=lambda _s: None)
+                 spec=spec, announce=lambda _s: None)
     prompt = rt.prompt(text="The capital of France is", raw=True)
     # A fixed policy always drafts at the first step: the prompt is evaluated before the first token.
     assert _draft_tokens_at_first_token(rt, prompt, GenParams(max_tokens=8, draft_policy="fixed")) == len(prompt)
     # An adaptive policy that will not draft at once (here: a draft measured as too slow to pay) pays no
     # catch-up up front.
     rt2 = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_same"]), ctx_size=256),
-                  spec=SpecOptions(), announce=lambda _s: None)
+                  spec=spec, announce=lambda _s: None)
     cost = rt2.cost(rt2.drafter)
     for _ in range(4 * cost.draft.trusted):
         cost.observe_draft(1, 10.0)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
-from test_server_support import (RUNTIME_SPEC, TEST_KEY, assert_openai_error, client, metrics, sample, start, tiny_app,
-                                 wait_ready)
+from test_server_support import (RUNTIME_SPEC, TEST_KEY, assert_openai_error, client, metrics, model_options, sample,
+                                 start, tiny_app, wait_ready)
 
 from tandem.config import ModelOptions, SpecOptions
 from tandem.errors import IncompatibleDraftError
@@ -66,6 +68,13 @@ def _cases(tiny_paths: dict) -> dict[str, Case]:
         "message-not-object": Case(400, {"messages": [5]}, "messages[0]"),
         "unknown-role": Case(400, {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         "content-wrong-type": Case(400, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        "content-null": Case(400, {"messages": [{"role": "user", "content": None}]}, "messages[0]"),
+        "content-missing": Case(400, {"messages": [{"role": "user"}]}, "messages[0]"),
+        "system-content-null": Case(400, {"messages": [{"role": "system", "content": None},
+                                                       {"role": "user", "content": "hi"}]}, "messages[0]"),
+        "assistant-content-null": Case(400, {"messages": [{"role": "user", "content": "hi"},
+                                                          {"role": "assistant", "content": None},
+                                                          {"role": "user", "content": "and?"}]}, "messages[1]"),
         "content-image-part": Case(400, {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content[0]"),
         "prompt-over-context": Case(400, {"messages": [{"role": "user", "content": "hello " * 300}]},
@@ -229,3 +238,53 @@ def test_draft_paths_can_be_refused(tiny):
         assert "none" in err["message"] and "path" not in err["message"].split("use one of:")[1]
         ok = httpx.post(f"{srv.url}{CHAT}", json=chat(draft_model="none", max_tokens=2), timeout=30)
         assert ok.status_code == 200 and ok.json()["stats"]["draft_model"] is None
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_the_server_keeps_serving(tiny):
+    gate = threading.Event()
+
+    def gated_runtime() -> Runtime:  # the real runtime, whose generations wait for the gate: a busy engine
+        rt = Runtime(model_options(tiny), spec=RUNTIME_SPEC, announce=lambda _s: None)
+        generate = rt.generate
+
+        def gated(*args, **kwargs):
+            gate.wait(60)
+            yield from generate(*args, **kwargs)
+        rt.generate = gated
+        return rt
+
+    srv = start(tiny_app(tiny, max_queue=1, factory=gated_runtime))
+    try:
+        wait_ready(srv.url)
+        body = {"messages": [{"role": "user", "content": "Tell me a story."}], "temperature": 0, "max_tokens": 4}
+        results: list[httpx.Response] = []
+
+        def post() -> None:
+            with client(srv) as c:
+                results.append(c.post("/v1/chat/completions", json=body))
+        running, waiting = threading.Thread(target=post), threading.Thread(target=post)
+        for thread, depth in ((running, (1, 0)), (waiting, (1, 1))):
+            thread.start()
+            deadline = time.monotonic() + 30
+            while tuple(httpx.get(f"{srv.url}/health").json()["requests"].values()) != depth:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        assert sample(metrics(srv.url), "tandem_requests_running") == 1  # what routers and autoscalers read
+        assert sample(metrics(srv.url), "tandem_queue_depth") == 1
+        with client(srv) as c:
+            full = c.post("/v1/chat/completions", json=body)
+        err = assert_openai_error(full, 503)
+        assert full.headers["Retry-After"] == "1" and err["code"] == "server_busy"
+        assert "--max-queue 1" in err["message"]
+        gate.set()  # the engine gets going: the running and the waiting request both complete
+        running.join(60)
+        waiting.join(60)
+        assert [r.status_code for r in results] == [200, 200]
+        with client(srv) as c:
+            assert c.post("/v1/chat/completions", json=body).status_code == 200
+        health = httpx.get(f"{srv.url}/health").json()
+        assert health["requests"] == {"running": 0, "waiting": 0} and 0 < health["kv_cache_usage"] < 1
+        assert abs(sample(metrics(srv.url), "tandem_kv_cache_usage_ratio") - health["kv_cache_usage"]) < 1e-3
+    finally:
+        gate.set()
+        srv.stop()

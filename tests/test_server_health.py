@@ -91,7 +91,7 @@ def test_tandem_serve_cli(tiny, draft):
     level = ["serve", "--log-level", "INFO"] if draft != "none" else ["--log-level", "INFO", "serve"]
     cmd = [sys.executable, "-c", "import sys; from tandem.cli import main; sys.exit(main())", *level,
            "--model", str(tiny["main"]), "--draft", draft_arg, "--ctx-size", "256", "--threads", "1",
-           "--port", "0", "--api-key", TEST_KEY]
+           "--port", "0", "--api-key", TEST_KEY, "--no-pause-slow-draft"]  # the tiny draft cannot pay
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stdout, out), daemon=True).start()

@@ -47,10 +47,10 @@ would be paused by default; these tests are about what speculation does."""
 
 
 def tiny_app(tiny: dict[str, Path], *, draft: str | None = "draft_close", ctx: int = 2048,
-             api_key: str | None = TEST_KEY, max_body_bytes: int = 1 << 20,
+             api_key: str | None = TEST_KEY, max_body_bytes: int = 1 << 20, max_queue: int = 64,
              factory: Callable[[], Runtime] | None = None) -> FastAPI:
     opts = model_options(tiny, draft=draft, ctx=ctx)
-    return create_app(ServerOptions(api_key=api_key, max_body_bytes=max_body_bytes),
+    return create_app(ServerOptions(api_key=api_key, max_body_bytes=max_body_bytes, max_queue=max_queue),
                       factory or (lambda: Runtime(opts, spec=RUNTIME_SPEC, announce=lambda _s: None)),
                       spec_options())
 

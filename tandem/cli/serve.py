@@ -73,6 +73,8 @@ class _FailFast:
         if status.state in ("ready", "degraded") and status.model is not None:
             m = status.model
             spec = f"draft {m.draft_model}: speculation on" if m.draft_model else "no draft: speculation off"
+            if m.draft_model and m.draft_paused:
+                spec = f"draft {m.draft_model}: PAUSED, requests decode as --draft none ({m.draft_paused})"
             extra = f" (DEGRADED, --draft-optional: {status.reason})" if status.state == "degraded" else ""
             print(f"ready: {m.id} (context {m.n_ctx} tokens), {spec}{extra}", flush=True)
         elif status.state == "failed":

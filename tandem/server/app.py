@@ -144,7 +144,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
     engine = Engine(runtime_factory, metrics, allow_draft_paths=options.draft_paths, on_status=on_status,
                     load_model=directory.load if directory else None,
                     model_id=directory.model_id if directory else None,
-                    max_loaded=options.max_loaded_models, ttl=options.ttl)
+                    max_loaded=options.max_loaded_models, ttl=options.ttl, max_queue=options.max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -279,6 +279,8 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
             body["model"] = {k: v for k, v in asdict(st.model).items() if k != "aliases"}
             body["speculative"] = st.model.draft_model is not None and not st.model.draft_paused
         if st.state in SERVING:
+            body["requests"] = {"running": engine.running, "waiting": engine.waiting}
+            body["kv_cache_usage"] = round(engine.kv_usage, 4)
             body["loaded_models"] = [i.id for i in st.loaded]
             if st.loading:
                 body["loading_models"] = list(st.loading)

@@ -69,7 +69,9 @@ def to_tandem_error(exc: Exception, route: str = "") -> TandemError:
 
 
 def error_response(err: TandemError) -> JSONResponse:
-    return JSONResponse(err.to_openai(), status_code=err.http_status)
+    retry = getattr(err, "retry_after", None)
+    return JSONResponse(err.to_openai(), status_code=err.http_status,
+                        headers={"Retry-After": str(retry)} if retry else None)
 
 
 def install_error_handlers(app: FastAPI) -> None:

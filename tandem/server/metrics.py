@@ -50,7 +50,12 @@ class Metrics:
         self.guesses_accepted = Counter("tandem_spec_accepted_guessed_tokens",
                                         "Spare-row guesses the main model confirmed (tokens gained at no cost)",
                                         registry=r)
-        self.queue_depth = Gauge("tandem_queue_depth", "Requests waiting for the engine", registry=r)
+        self.queue_depth = Gauge("tandem_queue_depth", "Requests waiting for the engine (vLLM's num_requests_waiting)",
+                                 registry=r)
+        self.requests_running = Gauge("tandem_requests_running", "Requests generating now (vLLM's "
+                                      "num_requests_running)", registry=r)
+        self.kv_usage = Gauge("tandem_kv_cache_usage_ratio", "Share of the main model's KV cache cells in use, 0-1 "
+                              "(vLLM's kv_cache_usage_perc)", registry=r)
         self.engine_ready = Gauge("tandem_engine_ready", "1 when the models are loaded and serving", registry=r)
 
     def record_generation(self, stats: SpecStats, first_token_s: float | None) -> None:

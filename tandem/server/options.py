@@ -17,6 +17,9 @@ class ServerOptions:
     """Require 'Authorization: Bearer KEY' on /v1 endpoints (default: no key)."""
     max_body_bytes: int = 1 << 20
     """Largest request body accepted, in bytes; larger bodies get HTTP 413."""
+    max_queue: int = 64
+    """Most requests waiting for the engine (the one generating is not counted); past that a request gets HTTP
+    503 with Retry-After at once instead of waiting without bound."""
     draft_paths: bool = True
     """Let a request's draft_model name a draft GGUF by file path, loaded on demand (--no-draft-paths refuses)."""
     max_loaded_models: int = 1

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tandem.errors import (BadInputError, CancelledError, EngineError, LoadFailedError, LoadingError,
+from tandem.errors import (BadInputError, BusyError, CancelledError, EngineError, LoadFailedError, LoadingError,
                            ModelNotFoundError, TandemError)
 from tandem.runtime import Runtime
 from tandem.server.drafts import CONFIGURED, DraftSelector, NeedsLoad, load_draft
@@ -184,7 +184,7 @@ class Engine:
     def __init__(self, runtime_factory: Callable[[], Runtime], metrics: Metrics, *, allow_draft_paths: bool = True,
                  on_status: Callable[[EngineStatus], None] | None = None,
                  load_model: Callable[[str], Runtime] | None = None, model_id: Callable[[Path], str] | None = None,
-                 max_loaded: int = 1, ttl: float = 0.0):
+                 max_loaded: int = 1, ttl: float = 0.0, max_queue: int = 64):
         self._factory = runtime_factory
         self._metrics = metrics
         self._allow_paths = allow_draft_paths
@@ -201,6 +201,13 @@ class Engine:
         self._parked: dict[tuple, list[_Job]] = {}
         self._names: dict[tuple, str] = {}  # what each pending load is, for the log
         self._default: str | None = None  # the startup model's id
+        self._max_queue = max_queue
+        self.running = 0
+        """Requests generating now (published by the engine thread)."""
+        self.kv_usage = 0.0
+        """Share of the main model's KV cache cells in use after the last generation step reported."""
+        self._waiting = 0  # jobs submitted and not yet taken by the engine thread (guarded by _count_lock)
+        self._count_lock = threading.Lock()
 
     # -- client interface (event-loop side) ---------------------------------------------------------------
     @property
@@ -212,9 +219,15 @@ class Engine:
         st = self._status
         if st.state not in SERVING:
             raise not_ready_error(st)
+        with self._count_lock:
+            if self._waiting >= self._max_queue:
+                raise BusyError(f"{self._waiting} requests are already waiting for the engine (--max-queue "
+                                f"{self._max_queue})", "retry after the Retry-After seconds, or start the server "
+                                "with a larger --max-queue", code="server_busy")
+            self._waiting += 1
+            self._metrics.queue_depth.set(self._waiting)
         job = _Job(f"req-{next(self._ids)}", spec, asyncio.get_running_loop())
         self._jobs.put(job)
-        self._metrics.queue_depth.set(self._jobs.qsize())
         return JobHandle(job)
 
     def start(self) -> None:
@@ -274,7 +287,10 @@ class Engine:
             except queue.Empty:
                 self._expire()
                 continue
-            self._metrics.queue_depth.set(self._jobs.qsize())
+            if isinstance(item, _Job):
+                with self._count_lock:
+                    self._waiting -= 1
+                    self._metrics.queue_depth.set(self._waiting)
             if item is None:
                 break
             if isinstance(item, Loaded):
@@ -396,6 +412,7 @@ class Engine:
             return
         first: float | None = None
         debug = log.isEnabledFor(logging.DEBUG)
+        self._set_running(1, rt)
         try:
             prompt = _prompt_tokens(rt, job.spec)
             params = job.spec.params
@@ -421,6 +438,20 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - an engine failure becomes a 500 for this request only
             log.exception("%s failed", job.id)
             job.put(EngineError(f"generation failed: {type(e).__name__}: {e}", "see the server log; retry"))
+        finally:
+            self._set_running(0, rt)
+
+    def _set_running(self, running: int, rt: Runtime) -> None:
+        """Publish the requests generating now and how full the main KV cache is (cells held / context)."""
+        self.running = running
+        self.kv_usage = len(rt.main.held()) / rt.main.n_ctx if rt.main.n_ctx else 0.0
+        self._metrics.requests_running.set(running)
+        self._metrics.kv_usage.set(self.kv_usage)
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet taken by the engine thread."""
+        return self._waiting
 
 
 def _close(value: object) -> None:
