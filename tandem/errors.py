@@ -26,6 +26,14 @@ class TandemError(Exception):
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
 
+def about_model(err: TandemError, role: str) -> TandemError:
+    """The same error, its cause prefixed with which model it is about ("main model: ...", "draft model: ...")."""
+    if not err.cause.startswith(role):  # "draft X cannot be used with ..." already says
+        err.cause = f"{role} model: {err.cause}"
+        err.args = (err.message,)
+    return err
+
+
 class BadInputError(TandemError):
     """The request or command line is invalid."""
 
@@ -83,6 +91,15 @@ class LoadingError(TandemError):
 
     http_status = 503
     error_type = "server_error"
+
+
+class BusyError(TandemError):
+    """Too many requests are waiting for the engine (HTTP 503 with Retry-After)."""
+
+    http_status = 503
+    error_type = "server_error"
+    retry_after = 1
+    """Seconds a client should wait before retrying (the Retry-After header)."""
 
 
 class DoesNotFitError(TandemError):

@@ -15,7 +15,7 @@ from tandem.config import SPEC_TYPES, ModelOptions, SpecOptions
 from tandem.engine import exact
 from tandem.engine.llama import Context, Model, patch_level
 from tandem.engine.vocab import check_compatible
-from tandem.errors import BadInputError, TandemError
+from tandem.errors import BadInputError, TandemError, about_model
 from tandem.models.defaults import default_pair
 from tandem.models.fit import AllocationCheck, FitPlan, ModelPlan, plan_for
 from tandem.spec.drafters import Drafter, ModelDrafter
@@ -86,14 +86,21 @@ class Runtime:
         self._draft_costs: dict[str, dict[str, float]] = {}  # calibrate_draft per draft model, measured once
         p = self.plan
         rss0 = _rss()
-        self.main_model = Model(p.main.path, progress=_named(progress, p.main.name), repack=not p.main.params.exact)
+        try:
+            self.main_model = Model(p.main.path, progress=_named(progress, p.main.name),
+                                    repack=not p.main.params.exact)
+        except TandemError as e:
+            raise about_model(e, "main") from None
         rss_main = _rss() - rss0
         self.drafter: ModelDrafter | None = None
         draft_model, rss_draft = None, 0
         if p.draft is not None:  # refuse an unusable draft before any KV
             try:
                 rss0 = _rss()
-                draft_model = Model(p.draft.path, progress=_named(progress, p.draft.name))
+                try:
+                    draft_model = Model(p.draft.path, progress=_named(progress, p.draft.name))
+                except TandemError as e:
+                    raise about_model(e, "draft") from None
                 rss_draft = _rss() - rss0
                 check_compatible(self.main_model.vocab_info(), draft_model.vocab_info(),
                                  main_name=self.main_model.name, draft_name=draft_model.name)

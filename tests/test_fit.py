@@ -9,7 +9,7 @@ import pytest
 
 from tandem.config import ModelOptions, SpecOptions
 from tandem.engine.llama import Model
-from tandem.errors import BadInputError, DoesNotFitError, ModelNotFoundError, NotGGUFError
+from tandem.errors import BadInputError, DoesNotFitError, LoadFailedError, ModelNotFoundError, NotGGUFError
 from tandem.models.fit import MIB, Memory, context_params, make_plan, parse_size, plan_for, tolerance
 from tandem.models.gguf_header import read_header
 from tandem.runtime import Runtime
@@ -182,3 +182,26 @@ def test_plan_matches_what_llama_cpp_allocates(tiny, case):
 def test_tolerance_is_5_percent_or_32_mib():
     assert tolerance(10 * MIB) == 32 * MIB
     assert tolerance(2 * GIB) == 2 * GIB // 20
+
+
+def test_a_model_file_error_says_whether_it_is_about_the_main_or_the_draft(tiny, tmp_path):
+    notes = tmp_path / "notes.gguf"
+    notes.write_bytes(b"these are notes, not a model")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(tiny["main"].read_bytes()[:4096])  # a GGUF header, then nothing: llama.cpp fails
+    cases = [(ModelOptions(model=str(tiny["main"]), draft=str(notes)), NotGGUFError, "draft model: ", notes),
+             (ModelOptions(model=str(notes), draft=str(tiny["draft_close"])), NotGGUFError, "main model: ", notes),
+             (ModelOptions(model=str(tiny["main"]), draft=str(tmp_path / "gone.gguf")), ModelNotFoundError,
+              "draft model: ", tmp_path / "gone.gguf")]
+    for opts, kind, role, path in cases:
+        with pytest.raises(kind) as e:
+            Runtime(dataclasses.replace(opts, ctx_size=256), announce=lambda _s: None)
+        assert e.value.message.startswith(role) and str(path) in e.value.message and e.value.fix
+    for opts, role in ((ModelOptions(model=str(tiny["main"]), draft=str(broken)), "draft model: "),
+                       (ModelOptions(model=str(broken), draft="none"), "main model: ")):
+        try:
+            Runtime(dataclasses.replace(opts, ctx_size=256), announce=lambda _s: None)
+        except (LoadFailedError, BadInputError) as err:  # llama.cpp's refusal, or the header reader's
+            assert err.message.startswith(role) and str(broken) in err.message, err.message
+        else:
+            raise AssertionError(f"{opts} loaded")

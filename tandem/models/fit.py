@@ -28,7 +28,7 @@ import psutil
 
 from tandem.config import ModelOptions
 from tandem.engine.llama import GGML_TYPES, ContextParams
-from tandem.errors import BadInputError, DoesNotFitError, TandemError
+from tandem.errors import BadInputError, DoesNotFitError, TandemError, about_model
 from tandem.models.gguf_header import GGUFHeader, read_header
 
 MIB = 1 << 20
@@ -345,14 +345,17 @@ def plan_for(opts: ModelOptions, main: Path, draft: Path | None, *, draft_max: i
     plan drops it and says why in `draft_status`.
     """
     memory = memory or available_memory(opts.memory_limit)
-    main_header = read_header(main)
+    try:
+        main_header = read_header(main)
+    except TandemError as e:
+        raise about_model(e, "main") from None
     draft_header, status = None, None
     if draft is not None:
         try:
             draft_header = read_header(draft)
         except TandemError as e:
             if not opts.draft_optional:
-                raise
+                raise about_model(e, "draft") from None
             status = f"draft {draft.name} is not usable: {e.message}"
     plan = make_plan(opts, main_header, draft_header, memory, draft_max=draft_max)
     if status is not None:

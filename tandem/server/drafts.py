@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tandem.engine.llama import Context, Model
 from tandem.engine.vocab import check_compatible
-from tandem.errors import ModelNotFoundError
+from tandem.errors import ModelNotFoundError, TandemError, about_model
 from tandem.models.fit import AllocationCheck, headroom, plan_extra_draft
 from tandem.runtime import Runtime
 from tandem.spec.drafters import ModelDrafter
@@ -50,6 +50,14 @@ def _file_key(path: Path) -> tuple:
 
 
 def load_draft(rt: Runtime, path: Path) -> ModelDrafter:
+    """Load a draft for `rt`'s main model (see _load_draft); its errors say they are about the draft."""
+    try:
+        return _load_draft(rt, path)
+    except TandemError as e:
+        raise about_model(e, "draft") from None
+
+
+def _load_draft(rt: Runtime, path: Path) -> ModelDrafter:
     """Load a draft for `rt`'s main model, refusing a vocabulary mismatch before allocating its KV cache.
     Safe off the engine thread: it only reads the main model's vocabulary."""
     plan = plan_extra_draft(rt.opts, path, headroom(rt.plan))  # 507 before allocating anything

@@ -39,6 +39,13 @@ class ChatMessage(_Strict):
     role: Role
     content: str | list[ContentPart] | None = None
 
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        # OpenAI refuses a message without content (only an assistant message with tool calls may omit it)
+        if self.content is None:
+            raise ValueError(f"a {self.role} message needs content: a string or a list of text parts, not null")
+        return self
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text or "" for p in self.content)
