@@ -283,6 +283,13 @@ class Runtime:
         has_bos = bool(bos) and rendered.startswith(bos)
         return m.tokenize(rendered, add_special=not has_bos, parse_special=True)
 
+    def forget_prefix(self) -> None:
+        """Drop what the KV caches hold, so the next generation starts cold (no prompt prefix reused)."""
+        self.main.rollback(0)
+        if self.drafter is not None:
+            self.drafter.reset()
+        self.ngram.reset()
+
     def close(self) -> None:
         """Free the contexts and weights now (an unloaded model must not wait for the garbage collector)."""
         if self.drafter is not None:

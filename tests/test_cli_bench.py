@@ -209,3 +209,16 @@ def test_window_slides_the_draft_and_keeps_the_output(tiny, tmp_path):
     assert setting["shifts"] > 0 and setting["runs"][0]["generated"] == 600  # the window slid
     assert data["same_tokens_everywhere"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chat_reuses_each_earlier_turn_and_a_cold_run_reuses_nothing(tiny):
+    r = bench("chat", "--model", str(tiny["main"]), "--draft", str(tiny["draft_same"]), "--turns", "3",
+              "--max-tokens", "6", "--ctx-size", "2048", *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    rows = [row for row in table_rows(r.stdout, "") if row[0].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2", "3"]
+    prompts, reused = [int(row[1]) for row in rows], [int(row[2]) for row in rows]
+    assert prompts[0] < prompts[1] < prompts[2]  # each turn holds the earlier ones
+    assert reused[0] <= 1 and all(prompts[i - 1] - 2 <= reused[i] < prompts[i] for i in (1, 2))  # (BPE may merge)
+    assert all(float(cell) > 0 for row in rows for cell in row[3:6])
+    assert "last turn / first turn: default" in r.stdout
