@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.config import ModelOptions
+from tandem.config import ModelOptions, SpecOptions
 from tandem.prompts import dev_prompts
 from tandem.runtime import Runtime
 from tandem.spec.generate import Done, GenParams, Token
@@ -12,7 +12,8 @@ from tandem.spec.generate import Done, GenParams, Token
 
 @pytest.fixture(scope="module")
 def rt():
-    return Runtime(ModelOptions(ctx_size=1024), announce=lambda s: None)
+    # The default regime (lone rows), speculating even on a machine where the load-time check would pause the draft
+    return Runtime(ModelOptions(ctx_size=1024), spec=SpecOptions(pause_slow_draft=False), announce=lambda s: None)
 
 
 def test_default_pair_greedy_equals_plain_on_dev_prompts(rt):

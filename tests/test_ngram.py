@@ -220,7 +220,7 @@ def test_runtime_ngram_does_not_load_a_given_draft(tiny, loopy_path):
 
 def test_runtime_both_combines_ngram_and_the_draft_model(tiny):
     opts = ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=512, threads=2)
-    rt = Runtime(opts, spec=SpecOptions(spec_type="both"), announce=lambda _s: None)
+    rt = Runtime(opts, spec=SpecOptions(spec_type="both", pause_slow_draft=False), announce=lambda _s: None)
     assert isinstance(rt.drafter, ModelDrafter)
     d = rt.speculator()
     assert isinstance(d, CombinedDrafter) and rt.draft_name == f"ngram+{rt.drafter.name}"
@@ -232,7 +232,7 @@ def test_runtime_both_combines_ngram_and_the_draft_model(tiny):
 def test_both_routes_each_step_to_a_part_with_its_own_cost_model(tiny, loopy_path):
     """--spec-type both: n-gram steps teach the n-gram's cost model, model steps the model's; never a shared one."""
     opts = ModelOptions(model=str(loopy_path), draft=str(tiny["draft_close"]), ctx_size=512, threads=2)
-    rt = Runtime(opts, spec=SpecOptions(spec_type="both"), announce=lambda _s: None)
+    rt = Runtime(opts, spec=SpecOptions(spec_type="both", pause_slow_draft=False), announce=lambda _s: None)
     assert rt.drafter is not None
     gp = GenParams(max_tokens=60, draft_max=4, draft_policy="fixed")
     for text in PROMPTS[:2]:
@@ -259,7 +259,7 @@ def test_both_falls_back_to_the_model_when_the_ngram_has_no_long_match():
 def test_runtime_both_needs_a_draft_model(tiny):
     with pytest.raises(BadInputError, match="needs a draft model"):
         Runtime(ModelOptions(model=str(tiny["main"]), draft="none", ctx_size=512, threads=2),
-                spec=SpecOptions(spec_type="both"), announce=lambda _s: None)
+                spec=SpecOptions(spec_type="both", pause_slow_draft=False), announce=lambda _s: None)
 
 
 def test_spec_options_are_validated():

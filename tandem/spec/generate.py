@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from tandem.engine.llama import Context
+from tandem.engine.llama import Context, SeqRows
 from tandem.errors import BadInputError, ContextOverflowError
 from tandem.spec.drafters import Drafter
 from tandem.spec.costs import CostModel
@@ -223,35 +223,77 @@ def _pick(logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator) -> i
     return int(logits.argmax()) if sp.greedy else sample(probs(logits, sp), rng.random())
 
 
+@dataclass(frozen=True)
+class Decode:
+    """A sequence's rows for the next main-model decode (sequence() yields it): answer with send(logits), the
+    logits the rows ask for, or throw() the decode's error into the sequence (it rolls back and re-raises)."""
+
+    rows: SeqRows
+
+
 def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Drafter | None = None,
              cancel: Callable[[], bool] | None = None,
              costs: Callable[[Drafter, str], CostModel] | None = None) -> Iterator[Token | Done]:
-    """Generate from `prompt` with the main model, speculating with `drafter` when given.
+    """Generate from `prompt` with the main model, speculating with `drafter` when given: sequence() with each
+    of its decodes run at once, alone (a scheduler runs several sequences' decodes as one batch instead).
 
     Output equals the main model's alone: token for token at T = 0, in distribution at T > 0.
     `costs(drafter, key)` gives a drafter's (or a part's) measured draft and verify costs, kept across
     generations by the caller (fresh ones when None).
     """
+    steps = sequence(main, prompt, gp, drafter, cancel, costs)
+    logits: np.ndarray | None = None
+    while True:
+        try:
+            ev = steps.send(logits)
+        except StopIteration:
+            return
+        logits = None
+        if isinstance(ev, Decode):
+            r = ev.rows
+            try:
+                logits = main.decode(r.tokens, r.pos0, seq_id=r.seq_id, logits=r.logits)
+            except BaseException as e:
+                steps.throw(e)  # the sequence rolls back its step and re-raises
+                raise
+        else:
+            yield ev
+
+
+def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Drafter | None = None,
+             cancel: Callable[[], bool] | None = None,
+             costs: Callable[[Drafter, str], CostModel] | None = None,
+             seq_id: int = 0) -> Generator[Decode | Token | Done, np.ndarray | None, None]:
+    """One generation as a sequence of steps: yields Decode for each main-model decode it needs (and expects its
+    logits back through send()), Token for each generated token, and Done last. Everything of the sequence
+    but the decode itself happens here: drafting, verification, rollback of its own KV cells (sequence
+    `seq_id` of `main`), stats, stop conditions."""
     if not prompt:
         raise BadInputError("the prompt is empty", "send at least one token of text")
-    if len(prompt) >= main.n_ctx:
+    n_ctx = main.seq_capacity or main.n_ctx  # positions this sequence may hold
+    if len(prompt) >= n_ctx:
         raise ContextOverflowError(
-            f"the prompt has {len(prompt)} tokens but the context holds {main.n_ctx}",
+            f"the prompt has {len(prompt)} tokens but the context holds {n_ctx}",
             "shorten the prompt or start with a larger --ctx-size", param="messages", code="context_length_exceeded")
     stats = SpecStats(prompt_tokens=len(prompt), draft_model=drafter.name if drafter else None)
     # The main KV cache may still hold the start of this prompt (the previous turn of a chat): reuse it, but
     # decode at least the last two prompt tokens (the last one's logits choose the first token; two rows take the
     # kernels a whole prompt's batch takes, where one row would round differently).
-    reuse = max(0, min(common_prefix(main.held(), prompt), len(prompt) - 2)) if gp.cache_prompt else 0
+    reuse = max(0, min(common_prefix(main.held(seq_id), prompt), len(prompt) - 2)) if gp.cache_prompt else 0
     out = _Output(main, gp, stats)
     rng = np.random.default_rng(gp.sampling.seed)
     spec = _Speculation(drafter, gp, costs or _fresh_costs()) if drafter is not None else None
     guesser = NgramDrafter() if main.pairs and gp.spare_guess else None
     t0 = time.perf_counter()
     # 1. Evaluate the prompt with the main model (past what its cache already holds) and choose the first token.
-    main.rollback(reuse)
+    main.rollback(reuse, seq_id=seq_id)
     stats.cached_tokens = reuse
-    history = [*prompt, _pick(main.decode(prompt[reuse:], reuse)[0], gp.sampling, rng)]
+    try:
+        first = yield Decode(SeqRows(seq_id, prompt[reuse:], reuse, "last"))
+    except BaseException:
+        main.rollback(reuse, seq_id=seq_id)
+        raise
+    history = [*prompt, _pick(first[0], gp.sampling, rng)]
     if spec is not None:
         # 1b. Catch the drafter up on the prompt now if it is to draft at the first step (a drafter keeps what
         # it holds of a shared prefix too).
@@ -265,25 +307,25 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         if cancel is not None and cancel():
             out.finish("cancelled")
             break
-        if n_past + 1 > main.n_ctx:
+        if n_past + 1 > n_ctx:
             out.finish("context")
             break
         # 3. Draft as many tokens as the policy finds worth it (0: a plain step), within max_tokens and the context.
-        k = min(gp.draft_max, out.remaining - 1, main.n_ctx - n_past - 1)
+        k = min(gp.draft_max, out.remaining - 1, n_ctx - n_past - 1)
         proposal = spec.propose(history, k, rng) if spec is not None else EMPTY
         # 3b. Exact mode: a plain step decodes two rows anyway, so let the second be a guess instead of a repeat.
-        guess = not proposal.tokens and guesser is not None and min(out.remaining, main.n_ctx - n_past) > 1
+        guess = not proposal.tokens and guesser is not None and min(out.remaining, n_ctx - n_past) > 1
         if guess:
             proposal = guesser.propose(history, 1)
         # 4. Verify the newest token and the drafts in ONE llama_decode, then keep the agreed prefix.
         keep, t_verify = n_past, time.perf_counter()
         try:
-            logits = main.decode([history[-1], *proposal.tokens], n_past, logits="all")
+            logits = yield Decode(SeqRows(seq_id, [history[-1], *proposal.tokens], n_past, "all"))
             result = verify(proposal, logits, gp.sampling, rng.random(uniforms_needed(len(proposal.tokens))))
             keep, t_verify = n_past + 1 + result.accepted, time.perf_counter() - t_verify
         finally:
             # 5. Roll the main KV back past the rejected drafts (on error, past the whole step).
-            main.rollback(keep)
+            main.rollback(keep, seq_id=seq_id)
         # 6. Record the step; let the cost model and the policy learn from it (a guess step is a plain step).
         new, n_drafted = result.tokens(proposal), 0 if guess else len(proposal.tokens)
         stats.record_step(n_drafted, result.accepted, guessed=len(proposal.tokens) if guess else 0)

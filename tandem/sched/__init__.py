@@ -1,0 +1,1 @@
+"""Serving several requests at once: continuous batching over tandem.spec.generate's sequences."""

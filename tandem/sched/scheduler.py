@@ -1,0 +1,147 @@
+"""Continuous batching: the steps of several sequences in one main-model decode.
+
+Each request is a `tandem.spec.generate.sequence` generator bound to one sequence id of the main context: it
+drafts, verifies, rolls back and emits on its own, and yields a `Decode` whenever it needs the main model.
+`Scheduler.step()` advances every running sequence to its next Decode, runs them together, and hands each its
+logits. A request that arrives joins at the next step; one that ends frees its sequence at once, and its KV
+cells stay for the next request whose prompt starts the same way (a chat's next turn).
+
+With the main context's fixed cells per sequence (ContextParams.seq_cells) and exact decoding, a sequence's
+logits do not depend on the others in its batch, so a request's output does not either (tests/test_scheduler).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence as Seq
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tandem.engine.llama import Context, SeqRows
+from tandem.errors import BadInputError, EngineError, TandemError
+from tandem.spec.generate import Decode, Done, Token, common_prefix
+
+Event = Token | Done | TandemError
+Steps = Generator[Decode | Token | Done, np.ndarray | None, None]
+
+
+@dataclass
+class Sequence:
+    """One request's state in the scheduler."""
+
+    request_id: str
+    """The caller's name for the request."""
+    seq_id: int
+    """Its sequence in the main context (its KV cells)."""
+    steps: Steps
+    """The generation itself (tandem.spec.generate.sequence)."""
+    pending: SeqRows | None = None
+    """The rows it waits to have decoded."""
+    logits: np.ndarray | None = None
+    """The logits of its last decode, handed over at its next advance."""
+    outbox: list[Event] = field(default_factory=list)
+    """Tokens, Done or the error it produced since the last step."""
+
+
+class Scheduler:
+    """Runs up to n_seq_max sequences of one main context, one batched decode per step. Not thread-safe: the
+    engine thread owns it (drain requests -> add/abort -> step -> route)."""
+
+    def __init__(self, main: Context):
+        self.main = main
+        self.running: dict[str, Sequence] = {}
+        self._free = list(range(max(1, main.params.n_seq_max)))
+        self.steps = 0
+        """Steps taken (one batched decode each, plus a decode per prompt admitted)."""
+
+    @property
+    def capacity(self) -> int:
+        """Sequences that can be added now."""
+        return len(self._free)
+
+    def add(self, request_id: str, prompt: Seq[int], make: Callable[[int], Steps]) -> int:
+        """Start a request: `make(seq_id)` builds its sequence() generator. Returns the sequence id, the free one
+        whose KV cells hold the longest start of `prompt` (the others' cells are dropped when reused)."""
+        if request_id in self.running:
+            raise BadInputError(f"request {request_id} is already running", "use a new request id")
+        if not self._free:
+            raise EngineError(f"all {self.main.params.n_seq_max} sequences are running", "add it after one ends")
+        seq_id = max(self._free, key=lambda s: common_prefix(self.main.held(s), prompt))
+        self._free.remove(seq_id)
+        self.running[request_id] = Sequence(request_id, seq_id, make(seq_id))
+        return seq_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now: its generator closes (rolling back its step) and its sequence is free."""
+        seq = self.running.pop(request_id, None)
+        if seq is not None:
+            seq.steps.close()
+            self._free.append(seq.seq_id)
+
+    def step(self) -> dict[str, list[Event]]:
+        """One step of every running sequence; what each produced, by request id (Done or an error ends it)."""
+        # 1. Advance each sequence to its next decode: it verifies the last one, emits, drafts the next.
+        for seq in list(self.running.values()):
+            self._advance(seq)
+        # 2. Decode: a long prompt alone (it may exceed a batch), every other sequence's rows together.
+        waiting = [s for s in self.running.values() if s.pending is not None]
+        alone = [s for s in waiting if len(s.pending.tokens) > self.main.params.n_batch // 4]
+        for seq in alone:
+            r = seq.pending
+            self._decode([seq], lambda r=r: [self.main.decode(r.tokens, r.pos0, seq_id=r.seq_id, logits=r.logits)])
+        self._decode([s for s in waiting if s not in alone], None)
+        # 3. Route what each sequence produced; a finished one frees its sequence.
+        out = {}
+        for seq in list(self.running.values()):
+            if seq.outbox:
+                out[seq.request_id], seq.outbox = seq.outbox, []
+                if isinstance(out[seq.request_id][-1], (Done, TandemError)):
+                    del self.running[seq.request_id]
+                    self._free.append(seq.seq_id)
+        self.steps += 1
+        return out
+
+    def _advance(self, seq: Sequence) -> None:
+        """Run the sequence until it asks for a decode (or ends), collecting its tokens."""
+        logits, seq.logits = seq.logits, None
+        try:
+            while True:
+                ev = seq.steps.send(logits)
+                logits = None
+                if isinstance(ev, Decode):
+                    seq.pending = ev.rows
+                    return
+                seq.outbox.append(ev)
+        except StopIteration:
+            seq.pending = None
+        except TandemError as e:
+            seq.pending = None
+            seq.outbox.append(e)
+
+    def _decode(self, seqs: list[Sequence], run: Callable[[], list[np.ndarray]] | None) -> None:
+        """Decode the sequences' pending rows (in batches of at most n_batch rows, or with `run`), store each one's
+        logits; a failed decode is thrown into each of its sequences, which roll back and end with the error."""
+        batches: list[list[Sequence]] = []
+        rows = 0
+        for seq in seqs:
+            n = len(seq.pending.tokens)
+            if not batches or rows + n > self.main.params.n_batch:
+                batches.append([])
+                rows = 0
+            batches[-1].append(seq)
+            rows += n
+        for batch in batches:
+            try:
+                logits = run() if run is not None else self.main.decode_batch([s.pending for s in batch])
+            except TandemError as e:
+                for seq in batch:
+                    seq.pending = None
+                    try:
+                        seq.steps.throw(e)
+                    except TandemError as err:
+                        seq.outbox.append(err)
+                    except StopIteration:
+                        pass
+                continue
+            for seq, out in zip(batch, logits, strict=True):
+                seq.pending, seq.logits = None, out
