@@ -222,3 +222,13 @@ def test_chat_reuses_each_earlier_turn_and_a_cold_run_reuses_nothing(tiny):
     assert reused[0] <= 1 and all(prompts[i - 1] - 2 <= reused[i] < prompts[i] for i in (1, 2))  # (BPE may merge)
     assert all(float(cell) > 0 for row in rows for cell in row[3:6])
     assert "last turn / first turn: default" in r.stdout
+
+
+def test_batch_runs_requests_together_and_one_after_another(tiny):
+    r = bench("batch", "--model", str(tiny["main"]), "--draft", str(tiny["draft_same"]), "--concurrency", "1", "2",
+              "--max-tokens", "6", "--ctx-size", "256", *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    rows = [row for row in table_rows(r.stdout, "") if row[0].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2"]
+    for row in rows:
+        assert all(float(row[i]) > 0 for i in (1, 2, 4, 5)) and row[3].endswith("x") and row[6].endswith("x")

@@ -1,0 +1,92 @@
+"""Several requests at once through the engine's scheduler (tandem.sched): aggregate tokens per second.
+
+For each concurrency N: N greedy requests (the bench prompts, cycled), --max-tokens each, all started together
+on a main context of N sequences with fixed cells, through Scheduler.step() (one batched main decode per step),
+without a draft and with the draft (each sequence its own draft context). Baseline: the same N requests one
+after another with generate() on a one-sequence context, as Tandem's server runs them today. Engine level: no
+HTTP; what continuous batching can give on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from tandem.benchmarks.common import add_model_arguments, draft_file, load_prompts, one_main, positive_int
+from tandem.config import ModelOptions
+from tandem.engine.llama import Context
+from tandem.models.fit import plan_for
+from tandem.prompts import DATA
+from tandem.runtime import Runtime
+from tandem.sched.scheduler import Scheduler
+from tandem.spec.drafters import ModelDrafter
+from tandem.spec.generate import Done, GenParams, generate, sequence
+
+HELP = "several requests at once through the scheduler: aggregate tok/s by concurrency"
+"""One line for `tandem bench --help`."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p, None)
+    p.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 2, 4], help="N (default: 1 2 4)")
+    p.add_argument("--max-tokens", type=positive_int, default=150, help="tokens per request (default: 150)")
+    p.add_argument("--ctx-size", type=positive_int, default=1024, help="positions per sequence (default: 1024)")
+
+
+def _batched(rt: Runtime, main: Context, prompts: list[list[int]], gp: GenParams, drafters: list | None) -> float:
+    """Aggregate tokens/s of the prompts run together through a Scheduler."""
+    sched = Scheduler(main)
+    for s in range(main.params.n_seq_max):
+        main.rollback(0, seq_id=s)
+    t0, tokens = time.perf_counter(), 0
+    for i, prompt in enumerate(prompts):
+        d = drafters[i] if drafters else None
+        sched.add(str(i), prompt, lambda s, p=prompt, d=d: sequence(main, p, gp, d, seq_id=s, costs=rt.cost))
+    while sched.running:
+        for events in sched.step().values():
+            tokens += sum(e.stats.generated_tokens for e in events if isinstance(e, Done))
+    return tokens / (time.perf_counter() - t0)
+
+
+def _sequential(rt: Runtime, prompts: list[list[int]], gp: GenParams, use_draft: bool) -> float:
+    t0, tokens = time.perf_counter(), 0
+    for prompt in prompts:
+        for ev in rt.generate(prompt, gp, model=rt.drafter if use_draft else None, use_draft=use_draft):
+            if isinstance(ev, Done):
+                tokens += ev.stats.generated_tokens
+    return tokens / (time.perf_counter() - t0)
+
+
+def main(args: argparse.Namespace) -> int:
+    main_path, draft = one_main(args), draft_file(args)
+    opts = ModelOptions(model=str(main_path), draft=str(draft), ctx_size=args.ctx_size, threads=args.threads)
+    rt = Runtime(opts, announce=lambda _s: None)
+    texts = list(load_prompts(DATA / "bench_prompts.jsonl", None).values())
+    gp = GenParams(max_tokens=args.max_tokens, cache_prompt=False)
+    params = plan_for(opts, main_path, draft).draft.params
+    print(f"main {main_path.name}, draft {draft.name}; {args.max_tokens} tokens a request; aggregate tok/s\n")
+    print("| N | one after another, no draft | batched, no draft | ratio | one after another, draft | batched, draft "
+          "| ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    try:
+        for n in args.concurrency:
+            prompts = [rt.prompt(text=texts[i % len(texts)]) for i in range(n)]
+            main = Context(rt.main_model, dataclasses.replace(rt.plan.main.params, n_ctx=args.ctx_size * n, n_seq_max=n,
+                                                              seq_cells=True))
+            drafters = [ModelDrafter(Context(rt.drafter.ctx.model, params)) for _ in range(n)] if rt.drafter else []
+            try:
+                seq_plain = _sequential(rt, prompts, gp, False)
+                bat_plain = _batched(rt, main, prompts, gp, None)
+                seq_draft = _sequential(rt, prompts, gp, True) if drafters else 0.0
+                bat_draft = _batched(rt, main, prompts, gp, drafters) if drafters else 0.0
+            finally:
+                for d in drafters:
+                    d.ctx.close()
+                main.close()
+            draft_ratio = f"{bat_draft / seq_draft:.2f}x" if seq_draft else "n/a"
+            print(f"| {n} | {seq_plain:.1f} | {bat_plain:.1f} | {bat_plain / seq_plain:.2f}x | {seq_draft:.1f} | "
+                  f"{bat_draft:.1f} | {draft_ratio} |", flush=True)
+    finally:
+        rt.close()
+    return 0
