@@ -243,21 +243,24 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
     """
     steps = sequence(main, prompt, gp, drafter, cancel, costs)
     logits: np.ndarray | None = None
-    while True:
-        try:
-            ev = steps.send(logits)
-        except StopIteration:
-            return
-        logits = None
-        if isinstance(ev, Decode):
-            r = ev.rows
+    try:
+        while True:
             try:
-                logits = main.decode(r.tokens, r.pos0, seq_id=r.seq_id, logits=r.logits)
-            except BaseException as e:
-                steps.throw(e)  # the sequence rolls back its step and re-raises
-                raise
-        else:
-            yield ev
+                ev = steps.send(logits)
+            except StopIteration:
+                return
+            logits = None
+            if isinstance(ev, Decode):
+                r = ev.rows
+                try:
+                    logits = main.decode(r.tokens, r.pos0, seq_id=r.seq_id, logits=r.logits)
+                except BaseException as e:
+                    steps.throw(e)  # the sequence rolls back its step and re-raises
+                    raise
+            else:
+                yield ev
+    finally:
+        steps.close()  # a caller that stops early: the sequence's own cleanup runs now
 
 
 def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Drafter | None = None,
