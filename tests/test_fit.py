@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from tandem.config import ModelOptions, SpecOptions
-from tandem.engine.llama import Model
+from tandem.engine.llama import Context, ContextParams, Model
 from tandem.errors import BadInputError, DoesNotFitError, LoadFailedError, ModelNotFoundError, NotGGUFError
-from tandem.models.fit import MIB, Memory, context_params, make_plan, parse_size, plan_for, tolerance
+from tandem.models.fit import MIB, Memory, context_params, make_plan, parse_size, plan_for, plan_model, tolerance
 from tandem.models.gguf_header import read_header
 from tandem.runtime import Runtime
 
@@ -205,3 +205,14 @@ def test_a_model_file_error_says_whether_it_is_about_the_main_or_the_draft(tiny,
             assert err.message.startswith(role) and str(broken) in err.message, err.message
         else:
             raise AssertionError(f"{opts} loaded")
+
+
+def test_sequences_share_one_kv_buffer_in_the_plan_as_in_llama_cpp(tiny):
+    model = Model(tiny["main"])
+    header = read_header(tiny["main"])
+    for seqs in (1, 4):
+        params = ContextParams(n_ctx=1024, n_batch=128, n_threads=1, n_seq_max=seqs, seq_cells=seqs > 1)
+        ctx = Context(model, params)
+        plan = plan_model(header, params, role="main")
+        assert plan.kv == ctx.buffers["kv"]  # n_ctx cells in all, not per sequence
+        assert abs(plan.output - ctx.buffers["output"]) <= 64 << 10

@@ -270,7 +270,8 @@ def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
 def plan_model(header: GGUFHeader, params: ContextParams, *, role: str, out_rows: int = 1) -> ModelPlan:
     """The memory of one model with one context of `params`; `out_rows`: most logits rows one decode returns."""
     h = header
-    cells = -(-params.n_ctx // KV_PAD) * KV_PAD * params.n_seq_max
+    # One unified KV buffer of n_ctx cells holds every sequence; per-sequence streams hold n_ctx each
+    cells = -(-params.n_ctx // KV_PAD) * KV_PAD * (1 if params.kv_unified else params.n_seq_max)
     kv = cells * sum(_row(params.type_k, h.n_embd_k_gqa(i)) + _row(params.type_v, h.n_embd_v_gqa(i))
                      for i in range(h.n_layer))
     u = min(params.n_batch, params.n_ctx)
