@@ -25,6 +25,10 @@ class ModelOptions:
     """Draft model context size in tokens; 0 means the same as --ctx-size."""
     threads: int = 0
     """CPU threads; 0 means all cores."""
+    parallel: int = 1
+    """Requests decoded together, in one batch per step (continuous batching; `tandem serve`). Each holds
+    --ctx-size / parallel positions (rounded down to 64), as llama-server's slots, and its own share of the draft
+    context. 1 decodes one request at a time."""
     cache_type_k: str = "f16"
     """Main model KV cache type for K: f16, f32, q8_0, q4_0. f16 halves f32's memory, and a verification batch's
     attention then runs through llama.cpp's tinyBLAS, so it slows far less with a long context (default pair,

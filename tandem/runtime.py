@@ -19,7 +19,7 @@ from tandem.errors import BadInputError, TandemError, about_model
 from tandem.models.defaults import default_pair
 from tandem.models.fit import AllocationCheck, FitPlan, ModelPlan, plan_for
 from tandem.spec.drafters import Drafter, ModelDrafter
-from tandem.spec.generate import Done, GenParams, Token, generate
+from tandem.spec.generate import Done, GenParams, Steps, Token, generate, sequence
 from tandem.spec.ngram import CombinedDrafter, NgramDrafter
 from tandem.spec.costs import CostModel
 from tandem.spec.payoff import best_case_speedup
@@ -81,6 +81,8 @@ class Runtime:
         self.draft_status: str | None = self.plan.draft_status
         self.checks: list[AllocationCheck] = []
         self.ngram = NgramDrafter()  # no model, a dict per sequence: always there for spec_type per call
+        self._seq_ngrams: dict[int, NgramDrafter] = {}  # sequences 1.. of a parallel main context
+        self._seq_drafters: dict[int, ModelDrafter] = {}
         self._costs: dict[str, CostModel] = {}
         self._verify_costs: dict[int, float] | None = None
         self._draft_costs: dict[str, dict[str, float]] = {}  # calibrate_draft per draft model, measured once
@@ -121,7 +123,7 @@ class Runtime:
                 rss0 = _rss()
                 ctx = Context(draft_model, p.draft.params)
                 self._check(p.draft, draft_model, ctx, rss_draft + _rss() - rss0)
-                self.drafter = ModelDrafter(ctx, main_n_ctx=self.main.n_ctx)
+                self.drafter = ModelDrafter(ctx, main_n_ctx=self.main.capacity)
             except TandemError as e:
                 self._drop_draft(draft_model, e)
         if self.draft_status:
@@ -178,7 +180,7 @@ class Runtime:
         context is too small to probe). In exact mode lone rows stay paired whatever the probe saw: it cannot
         rule out a rare difference at positions it did not probe."""
         rows = max(self.spec.draft_max + 1, 2)
-        if exact.probe_length(rows) > self.main.n_ctx:
+        if exact.probe_length(rows) > self.main.capacity:
             return None
         inv = exact.probe(self.main, exact.probe_tokens(self.main, exact.probe_length(rows)), max_rows=rows)
         level = logging.INFO if inv.exact or not self.main.pairs else logging.WARNING
@@ -226,25 +228,38 @@ class Runtime:
         d = self.speculator(self.drafter)
         return d.name if d else None
 
-    def speculator(self, model: ModelDrafter | None = None, spec_type: str | None = None) -> Drafter | None:
+    def speculator(self, model: ModelDrafter | None = None, spec_type: str | None = None, *,
+                   seq: int = 0) -> Drafter | None:
         """The drafter generation uses with draft model `model` (default: the loaded one), per `spec_type`
-        (default: --spec-type). A type needing a draft model that is not loaded raises BadInputError."""
+        (default: --spec-type). A type needing a draft model that is not loaded raises BadInputError. `seq`:
+        which sequence of a parallel main context drafts (each keeps its own drafter state)."""
         configured = model is None and spec_type is None
         if configured and self.draft_paused and self.spec.spec_type != "ngram":
             return None
-        model = self.drafter if model is None else model
+        ngram = self.ngram if seq == 0 else self._seq_ngrams.setdefault(seq, NgramDrafter())
+        model = self.sequence_drafter(seq) if model is None else model
         spec_type = self.spec.spec_type if spec_type is None else spec_type
         if spec_type not in SPEC_TYPES:
             raise BadInputError(f"spec_type must be one of {', '.join(SPEC_TYPES)}, got {spec_type!r}",
                                 "use draft-model, ngram or both", param="spec_type")
         if spec_type == "ngram":
-            return self.ngram
+            return ngram
         if model is None:
             if spec_type == self.spec.spec_type:  # the configured type without a draft: plain decoding
                 return None
             raise BadInputError(f"spec_type {spec_type} needs a draft model and none is loaded",
                                 "start with --draft PATH, or use spec_type ngram", param="spec_type")
-        return CombinedDrafter(self.ngram, model) if spec_type == "both" else model
+        return CombinedDrafter(ngram, model) if spec_type == "both" else model
+
+    def sequence_drafter(self, seq: int) -> ModelDrafter | None:
+        """The draft model's drafter for sequence `seq` of the main context: the loaded one for 0, for the others
+        a context of their own on the same weights, with the same parameters, made on first use."""
+        if self.drafter is None or seq == 0:
+            return self.drafter
+        if seq not in self._seq_drafters:
+            ctx = Context(self.drafter.ctx.model, self.drafter.ctx.params)
+            self._seq_drafters[seq] = ModelDrafter(ctx, name=self.drafter.name, main_n_ctx=self.main.capacity)
+        return self._seq_drafters[seq]
 
     def cost(self, drafter: Drafter, key: str | None = None) -> CostModel:
         """The measured costs of drafting with `drafter` (by name), kept across generations; a new one starts
@@ -292,6 +307,8 @@ class Runtime:
 
     def close(self) -> None:
         """Free the contexts and weights now (an unloaded model must not wait for the garbage collector)."""
+        for extra in self._seq_drafters.values():
+            extra.ctx.close()
         if self.drafter is not None:
             self.drafter.ctx.close()
             self.drafter.ctx.model.close()
@@ -312,6 +329,16 @@ class Runtime:
         paused = use_draft and model is None and spec_type is None and drafter is None and self.draft_paused
         status = self.draft_status or (paused or None)
         return events if status is None else self._with_status(events, status)
+
+    def steps(self, prompt: Sequence[int], gp: GenParams, seq: int, *, use_draft: bool = True,
+              cancel: Callable[[], bool] | None = None) -> tuple[Steps, str | None]:
+        """One generation as sequence `seq` of the main context, for a Scheduler: its sequence() generator (with
+        this sequence's own drafter state, as configured), and the draft status its Done should carry (why the
+        draft is not drafting, or None)."""
+        drafter = self.speculator(seq=seq) if use_draft else None
+        paused = use_draft and drafter is None and self.draft_paused
+        return (sequence(self.main, prompt, gp, drafter, cancel, costs=self.cost, seq_id=seq),
+                self.draft_status or (paused or None))
 
     def _pairing(self, events: Iterator[Token | Done], pairs: bool) -> Iterator[Token | Done]:
         """Run a generation with lone-row pairing set to `pairs` (generate starts by emptying the cache, so the
@@ -339,14 +366,14 @@ def calibrate_verify(main: Context, token: int, *, reps: int = 3, offset: int = 
     cores: 15.7 ms for 1 token, 22.7 for 2, 46.7 for 9), so a line through the large sizes it does time
     puts a plain step at twice its real cost and drafting looks better than it is. Runs on an empty
     context (about 20 decodes; it empties it first) and leaves it empty."""
-    return _time_decodes(main, token, [n for n in CALIBRATION_SIZES if offset + n <= main.n_ctx], reps, offset)
+    return _time_decodes(main, token, [n for n in CALIBRATION_SIZES if offset + n <= main.capacity], reps, offset)
 
 
 def calibrate_lone(main: Context, token: int, *, reps: int = 3, offset: int = 32) -> float | None:
     """Median seconds of one lone-row decode of the main model, as llama.cpp's plain decoding runs it (exact
     mode's pairing off for the measurement). None when the context is too small; leaves it empty."""
     with main.pairing(False):
-        return _time_decodes(main, token, [1] if offset + 1 <= main.n_ctx else [], reps, offset).get(1)
+        return _time_decodes(main, token, [1] if offset + 1 <= main.capacity else [], reps, offset).get(1)
 
 
 def _time_decodes(main: Context, token: int, sizes: Sequence[int], reps: int, offset: int) -> dict[int, float]:

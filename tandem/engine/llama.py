@@ -345,6 +345,11 @@ class Context:
         self._tokens: dict[int, list[int]] = {}  # per sequence, the token at each KV position (see held())
         self._solo: dict[int, int] = {}  # exact mode: per sequence, a position a one-row decode wrote (1-token prompt)
 
+    @property
+    def capacity(self) -> int:
+        """Positions one sequence may hold: its fixed cells (seq_capacity), else the whole context."""
+        return self.seq_capacity or self.n_ctx
+
     def decode(self, tokens: Sequence[int], pos0: int, *, seq_id: int = 0,
                logits: str | Sequence[int] = "last") -> np.ndarray:
         """Decode tokens at positions pos0.. in one sequence.

@@ -247,6 +247,13 @@ def _row(type_: str, n: int) -> int:
 def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
     """The context parameters the options ask for (checked): the plan's, and so llama.cpp's, only source."""
     n_ctx = (opts.ctx_size_draft or opts.ctx_size) if draft else opts.ctx_size
+    if not 1 <= opts.parallel <= 64:
+        raise BadInputError(f"--parallel {opts.parallel} is not between 1 and 64", "use e.g. --parallel 4")
+    if opts.parallel > 1 and opts.ctx_size // opts.parallel < 128:
+        raise BadInputError(f"--ctx-size {opts.ctx_size} leaves each of --parallel {opts.parallel} requests fewer "
+                            "than 128 positions", f"raise --ctx-size to at least {128 * opts.parallel}")
+    if draft and opts.parallel > 1:  # one draft context per request, together as large as one
+        n_ctx = max(128, n_ctx // opts.parallel)
     if opts.ctx_size < 1 or opts.ctx_size_draft < 0:
         raise BadInputError(f"--ctx-size {opts.ctx_size} / --ctx-size-draft {opts.ctx_size_draft} is not a "
                             "context size", "use a positive number of tokens, e.g. --ctx-size 4096")
@@ -263,8 +270,10 @@ def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
         raise BadInputError(f"--cache-type-v{suffix} {type_v}: llama.cpp quantizes the V cache only with flash "
                             "attention, which Tandem keeps off (it changes batched logits)",
                             f"use --cache-type-v{suffix} f16, and quantize K instead (--cache-type-k{suffix} q8_0)")
+    seqs = 1 if draft else opts.parallel
     return ContextParams(n_ctx=n_ctx, n_batch=min(N_BATCH, n_ctx), n_threads=opts.threads, type_k=type_k,
-                         type_v=type_v, exact=bool(opts.exact) and not draft and n_ctx >= 2)
+                         type_v=type_v, exact=bool(opts.exact) and not draft and n_ctx >= 2, n_seq_max=seqs,
+                         seq_cells=seqs > 1)
 
 
 def plan_model(header: GGUFHeader, params: ContextParams, *, role: str, out_rows: int = 1) -> ModelPlan:

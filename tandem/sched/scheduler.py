@@ -12,17 +12,16 @@ logits do not depend on the others in its batch, so a request's output does not 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence as Seq
+from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from tandem.engine.llama import Context, SeqRows
 from tandem.errors import BadInputError, EngineError, TandemError
-from tandem.spec.generate import Decode, Done, Token, common_prefix
+from tandem.spec.generate import Decode, Done, Steps, Token, common_prefix
 
 Event = Token | Done | TandemError
-Steps = Generator[Decode | Token | Done, np.ndarray | None, None]
 
 
 @dataclass

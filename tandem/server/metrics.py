@@ -54,6 +54,8 @@ class Metrics:
                                  registry=r)
         self.requests_running = Gauge("tandem_requests_running", "Requests generating now (vLLM's "
                                       "num_requests_running)", registry=r)
+        self.step_sequences = Histogram("tandem_step_sequences", "Requests whose rows one batched decode step held "
+                                        "(--parallel)", buckets=(1, 2, 3, 4, 6, 8, 16, 32, 64), registry=r)
         self.kv_usage = Gauge("tandem_kv_cache_usage_ratio", "Share of the main model's KV cache cells in use, 0-1 "
                               "(vLLM's kv_cache_usage_perc)", registry=r)
         self.engine_ready = Gauge("tandem_engine_ready", "1 when the models are loaded and serving", registry=r)

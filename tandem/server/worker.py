@@ -23,6 +23,7 @@ from typing import Literal
 from tandem.errors import (BadInputError, BusyError, CancelledError, EngineError, LoadFailedError, LoadingError,
                            ModelNotFoundError, TandemError)
 from tandem.runtime import Runtime
+from tandem.server.batching import Batcher
 from tandem.server.drafts import CONFIGURED, DraftSelector, NeedsLoad, load_draft
 from tandem.server.metrics import Metrics
 from tandem.server.pool import Loaded, Loader, Slot, Slots
@@ -202,10 +203,10 @@ class Engine:
         self._names: dict[tuple, str] = {}  # what each pending load is, for the log
         self._default: str | None = None  # the startup model's id
         self._max_queue = max_queue
-        self.running = 0
-        """Requests generating now (published by the engine thread)."""
-        self.kv_usage = 0.0
-        """Share of the main model's KV cache cells in use after the last generation step reported."""
+        self._alone = 0  # requests generating one at a time now (0 or 1)
+        self._alone_kv = 0.0
+        self._batcher = Batcher(metrics, prompt=_prompt_tokens, cancel=self._cancelled, run_alone=self._run,
+                                done=_log_done)
         self._waiting = 0  # jobs submitted and not yet taken by the engine thread (guarded by _count_lock)
         self._count_lock = threading.Lock()
 
@@ -281,10 +282,14 @@ class Engine:
     def _main(self) -> None:
         ok = self._load()
         while True:
-            deadline = self._slots.next_deadline(time.monotonic())
+            # 1. Take what arrived (without waiting while batched requests run), 2. else step them, or idle.
+            busy = self._batcher.busy
             try:
-                item = self._jobs.get(timeout=deadline)
+                item = self._jobs.get_nowait() if busy else self._jobs.get(
+                    timeout=self._slots.next_deadline(time.monotonic()))
             except queue.Empty:
+                if busy:
+                    self._batcher.step()
                 self._expire()
                 continue
             if isinstance(item, _Job):
@@ -300,7 +305,7 @@ class Engine:
             else:
                 self._dispatch(item)
             self._expire()
-        leftovers = [j for jobs in self._parked.values() for j in jobs]
+        leftovers = [j for jobs in self._parked.values() for j in jobs] + self._batcher.stop()
         while True:  # refuse whatever is still queued
             try:
                 item = self._jobs.get_nowait()
@@ -338,6 +343,9 @@ class Engine:
                        f"draft {choice.path.name} for {slot.id}")
             return
         self._slots.use(slot)
+        if Batcher.wants(slot.rt):
+            self._batcher.start(slot.rt, choice, job)
+            return
         self._run(slot.rt, choice, job)
         self._slots.use(slot)
 
@@ -374,6 +382,9 @@ class Engine:
             log.info("loaded %s in %.1f s", done.key[1], done.seconds)
             for old in self._slots.add(Slot(done.key[1], rt, DraftSelector(rt, allow_paths=self._allow_paths))):
                 log.info("unloading %s (least recently used; --max-loaded-models %d)", old.id, self._slots.max_loaded)
+                for job in self._batcher.forget(old.rt):
+                    job.put(EngineError(f"model {old.id} was unloaded while this request waited or ran",
+                                        "raise --max-loaded-models, or retry"))
                 old.close()
         else:
             slot = self._slots.get(done.key[1])
@@ -393,8 +404,10 @@ class Engine:
             return
         now = time.monotonic()
         awaited = {k[1] for k in self._parked}
-        for slot in self._slots.expired(now, lambda mid: mid in awaited):
+        busy = {s.id for s in self._slots if self._batcher.serving(s.rt)}
+        for slot in self._slots.expired(now, lambda mid: mid in awaited or mid in busy):
             log.info("unloading %s: idle for more than %g s (--ttl)", slot.id, ttl)
+            self._batcher.forget(slot.rt)
             slot.close()
         for slot in self._slots:
             if slot.drafts.has_extra and now - slot.drafts.extra_used > ttl:
@@ -417,7 +430,7 @@ class Engine:
             prompt = _prompt_tokens(rt, job.spec)
             params = job.spec.params
             if job.spec.max_tokens_from_context:
-                params = dataclasses.replace(params, max_tokens=rt.main.n_ctx)
+                params = dataclasses.replace(params, max_tokens=rt.main.capacity)
             cancel = self._cancelled(job)
             if isinstance(choice, str):  # CONFIGURED or NONE: the Runtime's own path (and whatever state it keeps)
                 events = rt.generate(prompt, params, use_draft=choice == CONFIGURED, cancel=cancel)
@@ -443,10 +456,20 @@ class Engine:
 
     def _set_running(self, running: int, rt: Runtime) -> None:
         """Publish the requests generating now and how full the main KV cache is (cells held / context)."""
-        self.running = running
-        self.kv_usage = len(rt.main.held()) / rt.main.n_ctx if rt.main.n_ctx else 0.0
-        self._metrics.requests_running.set(running)
+        self._alone = running
+        self._alone_kv = len(rt.main.held()) / rt.main.n_ctx if rt.main.n_ctx else 0.0
+        self._metrics.requests_running.set(self.running)
         self._metrics.kv_usage.set(self.kv_usage)
+
+    @property
+    def running(self) -> int:
+        """Requests generating now (one at a time, or batched)."""
+        return self._alone + self._batcher.published[0]
+
+    @property
+    def kv_usage(self) -> float:
+        """Share of the main KV cache's cells in use, as of the last step reported."""
+        return max(self._alone_kv, self._batcher.published[1])
 
     @property
     def waiting(self) -> int:
@@ -498,7 +521,7 @@ def _model_info(rt: Runtime, model_id: str | None = None) -> ModelInfo:
     return ModelInfo(id=model_id or rt.main_model.name, path=str(path),
                      aliases=frozenset({model_id or rt.main_model.name, rt.main_model.name, path.name, str(path),
                                         str(Path(path).resolve())}),
-                     n_ctx=rt.main.n_ctx, created=created, draft_model=rt.draft_name,
+                     n_ctx=rt.main.capacity, created=created, draft_model=rt.draft_name,
                      draft_path=str(d.ctx.model.path) if d else None, exact=rt.exact,
                      draft_payoff=None if rt.payoff is None else round(rt.payoff, 3), draft_paused=rt.draft_paused,
                      invariance=rt.invariance_report())

@@ -231,6 +231,10 @@ class Decode:
     rows: SeqRows
 
 
+Steps = Generator[Decode | Token | Done, np.ndarray | None, None]
+"""What sequence() returns: a generation one decode at a time."""
+
+
 def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Drafter | None = None,
              cancel: Callable[[], bool] | None = None,
              costs: Callable[[Drafter, str], CostModel] | None = None) -> Iterator[Token | Done]:
@@ -266,14 +270,14 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
 def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Drafter | None = None,
              cancel: Callable[[], bool] | None = None,
              costs: Callable[[Drafter, str], CostModel] | None = None,
-             seq_id: int = 0) -> Generator[Decode | Token | Done, np.ndarray | None, None]:
+             seq_id: int = 0) -> Steps:
     """One generation as a sequence of steps: yields Decode for each main-model decode it needs (and expects its
     logits back through send()), Token for each generated token, and Done last. Everything of the sequence
     but the decode itself happens here: drafting, verification, rollback of its own KV cells (sequence
     `seq_id` of `main`), stats, stop conditions."""
     if not prompt:
         raise BadInputError("the prompt is empty", "send at least one token of text")
-    n_ctx = main.seq_capacity or main.n_ctx  # positions this sequence may hold
+    n_ctx = main.capacity  # positions this sequence may hold
     if len(prompt) >= n_ctx:
         raise ContextOverflowError(
             f"the prompt has {len(prompt)} tokens but the context holds {n_ctx}",
