@@ -15,6 +15,7 @@ from tandem.spec.drafters import ModelDrafter
 from tandem.spec import generate as generate_module
 from tandem.spec.costs import CostModel
 from tandem.spec.generate import Done, GenParams, Token, _Speculator, generate
+from tandem.spec.ngram import NgramDrafter
 from tandem.spec.sampling import SamplingParams
 from tandem.spec.verify import EMPTY, DraftProposal
 
@@ -108,7 +109,8 @@ def test_t1_token_frequencies_agree_with_and_without_draft(main, drafters):
     for arm, drafter in (("plain", None), ("draft", drafters["draft_close"])):
         pos = [{}, {}]
         for seed in range(n):
-            gp = GenParams(max_tokens=3, draft_max=3, sampling=SamplingParams(seed=seed, **sp))
+            gp = GenParams(max_tokens=3, draft_max=3, sampling=SamplingParams(seed=seed, **sp),
+                           seed_matches_plain=False)  # rejection sampling, seeded for a reproducible test
             ev = list(generate(main, prompt, gp, drafter))
             toks = [e.id for e in ev if isinstance(e, Token)]
             for j in (0, 1):
@@ -236,3 +238,22 @@ def test_a_chats_next_turn_reuses_the_cached_prefix_and_gives_a_cold_runs_output
     assert done3.stats.cached_tokens == 0 and again == cold_out
     other = main_model.tokenize("SELECT * FROM users")
     assert _ids(generate(warm, other, gp, drafter))[1].stats.cached_tokens <= 1  # at most the BOS token
+
+
+@pytest.mark.parametrize("kind", ["model", "ngram"])
+def test_with_a_seed_the_draft_does_not_change_the_text(tiny, kind):
+    """Seeded sampling: each position samples the main model's token with the uniform plain decoding uses there,
+    so the same seed gives the same text with a draft as without (exact mode: the same logits too)."""
+    exact_params = ContextParams(n_ctx=512, n_batch=128, n_threads=2, exact=True)
+    main_model = Model(tiny["main"], repack=False)
+    drafted = 0
+    for seed, text in enumerate(PROMPTS[:4]):
+        gp = GenParams(max_tokens=30, sampling=SamplingParams(temperature=0.9, seed=seed), draft_max=4)
+        prompt = main_model.tokenize(text)
+        plain, _ = _ids(generate(Context(main_model, exact_params), prompt, gp))
+        drafter = (ModelDrafter(Context(Model(tiny["draft_same"]), PARAMS)) if kind == "model" else NgramDrafter())
+        spec, done = _ids(generate(Context(main_model, exact_params), prompt, gp, drafter))
+        assert spec == plain, text
+        assert done.stats.identity_holds()
+        drafted += done.stats.accepted
+    assert drafted > 0 or kind == "ngram"  # the draft equal to the main model: its samples are accepted often

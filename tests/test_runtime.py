@@ -121,7 +121,10 @@ def _texts(rt: Runtime, **kw) -> tuple[list[int], int]:
 
 def test_a_draft_that_cannot_pay_decodes_as_draft_none_by_default_and_a_request_may_name_it(tiny):
     opts = ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_heavy"]), ctx_size=256)
-    rt = Runtime(opts, spec=SpecOptions(draft_policy="fixed"), announce=lambda _s: None)
+    for _ in range(3):  # the payoff is timed: a load under a passing CPU spike may time the main model slow
+        rt = Runtime(opts, spec=SpecOptions(draft_policy="fixed"), announce=lambda _s: None)
+        if rt.payoff < 1:
+            break
     assert rt.payoff < 1 and "decode as --draft none does" in rt.draft_paused  # several times the main's cost
     plain = Runtime(dataclasses.replace(opts, draft="none"), announce=lambda _s: None)
     ids, drafted = _texts(rt)

@@ -39,6 +39,11 @@ class GenParams:
     draft_policy: str = "adaptive"
     """adaptive: draft the number of tokens (0 included) with the most expected tokens per second;
     fixed: always up to draft_max. A seed at T > 0 uses fixed, so that the same seed gives the same text."""
+    seed_matches_plain: bool = True
+    """With a seed at T > 0: the same text with a draft as without one (each position samples the main model's
+    token with the random number plain decoding uses there, and accepts a draft token only if it is that
+    sample). False: rejection sampling, which accepts more drafts; the same seed then gives the same text
+    only with the same draft and draft lengths."""
     cache_prompt: bool = True
     """Reuse the start of the prompt that the main model's KV cache still holds (the previous turn of a chat, as
     llama-server's cache_prompt) instead of decoding it again. False: a cold start (benchmarks)."""
@@ -289,6 +294,12 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
     reuse = max(0, min(common_prefix(main.held(seq_id), prompt), len(prompt) - 2)) if gp.cache_prompt else 0
     out = _Output(main, gp, stats)
     rng = np.random.default_rng(gp.sampling.seed)
+    seeded = gp.sampling.seed is not None and not gp.sampling.greedy and gp.seed_matches_plain
+    # With a seed, the same seed gives the same text with a draft as without one: the drafter samples from a
+    # stream of its own, and each verified position samples the main model's token with the uniform plain
+    # decoding would use there (sample and compare), one per emitted token, the unused ones kept for later.
+    draft_rng = np.random.default_rng([gp.sampling.seed, 1]) if seeded else rng
+    plain_uniforms: list[float] = []
     spec = _Speculation(drafter, gp, costs or _fresh_costs()) if drafter is not None else None
     guesser = NgramDrafter() if main.pairs and gp.spare_guess else None
     t0 = time.perf_counter()
@@ -319,7 +330,9 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
             break
         # 3. Draft as many tokens as the policy finds worth it (0: a plain step), within max_tokens and the context.
         k = min(gp.draft_max, out.remaining - 1, n_ctx - n_past - 1)
-        proposal = spec.propose(history, k, rng) if spec is not None else EMPTY
+        proposal = spec.propose(history, k, draft_rng) if spec is not None else EMPTY
+        if seeded and proposal.probs is not None:
+            proposal = DraftProposal(proposal.tokens)  # sample and compare: the plain decoding's draws
         # 3b. Exact mode: a plain step decodes two rows anyway, so let the second be a guess instead of a repeat.
         guess = not proposal.tokens and guesser is not None and min(out.remaining, n_ctx - n_past) > 1
         if guess:
@@ -328,7 +341,15 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         keep, t_verify = n_past, time.perf_counter()
         try:
             logits = yield Decode(SeqRows(seq_id, [history[-1], *proposal.tokens], n_past, "all"))
-            result = verify(proposal, logits, gp.sampling, rng.random(uniforms_needed(len(proposal.tokens))))
+            n = len(proposal.tokens)
+            if seeded:  # no acceptance tests; position i samples with plain decoding's next uniforms
+                plain_uniforms.extend(rng.random(max(0, n + 1 - len(plain_uniforms))))
+                uniforms = np.array([0.0] * n + plain_uniforms[:n + 1])
+            else:
+                uniforms = rng.random(uniforms_needed(n))
+            result = verify(proposal, logits, gp.sampling, uniforms)
+            if seeded:
+                del plain_uniforms[:result.accepted + 1]
             keep, t_verify = n_past + 1 + result.accepted, time.perf_counter() - t_verify
         finally:
             # 5. Roll the main KV back past the rejected drafts (on error, past the whole step).
