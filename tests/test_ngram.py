@@ -199,8 +199,8 @@ def spec_and_plain(rt: Runtime, prompt: list[int], gp: GenParams) -> tuple[list,
 
 
 def test_runtime_ngram_needs_no_draft_model(loopy_path):
-    rt = Runtime(ModelOptions(model=str(loopy_path), draft="none", ctx_size=512, threads=2),
-                 spec=SpecOptions(spec_type="ngram"), announce=lambda _s: None)
+    rt = Runtime(ModelOptions(model=str(loopy_path), draft="none", ctx_size=512, threads=2, exact=True),
+                 spec=SpecOptions(spec_type="ngram"), announce=lambda _s: None)  # exact: spec == plain, guaranteed
     assert rt.drafter is None and rt.draft_name == "ngram"
     prompt = rt.prompt(text=PROMPTS[1], raw=True)
     # fixed: the subject is the n-gram path, not whether the timing-driven policy finds drafting worth it
@@ -219,7 +219,7 @@ def test_runtime_ngram_does_not_load_a_given_draft(tiny, loopy_path):
 
 
 def test_runtime_both_combines_ngram_and_the_draft_model(tiny):
-    opts = ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=512, threads=2)
+    opts = ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=512, threads=2, exact=True)
     rt = Runtime(opts, spec=SpecOptions(spec_type="both", pause_slow_draft=False), announce=lambda _s: None)
     assert isinstance(rt.drafter, ModelDrafter)
     d = rt.speculator()
@@ -231,7 +231,7 @@ def test_runtime_both_combines_ngram_and_the_draft_model(tiny):
 
 def test_both_routes_each_step_to_a_part_with_its_own_cost_model(tiny, loopy_path):
     """--spec-type both: n-gram steps teach the n-gram's cost model, model steps the model's; never a shared one."""
-    opts = ModelOptions(model=str(loopy_path), draft=str(tiny["draft_close"]), ctx_size=512, threads=2)
+    opts = ModelOptions(model=str(loopy_path), draft=str(tiny["draft_close"]), ctx_size=512, threads=2, exact=True)
     rt = Runtime(opts, spec=SpecOptions(spec_type="both", pause_slow_draft=False), announce=lambda _s: None)
     assert rt.drafter is not None
     gp = GenParams(max_tokens=60, draft_max=4, draft_policy="fixed")
