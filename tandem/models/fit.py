@@ -247,11 +247,6 @@ def _row(type_: str, n: int) -> int:
 def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
     """The context parameters the options ask for (checked): the plan's, and so llama.cpp's, only source."""
     n_ctx = (opts.ctx_size_draft or opts.ctx_size) if draft else opts.ctx_size
-    if not 1 <= opts.parallel <= 64:
-        raise BadInputError(f"--parallel {opts.parallel} is not between 1 and 64", "use e.g. --parallel 4")
-    if opts.parallel > 1 and opts.ctx_size // opts.parallel < 128:
-        raise BadInputError(f"--ctx-size {opts.ctx_size} leaves each of --parallel {opts.parallel} requests fewer "
-                            "than 128 positions", f"raise --ctx-size to at least {128 * opts.parallel}")
     if draft and opts.parallel > 1:  # one draft context per request, together as large as one
         n_ctx = max(128, n_ctx // opts.parallel)
     if opts.ctx_size < 1 or opts.ctx_size_draft < 0:
@@ -354,6 +349,11 @@ def plan_for(opts: ModelOptions, main: Path, draft: Path | None, *, draft_max: i
     A draft that is missing, not GGUF, or does not fit is an error, unless opts.draft_optional: then the
     plan drops it and says why in `draft_status`.
     """
+    if not 1 <= opts.parallel <= 64:
+        raise BadInputError(f"--parallel {opts.parallel} is not between 1 and 64", "use e.g. --parallel 4")
+    if opts.parallel > 1 and opts.ctx_size // opts.parallel < 128:
+        raise BadInputError(f"--ctx-size {opts.ctx_size} leaves each of --parallel {opts.parallel} requests fewer "
+                            "than 128 positions", f"raise --ctx-size to at least {128 * opts.parallel}")
     memory = memory or available_memory(opts.memory_limit)
     try:
         main_header = read_header(main)
