@@ -49,13 +49,15 @@ class PeerSettings:
     """--spec-draft-n-min."""
     draft_p_min: float = 0.5
     """--spec-draft-p-min."""
+    parallel: int = 1
+    """-np: requests decoded together."""
     extra: tuple[str, ...] = field(default=())
     """More arguments, passed as they are."""
 
     def argv(self, binary: Path, port: int) -> list[str]:
         a = [str(binary), "-m", str(self.main), "--host", "127.0.0.1", "--port", str(port), "-c", str(self.ctx_size),
-             "-t", str(self.threads), "-np", "1", "-ctk", self.cache_type_k, "-ctv", self.cache_type_v, "-fa", "off",
-             "--no-webui"]
+             "-t", str(self.threads), "-np", str(self.parallel), "-ctk", self.cache_type_k, "-ctv", self.cache_type_v,
+             "-fa", "off", "--no-webui"]
         if self.draft is not None:
             a += ["--spec-draft-model", str(self.draft), "--spec-draft-threads", str(self.threads)]
         spec_type = self.spec_type or ("draft-simple" if self.draft is not None else None)
