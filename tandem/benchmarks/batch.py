@@ -13,7 +13,8 @@ import argparse
 import dataclasses
 import time
 
-from tandem.benchmarks.common import add_model_arguments, draft_file, load_prompts, one_main, positive_int
+from tandem.benchmarks.common import (add_concurrency_arguments, add_model_arguments, draft_file, load_prompts,
+                                      one_main)
 from tandem.config import ModelOptions
 from tandem.engine.llama import Context
 from tandem.models.fit import plan_for
@@ -21,7 +22,7 @@ from tandem.prompts import DATA
 from tandem.runtime import Runtime
 from tandem.sched.scheduler import Scheduler
 from tandem.spec.drafters import ModelDrafter
-from tandem.spec.generate import Done, GenParams, generate, sequence
+from tandem.spec.generate import Done, GenParams, sequence
 
 HELP = "several requests at once through the scheduler: aggregate tok/s by concurrency"
 """One line for `tandem bench --help`."""
@@ -29,9 +30,7 @@ HELP = "several requests at once through the scheduler: aggregate tok/s by concu
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, None)
-    p.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 2, 4], help="N (default: 1 2 4)")
-    p.add_argument("--max-tokens", type=positive_int, default=150, help="tokens per request (default: 150)")
-    p.add_argument("--ctx-size", type=positive_int, default=1024, help="positions per sequence (default: 1024)")
+    add_concurrency_arguments(p, positions=1024)
 
 
 def _batched(rt: Runtime, main: Context, prompts: list[list[int]], gp: GenParams, drafters: list | None) -> float:

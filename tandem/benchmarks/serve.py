@@ -18,7 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from tandem.benchmarks.common import add_model_arguments, draft_file, load_prompts, one_main, positive_int
+from tandem.benchmarks.common import (add_concurrency_arguments, add_model_arguments, draft_file, load_prompts,
+                                      one_main)
 from tandem.benchmarks.peer import LlamaServerPeer, PeerSettings
 from tandem.config import ModelOptions, SpecOptions
 from tandem.prompts import DATA
@@ -32,9 +33,7 @@ HELP = "several clients at once over HTTP: aggregate tok/s and latency by concur
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, None)
-    p.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 2, 4], help="N (default: 1 2 4)")
-    p.add_argument("--max-tokens", type=positive_int, default=150, help="tokens per request (default: 150)")
-    p.add_argument("--ctx-size", type=positive_int, default=512, help="positions per request (default: 512)")
+    add_concurrency_arguments(p, positions=512)
     p.add_argument("--llama-server", type=Path, default=None, metavar="PATH",
                    help="also run llama-server -np N at PATH, without and with the draft")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tandem.engine.llama import Context, ContextParams, Model, SeqRows, patch_level
+from tandem.engine.llama import Context, ContextParams, Model, SeqRows
 
 PROBE_TEXT = ("The lighthouse keeper climbed the stairs at dusk, counted the ships on the grey water, and wrote "
               "their names in a book that nobody had opened for years.")
