@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -38,7 +39,10 @@ def main(version: str, patch: Path) -> None:
             with tarfile.open(sdist) as tar:
                 tar.extractall(tmp, filter="data")
             src = next(p for p in Path(tmp).iterdir() if p.is_dir())
-            _run("patch", "-p1", "--forward", cwd=str(src), stdin=patch)
+            if shutil.which("patch"):
+                _run("patch", "-p1", "--forward", cwd=str(src), stdin=patch)
+            else:  # git applies a unified diff to a plain folder too
+                _run("git", "apply", "-p1", str(patch.resolve()), cwd=str(src))
             _run(*pip, "wheel", "--no-deps", str(src), "-w", str(cache))
         wheels = sorted(cache.glob("llama_cpp_python-*.whl"))
     _run(*pip, "install", "--no-deps", "--force-reinstall", str(wheels[-1]))
