@@ -174,7 +174,7 @@ class CatchUpStub:
     def kv_cells(self, n_history: int) -> int:
         return 0
 
-    def propose(self, history, max_tokens, sp, rng, p_min=None) -> DraftProposal:
+    def propose(self, history, max_tokens, sp, rng, p_min=None, processors=None) -> DraftProposal:
         self.clock[0] += 0.001 * (len(history) - self.seen) + 0.0005 * max_tokens
         self.seen = len(history)
         return DraftProposal([7] * max_tokens)

@@ -107,7 +107,7 @@ class FakeModel:
     def reset(self, history=None) -> None:
         self.calls = 0
 
-    def propose(self, history, max_tokens, sp, rng, p_min=None) -> DraftProposal:
+    def propose(self, history, max_tokens, sp, rng, p_min=None, processors=None) -> DraftProposal:
         self.calls += 1
         return DraftProposal([42] * max_tokens)
 

@@ -30,6 +30,7 @@ from tandem.errors import BadInputError
 from tandem.runtime import Runtime
 from tandem.spec.drafters import ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token, generate
+from tandem.spec.processors import NONE, Processors
 from tandem.spec.sampling import SamplingParams
 from tandem.spec.verify import DraftProposal
 
@@ -68,8 +69,9 @@ class Recorder:
         return self.inner.kv_cells(n_history)
 
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
-                rng: np.random.Generator, p_min: float | None = None) -> DraftProposal:
-        proposal = self.inner.propose(history, max_tokens, sp, rng, p_min)
+                rng: np.random.Generator, p_min: float | None = None,
+                processors: Processors = NONE) -> DraftProposal:
+        proposal = self.inner.propose(history, max_tokens, sp, rng, p_min, processors)
         self.steps.append([len(history) - self.n_prompt, len(proposal.tokens), 0])
         return proposal
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from tandem.engine.llama import Context
 from tandem.errors import BadInputError
+from tandem.spec.processors import NONE, Processors
 from tandem.spec.sampling import SamplingParams, probs, sample, top_prob
 from tandem.spec.verify import EMPTY, DraftProposal
 from tandem.spec.window import DEFAULT_DISCARD, DEFAULT_KEEP, Window
@@ -30,10 +31,12 @@ class Drafter(Protocol):
         """KV cells the drafter's attention reads when drafting after n_history tokens (0: no KV cache)."""
 
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
-                rng: np.random.Generator, p_min: float | None = None) -> DraftProposal:
+                rng: np.random.Generator, p_min: float | None = None,
+                processors: Processors = NONE) -> DraftProposal:
         """Up to max_tokens tokens that may follow `history` (prompt + output so far).
 
-        A drafter with a confidence measure stops early when it falls below p_min."""
+        A drafter with a confidence measure stops early when it falls below p_min. A drafter with logits
+        chooses from rows shaped by `processors`, as the main model's are."""
 
 
 class ModelDrafter:
@@ -134,7 +137,8 @@ class ModelDrafter:
             self._committed = len(self._kv)
 
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
-                rng: np.random.Generator, p_min: float | None = None) -> DraftProposal:
+                rng: np.random.Generator, p_min: float | None = None,
+                processors: Processors = NONE) -> DraftProposal:
         p_min = self.p_min if p_min is None else p_min
         max_tokens = min(max_tokens, self.window.max_draft)
         if max_tokens <= 0 or not history:
@@ -145,14 +149,18 @@ class ModelDrafter:
         logits = self.ctx.decode(pending, len(self._kv), logits="last")[0]
         self._kv.extend(pending)
         self._committed = len(self._kv)
-        return self._draft(logits, max_tokens, sp, rng, p_min)
+        return self._draft(history, logits, max_tokens, sp, rng, p_min, processors)
 
-    def _draft(self, logits: np.ndarray, max_tokens: int, sp: SamplingParams,
-               rng: np.random.Generator, p_min: float) -> DraftProposal:
+    def _draft(self, history: Sequence[int], logits: np.ndarray, max_tokens: int, sp: SamplingParams,
+               rng: np.random.Generator, p_min: float, processors: Processors) -> DraftProposal:
         """Draft up to max_tokens tokens, one decode each, starting from the logits after the history."""
         tokens: list[int] = []
         rows: list[np.ndarray] = []
         for i in range(max_tokens):
+            if processors:
+                logits = processors.row([*history, *tokens], logits)
+                if not np.isfinite(logits.max()):
+                    break  # every token refused (a finished grammar): nothing to draft
             if p_min > 0 and top_prob(logits) < p_min:
                 break
             if sp.greedy:

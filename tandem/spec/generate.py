@@ -14,6 +14,7 @@ from tandem.spec.drafters import Drafter
 from tandem.spec.costs import CostModel
 from tandem.spec.ngram import NgramDrafter
 from tandem.spec.policy import POLICIES, DraftPolicy, make_policy
+from tandem.spec.processors import NONE, Processors
 from tandem.spec.sampling import SamplingParams, probs, sample
 from tandem.spec.stats import SpecStats
 from tandem.spec.text import TextAssembler
@@ -51,6 +52,9 @@ class GenParams:
     """Exact mode (the main model never decodes a lone row): a plain step fills its second row with an n-gram
     guess of the next token instead of decoding the previous token again. The step costs the same; a right
     guess gives one more token."""
+    processors: Processors = NONE
+    """Logits processors (penalties, biases, a grammar) shaping every row the main model chooses or verifies a
+    token from, and every row the draft model samples from (tandem.spec.processors). Per generation."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -156,7 +160,8 @@ class _Speculator:
         if self.asked == 0:
             return EMPTY
         t0 = time.perf_counter()
-        proposal = self.drafter.propose(history, self.asked, self.gp.sampling, rng, p_min=self.gp.draft_p_min)
+        proposal = self.drafter.propose(history, self.asked, self.gp.sampling, rng, p_min=self.gp.draft_p_min,
+                                       processors=self.gp.processors)
         self.draft_seconds = self._step_seconds = time.perf_counter() - t0
         self._seen = len(history)
         if typical:  # after plain steps or the prompt, the drafter's catch-up would inflate the per-step cost
@@ -311,7 +316,7 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
     except BaseException:
         main.rollback(reuse, seq_id=seq_id)
         raise
-    history = [*prompt, _pick(first[0], gp.sampling, rng)]
+    history = [*prompt, _pick(gp.processors.row(prompt, first[0]), gp.sampling, rng)]
     if spec is not None:
         # 1b. Catch the drafter up on the prompt now if it is to draft at the first step (a drafter keeps what
         # it holds of a shared prefix too).
@@ -342,6 +347,8 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         try:
             logits = yield Decode(SeqRows(seq_id, [history[-1], *proposal.tokens], n_past, "all"))
             n = len(proposal.tokens)
+            if gp.processors:
+                logits = gp.processors.rows(history, proposal.tokens, logits)
             if seeded:  # no acceptance tests; position i samples with plain decoding's next uniforms
                 plain_uniforms.extend(rng.random(max(0, n + 1 - len(plain_uniforms))))
                 uniforms = np.array([0.0] * n + plain_uniforms[:n + 1])

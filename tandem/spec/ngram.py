@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tandem.spec.drafters import Drafter
+from tandem.spec.processors import NONE, Processors
 from tandem.spec.sampling import SamplingParams
 from tandem.spec.verify import EMPTY, DraftProposal
 
@@ -63,7 +64,8 @@ class NgramDrafter:
         return 0
 
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams | None = None,
-                rng: np.random.Generator | None = None, p_min: float | None = None) -> DraftProposal:
+                rng: np.random.Generator | None = None, p_min: float | None = None,
+                processors: Processors = NONE) -> DraftProposal:
         """Up to max_tokens tokens continuing `history`; EMPTY when no n-gram of it matches."""
         self.update(history)
         self.match = 0
@@ -142,9 +144,10 @@ class CombinedDrafter:
         return self.model.kv_cells(n_history)
 
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
-                rng: np.random.Generator, p_min: float | None = None) -> DraftProposal:
+                rng: np.random.Generator, p_min: float | None = None,
+                processors: Processors = NONE) -> DraftProposal:
         """The n-gram proposal if it matched at least min_match tokens, else the model's (generate() routes
         through `parts` and `matches` instead, with one policy per part)."""
         if self.matches(history):
             return self.ngram.propose(history, max_tokens)
-        return self.model.propose(history, max_tokens, sp, rng, p_min=p_min)
+        return self.model.propose(history, max_tokens, sp, rng, p_min=p_min, processors=processors)

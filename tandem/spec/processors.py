@@ -1,0 +1,62 @@
+"""Logits processors: changes to the main model's distribution that depend on the tokens before a position
+(penalties, biases, grammar masks).
+
+Terms: a *processor* maps (history, logits row) to the row the token at that position is chosen from; the
+*history* is everything before the position (prompt, output so far, and the draft tokens before it in a
+verification batch). A processor may keep state (a grammar matcher) as long as it follows the history it is
+given, forward or back (rollback), and is used by one generation only.
+
+Lossless speculation needs only that every row the main model verifies is processed with its own history:
+verify() then compares the draft against the processed distribution p, whatever the draft proposed. The draft
+model samples from its processed rows too, so that its q is the distribution it really drew from, and fewer of
+its tokens are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+class LogitsProcessor(Protocol):
+    """One change to a row of logits (n_vocab float32)."""
+
+    def __call__(self, history: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        """The processed row for the position after `history`; may change `logits` in place and return it."""
+
+
+@dataclass(frozen=True)
+class Processors:
+    """The processors of one generation, applied in order."""
+
+    chain: tuple[LogitsProcessor, ...] = ()
+    """Applied first to last; empty: rows are used as the model gives them."""
+
+    def __bool__(self) -> bool:
+        return bool(self.chain)
+
+    def row(self, history: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        """One processed row: the distribution after `history`."""
+        for proc in self.chain:
+            logits = proc(history, logits)
+        return logits
+
+    def rows(self, history: Sequence[int], drafts: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        """Process verification rows [k+1, n_vocab] in place: row i follows history + drafts[:i].
+
+        Stops after the first row that refuses its draft token (logit -inf): verification rejects that token
+        there, so later rows are never read, and a stateful processor never has to follow a refused token.
+        """
+        hist = list(history)
+        for i in range(len(drafts) + 1):
+            logits[i] = self.row(hist, logits[i])
+            if i == len(drafts) or logits[i][drafts[i]] == -np.inf:
+                break
+            hist.append(drafts[i])
+        return logits
+
+
+NONE = Processors()
