@@ -224,3 +224,56 @@ def test_probes_are_never_too_short_to_show_that_drafting_pays():
     rate, ks = simulate(policy, lambda _: 0.0, 1 / 60, tokens=300)
     assert min(k for k in ks if k > 0) >= shortest
     assert rate > 0.9 / verify_seconds(1)
+
+
+def simulate_batch(policies, acceptance: float, draft_per_token: float, *, steps: int = 400,
+                   seed: int = 0) -> tuple[float, float]:
+    """`len(policies)` sequences decoded together, as a Scheduler does: each one's drafting runs in turn (it stalls
+    the step) and all rows go into one verification decode. Returns (tokens per simulated second, mean k)."""
+    rng = random.Random(seed)
+    t, done, drafted = 0.0, 0, 0
+    for _ in range(steps):
+        ks = [p.choose(8, load=len(policies)) for p in policies]
+        for p, k in zip(policies, ks):
+            accepted = 0
+            while accepted < k and rng.random() < acceptance:
+                accepted += 1
+            p.observe(k, accepted)
+            done += accepted + 1
+        drafted += sum(ks)
+        t += sum(ks) * draft_per_token + verify_seconds(sum(ks) + len(ks))
+    return done / t, drafted / steps / len(policies)
+
+
+@pytest.mark.parametrize("load", [2, 4])
+def test_under_load_a_draft_that_stalls_the_batch_is_not_used(load):
+    """A draft token costing 0.3 of a lone main row pays alone at high acceptance, but in a batch of sequences its
+    serial drafting stalls every sequence and costs more than the rows it saves."""
+    per_token, acc = 0.3 * PLAIN, 0.8
+    alone, k_alone = simulate_batch([AdaptivePolicy(warm_cost(per_token), 8)], acc, per_token)
+    assert alone > 1.03 / PLAIN and k_alone > 1  # it pays alone
+    plain, _ = simulate_batch([FixedPolicy(0) for _ in range(load)], acc, per_token)
+    cost = warm_cost(per_token)
+    rate, k = simulate_batch([AdaptivePolicy(cost, 8) for _ in range(load)], acc, per_token)
+    assert rate >= 0.97 * plain
+    assert k < 0.2  # only probes
+    unaware, _ = simulate_batch([_LoadBlind(cost) for _ in range(load)], acc, per_token)
+    assert unaware < 0.97 * plain  # pricing each sequence as if alone would have lost throughput
+
+
+class _LoadBlind(AdaptivePolicy):
+    """The policy as if every step were its sequence's alone."""
+
+    def __init__(self, cost):
+        super().__init__(cost, 8)
+
+    def choose(self, max_k, backlog=0, load=1):
+        return super().choose(max_k, backlog)
+
+
+def test_under_load_a_cheap_accurate_draft_still_pays():
+    """An n-gram-like draft (almost free) with high acceptance: extra verification rows are still worth it."""
+    per_token, acc = 1e-5, 0.9
+    plain, _ = simulate_batch([FixedPolicy(0) for _ in range(4)], acc, per_token)
+    rate, k = simulate_batch([AdaptivePolicy(warm_cost(per_token), 8) for _ in range(4)], acc, per_token)
+    assert rate >= 1.3 * plain and k >= 2

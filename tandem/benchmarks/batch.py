@@ -41,7 +41,8 @@ def _batched(rt: Runtime, main: Context, prompts: list[list[int]], gp: GenParams
     t0, tokens = time.perf_counter(), 0
     for i, prompt in enumerate(prompts):
         d = drafters[i] if drafters else None
-        sched.add(str(i), prompt, lambda s, p=prompt, d=d: sequence(main, p, gp, d, seq_id=s, costs=rt.cost))
+        sched.add(str(i), prompt, lambda s, p=prompt, d=d: sequence(main, p, gp, d, seq_id=s, costs=rt.cost,
+                                                                    load=lambda: len(sched.running)))
     while sched.running:
         for events in sched.step().values():
             tokens += sum(e.stats.generated_tokens for e in events if isinstance(e, Done))

@@ -100,7 +100,7 @@ class Batcher:
 
                 def make(seq: int, prompt=prompt, params=params, live=live, job=job, choice=choice):
                     steps, live.status = rt.steps(prompt, params, seq, use_draft=choice == CONFIGURED,
-                                                  cancel=self._cancel(job))
+                                                  cancel=self._cancel(job), load=lambda: len(sched.running))
                     return steps
                 sched.add(job.id, prompt, make)
                 self._live[job.id] = live

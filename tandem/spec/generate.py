@@ -128,8 +128,9 @@ class _Output:
 class _Speculator:
     """A drafter and the policy choosing its draft lengths; times drafts and verifications for the cost model."""
 
-    def __init__(self, drafter: Drafter, gp: GenParams, cost: CostModel):
-        self.drafter, self.gp, self.cost = drafter, gp, cost
+    def __init__(self, drafter: Drafter, gp: GenParams, cost: CostModel, load: Callable[[], int] = lambda: 1):
+        self.drafter, self.gp, self.cost, self.load = drafter, gp, cost, load
+        self._load = 1  # sequences in the current step (this one included)
         # Wall-clock timings must not steer a seeded sampling run: the draft length changes which random
         # numbers are drawn, so the same seed would give different text.
         name = "fixed" if gp.sampling.seed is not None and not gp.sampling.greedy else gp.draft_policy
@@ -144,7 +145,7 @@ class _Speculator:
         """Catch the drafter up on the prompt now, in the prompt phase, when the policy will draft at the first
         step anyway (it would pay the same catch-up there). Then, as in llama-server, the draft's prompt
         processing is part of the time to first token and generation runs at the speculative rate at once."""
-        if max_k <= 0 or not self.policy.expects_draft(max_k):
+        if max_k <= 0 or not self.policy.expects_draft(max_k, self.load()):
             return
         t0 = time.perf_counter()
         self.drafter.prefill(history)
@@ -155,7 +156,8 @@ class _Speculator:
         """The policy's number of draft tokens (at most max_k), or EMPTY for a plain step."""
         backlog = len(history) - self._seen  # tokens the drafter has not seen (the prompt at first)
         self.cost.locate(len(history) - 1, self.drafter.kv_cells(len(history)))  # costs grow with the KV cache
-        self.asked = self.policy.choose(max_k, backlog) if max_k > 0 else 0
+        self._load = max(1, self.load())
+        self.asked = self.policy.choose(max_k, backlog, self._load) if max_k > 0 else 0
         typical, self._drafted_last_step = self._drafted_last_step, self.asked > 0
         if self.asked == 0:
             return EMPTY
@@ -172,10 +174,15 @@ class _Speculator:
         return proposal if len(proposal.tokens) >= max(self.gp.draft_min, 1) else EMPTY
 
     def verified(self, n_drafted: int, accepted: int, seconds: float) -> None:
-        """Feed the step's verification time and outcome to the cost model and the policy."""
-        self.cost.observe_verify(n_drafted + 1, seconds)
+        """Feed the step's verification time and outcome to the cost model and the policy. A step shared with
+        other sequences teaches acceptance only: its time is the batch's (and the others' drafting), not this
+        sequence's verification."""
+        if self._load == 1:
+            self.cost.observe_verify(n_drafted + 1, seconds)
         if self.asked > 0:
             self.policy.observe(n_drafted, accepted)
+            if self._load > 1:
+                return
             # Not the catch-up on plain steps' tokens, which the policy budgets apart (probe_interval): counted
             # as part of a probe's step, it pulled the bias correction down until no draft length paid, and the
             # policy never drafted again (`tandem bench window`, full draft context).
@@ -187,13 +194,14 @@ class _Speculation:
     first, then the model), each with its own cost model and policy. A combined drafter's step goes to the
     n-gram part when it has a long enough match and its policy drafts, else to the model part."""
 
-    def __init__(self, drafter: Drafter, gp: GenParams, costs: Callable[[Drafter, str], CostModel]):
+    def __init__(self, drafter: Drafter, gp: GenParams, costs: Callable[[Drafter, str], CostModel],
+                 load: Callable[[], int] = lambda: 1):
         self.drafter = drafter
         parts = getattr(drafter, "parts", None)
         # A part's acceptance depends on the steps routed to it (the model part of `both` gets only the
         # steps without an n-gram match), so it keeps a cost model apart from the same drafter used alone.
-        self.parts = ([_Speculator(d, gp, costs(d, f"{drafter.name}/{d.name}")) for d in parts] if parts
-                      else [_Speculator(drafter, gp, costs(drafter, drafter.name))])
+        self.parts = ([_Speculator(d, gp, costs(d, f"{drafter.name}/{d.name}"), load) for d in parts] if parts
+                      else [_Speculator(drafter, gp, costs(drafter, drafter.name), load)])
         self.last = self.parts[-1]  # the speculator of the current step
 
     def prefill(self, history: Sequence[int], max_k: int) -> None:
@@ -280,11 +288,12 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
 def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Drafter | None = None,
              cancel: Callable[[], bool] | None = None,
              costs: Callable[[Drafter, str], CostModel] | None = None,
-             seq_id: int = 0) -> Steps:
+             seq_id: int = 0, load: Callable[[], int] | None = None) -> Steps:
     """One generation as a sequence of steps: yields Decode for each main-model decode it needs (and expects its
     logits back through send()), Token for each generated token, and Done last. Everything of the sequence
     but the decode itself happens here: drafting, verification, rollback of its own KV cells (sequence
-    `seq_id` of `main`), stats, stop conditions."""
+    `seq_id` of `main`), stats, stop conditions. `load()`: how many sequences a scheduler decodes in this
+    sequence's steps (the draft policy prices a step as the whole batch costs; None: 1)."""
     if not prompt:
         raise BadInputError("the prompt is empty", "send at least one token of text")
     n_ctx = main.capacity  # positions this sequence may hold
@@ -305,7 +314,8 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
     # decoding would use there (sample and compare), one per emitted token, the unused ones kept for later.
     draft_rng = np.random.default_rng([gp.sampling.seed, 1]) if seeded else rng
     plain_uniforms: list[float] = []
-    spec = _Speculation(drafter, gp, costs or _fresh_costs()) if drafter is not None else None
+    spec = (_Speculation(drafter, gp, costs or _fresh_costs(), load or (lambda: 1)) if drafter is not None
+            else None)
     guesser = NgramDrafter() if main.pairs and gp.spare_guess else None
     t0 = time.perf_counter()
     # 1. Evaluate the prompt with the main model (past what its cache already holds) and choose the first token.

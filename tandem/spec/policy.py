@@ -6,7 +6,13 @@ given that tokens 1..i-1 were), a step that drafts k tokens yields on average
     tokens(k) = 1 + sum_{j<=k} prod_{i<=j} a_i        and costs    time(k) = draft_cost(k) + verify_cost(k+1)
 
 and the policy picks the k in {0} U [draft_min, max_k] maximising tokens(k) / time(k). k = 0 is a plain
-step (one single-token decode). Costs are measured online (`CostModel`, shared across requests);
+step (one single-token decode).
+
+Under load (a scheduler's step decodes `load` sequences together and each one's drafting stalls them all), the
+rate that counts is the batch's: drafting k tokens for one sequence makes the step yield load - 1 + tokens(k)
+tokens in draft_cost(k) + verify_cost(load + k) seconds, against load tokens in verify_cost(load) for a plain
+step. At load 1 this is the rule above; with more sequences, verification rows are no longer almost free and
+each sequence's draft time is everyone's, so the policy drafts less, down to 0. Costs are measured online (`CostModel`, shared across requests);
 acceptance is estimated per sequence (`AdaptivePolicy`, new per request). When no k > 0 pays, the policy
 still drafts a small probe now and then, spaced so that failed probes cost about 2% of the time, further
 apart after each failure and sooner after a success, so it notices when acceptance rises again.
@@ -23,11 +29,11 @@ from tandem.spec.costs import CostModel
 class DraftPolicy(Protocol):
     """Chooses each step's draft length and learns from the verification's outcome."""
 
-    def choose(self, max_k: int, backlog: int = 0) -> int:
+    def choose(self, max_k: int, backlog: int = 0, load: int = 1) -> int:
         """How many tokens to draft this step, at most max_k (0: a plain step); `backlog`: tokens the drafter
-        would first have to catch up on."""
+        would first have to catch up on; `load`: sequences decoded in the same step (this one included)."""
 
-    def expects_draft(self, max_k: int) -> bool:
+    def expects_draft(self, max_k: int, load: int = 1) -> bool:
         """Whether the first step of a sequence will draft (then the drafter catches up on the prompt at once)."""
 
     def observe(self, drafted: int, accepted: int) -> None:
@@ -43,10 +49,10 @@ class FixedPolicy:
     def __init__(self, draft_max: int):
         self.draft_max = draft_max
 
-    def choose(self, max_k: int, backlog: int = 0) -> int:
+    def choose(self, max_k: int, backlog: int = 0, load: int = 1) -> int:
         return max(0, min(max_k, self.draft_max))
 
-    def expects_draft(self, max_k: int) -> bool:
+    def expects_draft(self, max_k: int, load: int = 1) -> bool:
         return self.choose(max_k) > 0
 
     def observe(self, drafted: int, accepted: int) -> None:
@@ -79,6 +85,7 @@ class AdaptivePolicy:
     up 1, 2, 4, 8... tokens. A probe is the shortest length (at least `probe_k`) whose success would show
     that drafting pays: with an expensive draft a 1-token probe cannot (an F16 main with a Q4_1 draft),
     and such probes, never confirmed nor backed off, had cost 24% of a new drafter's first request.
+    Under load (a step shared with other sequences) probes are never eager: no confirmations, level >= 0.
     """
 
     def __init__(self, cost: CostModel, draft_max: int, *, draft_min: int = 0, prior: float = 0.5,
@@ -123,36 +130,48 @@ class AdaptivePolicy:
             est.append(prior)
         return est
 
-    def best(self, max_k: int, acceptance: list[float] | None = None) -> int:
+    def best(self, max_k: int, acceptance: list[float] | None = None, load: int = 1) -> int:
         """The k in {0} U [draft_min, max_k] with the most expected tokens per second (ties: smaller k),
-        under the estimated acceptance (or the one given)."""
-        best_k, best_rate = 0, self.margin / max(self.cost.verify_cost(1), 1e-9)
-        for k, rate in self._rates(min(max_k, self.draft_max), acceptance):
+        under the estimated acceptance (or the one given), for a step of `load` sequences."""
+        best_k, best_rate = 0, self._plain_rate(load)
+        for k, rate in self._rates(min(max_k, self.draft_max), acceptance, load):
             if k >= self.draft_min and self.cost.bias * rate > best_rate:
                 best_k, best_rate = k, self.cost.bias * rate
         return best_k
 
-    def _rates(self, hi: int, acceptance: list[float] | None = None) -> Iterator[tuple[int, float]]:
-        """(k, expected tokens per second of drafting k tokens) for k = 1..hi, before the bias correction."""
+    def _plain_rate(self, load: int = 1) -> float:
+        """What drafting must beat: the step's tokens per second without it, times the margin."""
+        return self.margin * load / max(self.cost.verify_cost(load), 1e-9)
+
+    def _rates(self, hi: int, acceptance: list[float] | None = None,
+               load: int = 1) -> Iterator[tuple[int, float]]:
+        """(k, expected tokens per second of a step in which this sequence drafts k tokens and `load` - 1 others
+        decode one row each) for k = 1..hi, before the bias correction."""
         tokens = reach = 1.0
+        others = max(load, 1) - 1
         for k, a in enumerate((self.acceptance() if acceptance is None else acceptance)[:hi], start=1):
             reach *= a
             tokens += reach
-            yield k, tokens / max(self.cost.draft_cost(k) + self.cost.verify_cost(k + 1), 1e-9)
+            yield k, (others + tokens) / max(self.cost.draft_cost(k) + self.cost.verify_cost(others + k + 1), 1e-9)
 
-    def probe_interval(self, k: int, backlog: int = 0) -> float:
+    def probe_interval(self, k: int, backlog: int = 0, load: int = 1) -> float:
         """Plain steps between probes of k tokens at the current level, when the drafter first has to catch
-        up on `backlog` tokens it has not seen (the prompt, at a sequence's first draft)."""
-        plain = max(self.cost.verify_cost(1), 1e-9)
-        extra = max(self.cost.draft_cost(k) + self.cost.verify_cost(k + 1) - plain, 0.0)
+        up on `backlog` tokens it has not seen (the prompt, at a sequence's first draft). Under load each of the
+        `load` sequences probes on its own and a probe stalls them all, so each probes `load` times as rarely."""
+        load = max(load, 1)
+        plain = max(self.cost.verify_cost(load), 1e-9) / load
+        extra = max(self.cost.draft_cost(k) + self.cost.verify_cost(load + k) - self.cost.verify_cost(load), 0.0)
         catch_up = backlog * self.cost.catch_up
         # A catch-up is paid in full whatever the probe shows, so it gets the plain budget, not the eager one
         # that successful probes earn (F16 code-edit: a 141-token catch-up per probe cost 27%).
-        level = max(self._level, 0) if catch_up > extra else self._level
+        # Under load, eager probing (a negative level) is off: a probe that succeeds at moderate acceptance shows
+        # only that drafting pays alone, and its confirmations stalled the whole batch (3% at 2 sequences).
+        level = max(self._level, 0) if catch_up > extra or load > 1 else self._level
         return min(self.probe_max, max(1.0, (extra + catch_up) / plain / self.probe_budget * 2.0 ** level))
 
-    def choose(self, max_k: int, backlog: int = 0) -> int:
-        """Draft length for this step; `backlog` is how many tokens the drafter would first have to catch up on."""
+    def choose(self, max_k: int, backlog: int = 0, load: int = 1) -> int:
+        """Draft length for this step; `backlog` is how many tokens the drafter would first have to catch up on,
+        `load` how many sequences the step decodes (this one included)."""
         hi = min(max_k, self.draft_max)
         lo = max(1, self.draft_min)
         self._probing = False
@@ -161,7 +180,7 @@ class AdaptivePolicy:
         elif not self.cost.ready:
             self._asked = self._probe_size(lo, hi)  # cold start: measure what drafting costs
         else:
-            self._asked = self.best(hi)
+            self._asked = self.best(hi, load=load)
             if self._asked > 0:
                 self._streak, self._confirm = 0, False
             else:
@@ -171,23 +190,24 @@ class AdaptivePolicy:
                 # cost changes). When the probe's own length would not pay, a success is no reason to
                 # probe again at once: chaining such confirmations drafted every other step at a loss.
                 k = self._probe_size(lo, hi)
-                paying = self._paying_length(k, hi)
+                paying = self._paying_length(k, hi, load)
                 self._probe_pays = paying is not None
                 if paying is None:
                     self._confirm = False
                     self._level = self.levels[1]
                 else:  # the shortest probe whose success shows that drafting can pay; a confirmation doubles it
                     k = min(hi, max(paying, self._next_probe if self._confirm else 0))
-                due = 1 if self._confirm or (self._fresh and paying is not None) else self.probe_interval(k, backlog)
+                eager = load == 1 and (self._confirm or (self._fresh and paying is not None))
+                due = 1 if eager else self.probe_interval(k, backlog, load)
                 if self._streak >= due:
                     self._fresh = False
                     self._streak, self._probing, self._asked = 0, True, k
         self._predicted = self.predicted_rate(self._asked) if self._asked > 0 and self.cost.ready else 0.0
         return self._asked
 
-    def expects_draft(self, max_k: int) -> bool:
+    def expects_draft(self, max_k: int, load: int = 1) -> bool:
         """Whether the first step will draft: the costs are known and some length pays at the prior acceptance."""
-        return self.cost.ready and self.best(min(max_k, self.draft_max)) > 0
+        return self.cost.ready and self.best(min(max_k, self.draft_max), load=load) > 0
 
     def predicted_rate(self, k: int) -> float:
         """Expected tokens per second of a step drafting k tokens, before the bias correction."""
@@ -226,10 +246,10 @@ class AdaptivePolicy:
     def _probe_size(self, lo: int, hi: int) -> int:
         return min(hi, max(lo, self.probe_k))
 
-    def _paying_length(self, lo: int, hi: int) -> int | None:
+    def _paying_length(self, lo: int, hi: int, load: int = 1) -> int | None:
         """The smallest k in [lo, hi] that would beat plain decoding if every draft token were accepted."""
-        plain = self.margin / max(self.cost.verify_cost(1), 1e-9)
-        for k, rate in self._rates(hi, [1.0] * hi):
+        plain = self._plain_rate(load)
+        for k, rate in self._rates(hi, [1.0] * hi, load):
             if k >= lo and self.cost.bias * rate > plain:
                 return k
         return None
