@@ -242,3 +242,4 @@ def test_serve_measures_concurrent_clients_over_http(tiny):
     assert [(row[0], row[1]) for row in rows] == [("1", "tandem"), ("1", "tandem --draft none"), ("2", "tandem"),
                                                   ("2", "tandem --draft none")]
     assert all(float(row[2]) > 0 and 0 < float(row[3]) <= float(row[4]) for row in rows)
+    assert all(0 < float(row[5]) <= float(row[6]) and float(row[5]) <= float(row[3]) for row in rows)  # first token

@@ -52,7 +52,7 @@ def _existing(path: Path, flag: str) -> Path:
 
 def add_concurrency_arguments(p: argparse.ArgumentParser, *, positions: int) -> None:
     """--concurrency, --max-tokens and --ctx-size (positions per request) of the modes that run N requests at once."""
-    p.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 2, 4], help="N (default: 1 2 4)")
+    p.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 2, 4, 8], help="N (default: 1 2 4 8)")
     p.add_argument("--max-tokens", type=positive_int, default=150, help="tokens per request (default: 150)")
     p.add_argument("--ctx-size", type=positive_int, default=positions,
                    help=f"positions per request (default: {positions})")

@@ -130,6 +130,25 @@ class LlamaServerPeer:
                           float(t.get("predicted_per_second", 0.0)), t.get("prompt_ms", 0.0) / 1000,
                           int(t.get("draft_n", 0)), int(t.get("draft_n_accepted", 0)))
 
+    def stream(self, prompt: Sequence[int], max_tokens: int) -> tuple[int, float]:
+        """A greedy completion streamed as a client reads it: (tokens generated, seconds to the first token)."""
+        body = {"prompt": list(prompt), "n_predict": max_tokens, "temperature": 0.0, "top_k": 1,
+                "cache_prompt": False, "stream": True}
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        t0, first, tokens = time.perf_counter(), None, 0
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: "):
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk.get("content"):
+                    first = time.perf_counter() - t0
+                if chunk.get("stop"):
+                    tokens = int(chunk.get("timings", {}).get("predicted_n", chunk.get("tokens_predicted", 0)))
+        return tokens, first if first is not None else time.perf_counter() - t0
+
     def log_tail(self, lines: int = 5) -> str:
         try:
             text = Path(self._log.name).read_text(errors="replace").strip().splitlines()

@@ -5,12 +5,13 @@ positions, and N clients that each send one chat request (the bench prompts, cyc
 at the same moment; with the draft (the configured speculation) and with draft_model "none". With --llama-server
 PATH, llama-server -np N with the same model, context and threads, without and with the draft, takes the same
 prompts (as token ids). Aggregate tok/s is every generated token over the wall time from the first request to the
-last answer; latencies are per request, wall clock.
+last answer; latencies and times to the first token are per request, wall clock, as a streaming client sees them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import threading
 import time
@@ -38,14 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run llama-server -np N at PATH, without and with the draft")
 
 
-def _clients(n: int, send) -> tuple[float, list[float], int]:
-    """Run send(i) -> tokens in n threads at once: (aggregate tok/s, latencies, tokens)."""
+def _clients(n: int, send) -> tuple[float, list[float], list[float]]:
+    """Run send(i) -> (tokens, seconds to the first token) in n threads at once: (aggregate tok/s, latencies, times
+    to the first token)."""
     latencies: list[float] = [0.0] * n
+    firsts: list[float] = [0.0] * n
     tokens: list[int] = [0] * n
 
     def one(i: int) -> None:
         t0 = time.perf_counter()
-        tokens[i] = send(i)
+        tokens[i], firsts[i] = send(i)
         latencies[i] = time.perf_counter() - t0
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     t0 = time.perf_counter()
@@ -53,13 +56,34 @@ def _clients(n: int, send) -> tuple[float, list[float], int]:
         t.start()
     for t in threads:
         t.join()
-    return sum(tokens) / (time.perf_counter() - t0), latencies, sum(tokens)
+    return sum(tokens) / (time.perf_counter() - t0), latencies, firsts
 
 
-def _row(name: str, n: int, result: tuple[float, list[float], int]) -> str:
-    rate, lat, _ = result
-    p95 = sorted(lat)[max(0, round(0.95 * len(lat)) - 1)]
-    return f"| {n} | {name} | {rate:.1f} | {statistics.median(lat):.2f} | {p95:.2f} |"
+def _p95(values: list[float]) -> float:
+    return sorted(values)[max(0, round(0.95 * len(values)) - 1)]
+
+
+def _row(name: str, n: int, result: tuple[float, list[float], list[float]]) -> str:
+    rate, lat, first = result
+    return (f"| {n} | {name} | {rate:.1f} | {statistics.median(lat):.2f} | {_p95(lat):.2f} | "
+            f"{statistics.median(first):.2f} | {_p95(first):.2f} |")
+
+
+def _stream_chat(url: str, body: dict) -> tuple[int, float]:
+    """One streamed chat request: (completion tokens, seconds to the first content)."""
+    t0, first, tokens = time.perf_counter(), None, 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=600,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                first = time.perf_counter() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return tokens, first if first is not None else time.perf_counter() - t0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -67,8 +91,8 @@ def main(args: argparse.Namespace) -> int:
     texts = list(load_prompts(DATA / "bench_prompts.jsonl", None).values())
     print(f"main {main_path.name}, draft {draft.name}; {args.max_tokens} tokens a request, {args.ctx_size} positions "
           "each\n")
-    print("| N | server | aggregate tok/s | p50 latency s | p95 latency s |")
-    print("|---:|---|---:|---:|---:|", flush=True)
+    print("| N | server | aggregate tok/s | p50 latency s | p95 latency s | p50 first token s | p95 first token s |")
+    print("|---:|---|---:|---:|---:|---:|---:|", flush=True)
     for n in args.concurrency:
         opts = ModelOptions(model=str(main_path), draft=str(draft), ctx_size=args.ctx_size * n, parallel=n,
                             threads=args.threads)
@@ -81,12 +105,10 @@ def main(args: argparse.Namespace) -> int:
             while httpx.get(f"{srv.url}/health").json()["status"] == "loading":
                 time.sleep(0.1)
             for name, extra in (("tandem", {}), ("tandem --draft none", {"draft_model": "none"})):
-                def send(i: int, extra=extra) -> int:
-                    body = {"messages": [{"role": "user", "content": texts[i % len(texts)]}], "temperature": 0,
-                            "max_tokens": args.max_tokens, "cache_prompt": False, **extra}
-                    r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=600)
-                    r.raise_for_status()
-                    return r.json()["usage"]["completion_tokens"]
+                def send(i: int, extra=extra) -> tuple[int, float]:
+                    return _stream_chat(srv.url, {"messages": [{"role": "user", "content": texts[i % len(texts)]}],
+                                                  "temperature": 0, "max_tokens": args.max_tokens,
+                                                  "cache_prompt": False, **extra})
                 print(_row(name, n, _clients(n, send)), flush=True)
             # the peer's prompts, tokenized while the runtime is loaded (the server frees it when it stops)
             prompts = [rt_holder[-1].prompt(text=texts[i % len(texts)]) for i in range(n)]
@@ -98,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
                 cache_type_k="f16", cache_type_v="f16", parallel=n, draft_max=16, draft_p_min=0.0))
             try:
                 peer.start()
-                print(_row(name, n, _clients(n, lambda i: peer.complete(prompts[i], args.max_tokens).tokens)),
+                print(_row(name, n, _clients(n, lambda i: peer.stream(prompts[i], args.max_tokens))),
                       flush=True)
             finally:
                 peer.close()
