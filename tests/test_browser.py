@@ -398,7 +398,7 @@ async function callTandem(base, key) {
   try {
     const models = await (await fetch(`${base}/v1/models`, { headers })).json();
     const r = await fetch(`${base}/v1/chat/completions`, { method: "POST", headers, body: JSON.stringify(
-      { model: models.data[0].id, messages: [{ role: "user", content: "Hello" }], max_tokens: 4 }) });
+      { model: models.data[0].id, messages: [{ role: "user", content: "Hello" }], max_tokens: 4, temperature: 0 }) });
     return { ok: true, status: r.status, text: (await r.json()).choices[0].message.content };
   } catch (e) {
     return { ok: false, error: String(e) };
@@ -434,7 +434,7 @@ def test_cors_lets_only_the_named_origins_call_the_api(browser, server, root, el
         try:
             allowed = page.evaluate("([base, key]) => callTandem(base, key)", [cors.url, KEY])
             assert allowed["ok"] and allowed["status"] == 200 and allowed["text"], allowed
-            expected = api(cors, "/v1/chat/completions", {"model": "main", "max_tokens": 4,
+            expected = api(cors, "/v1/chat/completions", {"model": "main", "max_tokens": 4, "temperature": 0,
                                                           "messages": [{"role": "user", "content": "Hello"}]})
             assert allowed["text"] == expected["choices"][0]["message"]["content"]
             # the same call to a server started without --cors: the browser blocks it
