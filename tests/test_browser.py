@@ -237,8 +237,6 @@ def test_answer_streams_with_the_drafts_tokens_coloured_and_equals_the_api(page,
     assert stats["draft_model"] == "draft_close" and stats["accepted_draft_tokens_count"] > 0
     assert re.fullmatch(r"[\d.]+ tok/s · first token \d+ ms · 200 tokens · draft draft_close: \d+ of \d+ accepted "
                         r"\(\d+%\), \d+ rejected, \d+ ignored", got["meta"]), got["meta"]
-    accepted = sum(len(r["text"]) for r in got["runs"] if r["source"] == "draft")
-    assert accepted > 0
 
     # a second turn carries the first: still the API's text for the same conversation
     second = ask(page, "Now a shorter one.", max_tokens=24)
@@ -343,11 +341,11 @@ def test_axe_finds_no_violations(browser, server, axe_source):
         page.click("#keybox button[type=submit]")
         wait_for_models(page)
         found["ready"] = axe(page, axe_source)
+        # the draft's colours (the guesses' are the legend's), an answer without a draft, an error
         ask(page, "Write a poem about the sea.", max_tokens=24)
         page.select_option("#draft", "none")
-        got = ask(page, "1 2 3 4 1 2 3 4 1 2 3 4", max_tokens=24)
+        ask(page, "1 2 3 4 1 2 3 4 1 2 3 4", max_tokens=24)
         ask(page, "word " * 600)
-        assert {r["source"] for r in got["runs"]} >= {"main"}
         assert page.locator(".body > span.draft").count() and page.locator(".msg .error").count()
         found["answers and an error"] = axe(page, axe_source)
         assert found == {state: [] for state in found}
@@ -373,6 +371,9 @@ def test_screenshot(browser, server, root, tmp_path):
             assert real.url, "".join(real.output)
         page = open_page(browser, real.url if real else server.url, key=None if real else KEY)
         wait_for_models(page)
+        if real is not None:  # a first answer warms the models up: the shot's stats are then the usual ones
+            ask(page, "Hello!", max_tokens=8)
+            page.click("#clear")
         got = ask(page, SHOT_PROMPT, max_tokens=120 if real else 60)
         assert got["error"] == [] and got["text"] and page.locator(".body > span.draft").count()
         shot = tmp_path / "chat.png"
