@@ -48,7 +48,7 @@ would rarely draft) and exact decoding (output with a draft is bit-for-bit outpu
 class Served:
     """A `tandem serve` subprocess: its URL once it says it is ready, and its output so far."""
 
-    def __init__(self, args: list[str], env: dict[str, str]):
+    def __init__(self, args: list[str], env: dict[str, str], timeout: float = 120):
         self.proc = subprocess.Popen([*SERVE, *args, "--port", "0"], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=env)
         lines: queue.Queue[str | None] = queue.Queue()
@@ -57,7 +57,7 @@ class Served:
         self.url: str | None = None
         while not self.output or not self.output[-1].startswith(("ready:", "NOT SERVING")):
             try:
-                line = lines.get(timeout=120)
+                line = lines.get(timeout=timeout)
             except queue.Empty:
                 break
             if line is None:  # it exited
@@ -145,7 +145,7 @@ def api(server: Served, path: str, body: dict | None = None) -> dict:
     return r.json()
 
 
-def ask(page, text: str, *, max_tokens: int = 48) -> dict:
+def ask(page, text: str, *, max_tokens: int = 48, timeout: float = 120) -> dict:
     """Send `text` as the user would and wait for the answer; returns the request body the page posted and what
     the new answer shows: its text, its coloured runs, its stats line and its error."""
     page.fill("#max_tokens", str(max_tokens))
@@ -154,7 +154,7 @@ def ask(page, text: str, *, max_tokens: int = 48) -> dict:
         page.fill("#input", text)
         page.press("#input", "Enter")
     page.wait_for_function(f"() => document.querySelectorAll('.msg.assistant').length > {n} && "
-                           "document.getElementById('stop').disabled", timeout=120_000)
+                           "document.getElementById('stop').disabled", timeout=timeout * 1000)
     answer = page.locator(".msg.assistant").last
     return {"request": req.value.post_data_json,
             "text": answer.locator(".body > span").evaluate_all("ss => ss.map(s => s.textContent).join('')"),
@@ -365,16 +365,16 @@ def test_screenshot(browser, server, root, tmp_path):
     main model on first use) and replaces docs/chat.png."""
     update = os.environ.get("TANDEM_UPDATE_SCREENSHOT") == "1"
     real = Served(["--exact"], {**os.environ, "TANDEM_MODELS_DIR": str(root / "empty"),
-                                "TANDEM_CONFIG": str(root / "models.toml")}) if update else None
+                                "TANDEM_CONFIG": str(root / "models.toml")}, timeout=600) if update else None
     try:
         if real is not None:
             assert real.url, "".join(real.output)
         page = open_page(browser, real.url if real else server.url, key=None if real else KEY)
         wait_for_models(page)
         if real is not None:  # a first answer warms the models up: the shot's stats are then the usual ones
-            ask(page, "Hello!", max_tokens=8)
+            ask(page, "Hello!", max_tokens=8, timeout=600)
             page.click("#clear")
-        got = ask(page, SHOT_PROMPT, max_tokens=120 if real else 60)
+        got = ask(page, SHOT_PROMPT, max_tokens=120 if real else 60, timeout=600 if real else 120)
         assert got["error"] == [] and got["text"] and page.locator(".body > span.draft").count()
         shot = tmp_path / "chat.png"
         page.screenshot(path=str(shot))
