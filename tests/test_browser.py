@@ -259,6 +259,7 @@ def test_draft_selector_lists_only_compatible_drafts(page, server):
 
 def test_draft_none_switches_speculation_off_and_stays_chosen(page, server):
     page.select_option("#draft", "none")
+    page.evaluate("() => document.querySelectorAll('#draft option').forEach((o) => (o.dataset.before = '1'))")
     got = ask(page, "Explain speculative decoding.")
     assert got["request"]["draft_model"] == "none"
     api_answer = whole(server, got["request"])
@@ -269,7 +270,7 @@ def test_draft_none_switches_speculation_off_and_stays_chosen(page, server):
     assert got["text"] == whole(server, {**got["request"], "draft_model": "draft_close"})["choices"][0]["message"][
         "content"]
     # the choice survives the model list's refresh after the answer, and the next message is sent with it
-    page.wait_for_timeout(300)
+    page.wait_for_function("() => !document.querySelector('#draft option[data-before]')")  # refreshed
     assert page.input_value("#draft") == "none"
     assert ask(page, "And again?", max_tokens=8)["request"]["draft_model"] == "none"
     page.select_option("#draft", "draft_small")
