@@ -98,9 +98,11 @@ def root(tiny, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(root) -> Iterator[Served]:
     srv = Served([*TINY, "--api-key", KEY], serve_env(root))
-    assert srv.url, "".join(srv.output)
-    yield srv
-    srv.stop()
+    try:
+        assert srv.url, "".join(srv.output)
+        yield srv
+    finally:
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
