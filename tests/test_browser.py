@@ -239,6 +239,8 @@ def test_answer_streams_with_the_drafts_tokens_coloured_and_equals_the_api(page,
     assert stats["draft_model"] == "draft_close" and stats["accepted_draft_tokens_count"] > 0
     assert re.fullmatch(r"[\d.]+ tok/s · first token \d+ ms · 200 tokens · draft draft_close: \d+ of \d+ accepted "
                         r"\(\d+%\), \d+ rejected, \d+ ignored", got["meta"]), got["meta"]
+    assert (f"draft draft_close: {stats['accepted_draft_tokens_count']} of {stats['total_draft_tokens_count']} "
+            f"accepted") in got["meta"]  # the same drafting as the API's (fixed draft lengths)
 
     # a second turn carries the first: still the API's text for the same conversation
     second = ask(page, "Now a shorter one.", max_tokens=24)
