@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: serve test install bench clean
+.PHONY: serve test install browser bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,8 +29,21 @@ install: $(VENV)/.installed
 serve: install
 	$(BIN)/tandem serve $(ARGS)
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# tests/test_browser.py drives the distribution's Chromium; it and the Node tests of the page's script need npm
+# (which fetches axe-core for the accessibility check). Both come from apt when missing, as root or with sudo that
+# needs no password; where neither works, those tests skip and say why.
+browser:
+	@missing="$$(command -v chromium >/dev/null || command -v chromium-browser >/dev/null || echo chromium) \
+	  $$(command -v npm >/dev/null || echo npm)"; missing="$$(echo $$missing)"; [ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi; \
+	if [ "$$sudo" = none ] || ! command -v apt-get >/dev/null; then \
+	  echo "browser tests: $$missing missing and no apt-get as root to install it; those tests will skip"; exit 0; fi; \
+	echo "installing $$missing from apt for the browser tests"; \
+	($$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	  || echo "browser tests: apt-get could not install $$missing; those tests will skip"
 
 bench: install
 	$(BIN)/tandem bench $(ARGS)

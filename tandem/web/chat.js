@@ -183,13 +183,19 @@ if (typeof document !== "undefined") {
     models = (await r.json()).data;
     showHealth();
     const sel = $("model");
+    const chosen = sel.value;  // the list is refreshed after every answer: keep the user's choice
     sel.replaceChildren(...models.map((m) => new Option(`${m.id}${m.state === "loaded" ? "" : " (loads on first use)"}`, m.id)));
+    if (models.some((m) => m.id === chosen)) sel.value = chosen;
     fillDrafts();
   }
 
   function fillDrafts() {
     const m = models.find((x) => x.id === $("model").value);
-    $("draft").replaceChildren(...draftOptions(m).map((o) => new Option(o.label, o.value)));
+    const sel = $("draft");
+    const chosen = sel.value;
+    const opts = draftOptions(m);
+    sel.replaceChildren(...opts.map((o) => new Option(o.label, o.value)));
+    if (opts.some((o) => o.value === chosen)) sel.value = chosen;  // kept while the new model can use it
   }
 
   function bubble(role) {
@@ -239,6 +245,7 @@ if (typeof document !== "undefined") {
       Number.isFinite(temperature) ? temperature : 0, maxTokens);
     controller = new AbortController();
     $("stop").disabled = false;
+    $("log").setAttribute("aria-busy", "true");  // screen readers read the answer once, when it is complete
     try {
       const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
         signal: controller.signal });
@@ -264,6 +271,7 @@ if (typeof document !== "undefined") {
     } finally {
       controller = null;
       $("stop").disabled = true;
+      $("log").removeAttribute("aria-busy");
     }
     render(turn, view);
     if (turn.text) history.push({ role: "assistant", content: turn.text });
@@ -273,7 +281,7 @@ if (typeof document !== "undefined") {
 
   $("form").addEventListener("submit", send);
   $("input").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey) send(e);
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) send(e);  // not while an input method composes
   });
   $("stop").addEventListener("click", () => controller && controller.abort());
   $("model").addEventListener("change", fillDrafts);
