@@ -72,6 +72,22 @@ class Parsed:
     """The calls, in order."""
 
 
+def tool_schema_problem(schema: dict) -> str | None:
+    """What makes a tool's `parameters` not a JSON schema of an object (None: it is one)."""
+    if schema.get("type", "object") != "object":
+        return f"its type is {schema['type']!r}, not 'object'"
+    props = schema.get("properties")
+    if props is not None and not isinstance(props, dict):
+        return "its properties is not an object"
+    bad = next((k for k, v in (props or {}).items() if not isinstance(v, dict)), None)
+    if bad is not None:
+        return f"its properties.{bad} is not a schema object"
+    required = schema.get("required")
+    if required is not None and not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
+        return "its required is not a list of property names"
+    return None
+
+
 def loads(arguments: Any) -> Any:
     """Call arguments as an object where they are JSON text (as templates and models expect them)."""
     if isinstance(arguments, str):
