@@ -263,10 +263,12 @@ class ToolStream:
                 return ""
         cut = min((i for i in (self._pending.find(m) for m in self._markers) if i >= 0), default=-1)
         if cut >= 0:
+            cut = len(self._pending[:cut].rstrip())  # whitespace before a call goes with it
             out, self._pending, self._held = self._pending[:cut], self._pending[cut:], True
         else:
-            keep = max(_partial_marker(self._pending, self._markers),
-                       len(self._pending) - len(self._pending.rstrip()))
+            partial = _partial_marker(self._pending, self._markers)
+            body = self._pending[:len(self._pending) - partial]
+            keep = partial + len(body) - len(body.rstrip())  # a possible marker, and the whitespace before it
             out, self._pending = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
         if out.strip() or self._sent:
             self._sent = self._sent or bool(out)
