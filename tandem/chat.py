@@ -68,8 +68,9 @@ def _for_template(m: dict) -> dict:
     """A message as Hugging Face templates read it: content a string, tool call arguments an object."""
     out = {**m, "content": m.get("content") or ""}
     if m.get("tool_calls"):
-        out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": toolcalls.loads(c["function"]["arguments"])}}
-                             for c in m["tool_calls"]]
+        out["tool_calls"] = [
+            {**c, "function": {**c["function"], "arguments": toolcalls.loads(c["function"]["arguments"])}}
+            for c in m["tool_calls"]]
     return out
 
 

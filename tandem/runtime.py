@@ -50,8 +50,11 @@ def resolve_paths(opts: ModelOptions, announce: Callable[[str], None] = print) -
 def plan_runtime(opts: ModelOptions, spec: SpecOptions | None = None,
                  announce: Callable[[str], None] = print) -> FitPlan:
     """The memory plan a Runtime with these options loads from (headers only: milliseconds). Raises the
-    first reason not to load: a missing or non-GGUF file, invalid options, or a plan that does not fit."""
+    first reason not to load: a missing or non-GGUF file, invalid options (an unknown --chat-template included), or
+    a plan that does not fit."""
     spec = spec if spec is not None else SpecOptions()
+    if opts.chat_template:
+        templates.from_option(opts.chat_template)  # an unknown name or unreadable file fails before any load
     paths = resolve_paths(opts, announce)
     if spec.spec_type == "both" and paths.draft is None:
         raise BadInputError("--spec-type both needs a draft model", "pass --draft PATH, or use --spec-type ngram")

@@ -14,7 +14,7 @@ from tandem.config import ModelOptions, RegistryOptions, SpecOptions
 from tandem.engine.llama import Model
 from tandem.errors import BadInputError
 from tandem.models.library import Library
-from tandem.runtime import Runtime, chat_format, tokenize_prompt
+from tandem.runtime import Runtime, chat_format, plan_runtime, tokenize_prompt
 from tandem.tools import ToolRequest
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -80,7 +80,8 @@ def test_native_tool_formats_render_tools_calls_and_results(name):
 @pytest.mark.parametrize("name", ["gemma", "llama2", "phi3"])
 def test_families_without_tool_support_get_the_generic_prompt(name):
     text = chat.prompt_text(_fmt(name), CALLED, ToolRequest((TOOL,)))
-    assert "You can call tools." in text and '{"tool_calls": [{"name": "f", "arguments": {"a": 1}, "id": "c1"}]}' in text
+    assert "You can call tools." in text
+    assert '{"tool_calls": [{"name": "f", "arguments": {"a": 1}, "id": "c1"}]}' in text
     assert '{"tool_response": {"tool_call_id": "c1", "content": "42"}}' in text
     assert "You can call tools." not in chat.prompt_text(_fmt(name), CALLED)  # history alone offers no tools
 
@@ -183,3 +184,8 @@ def test_show_prompt_prints_the_template_applied_and_warns_about_a_fallback(tiny
     bad = _tandem("--model", str(tiny["main"]), "--draft", "none", "--prompt", "Hi", "--show-prompt",
                   "--chat-template", "nope")
     assert bad.returncode != 0 and "neither a built-in template nor a file" in bad.stderr
+
+
+def test_an_unknown_chat_template_is_refused_before_loading(tiny):
+    with pytest.raises(BadInputError, match="neither a built-in template nor a file"):
+        plan_runtime(ModelOptions(model=str(tiny["main"]), draft="none", chat_template="nope"), announce=lambda _s: None)
