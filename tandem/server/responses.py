@@ -91,13 +91,10 @@ class Builder:
         stats = piece.done.stats
         reason = finish_reason(stats.stop_reason)
         if self.chat:
-            message = AssistantMessage(role="assistant", content=piece.text)
-            if self._tools is not None:
-                found = parse(piece.text, self._tools.fmt, self._tools.req)
-                message = AssistantMessage(role="assistant", content=found.content)
-                if found.calls:
-                    message.tool_calls = [c.to_openai() for c in found.calls]
-                    reason = "tool_calls"
+            found = Parsed(piece.text) if self._tools is None else parse(piece.text, self._tools.fmt, self._tools.req)
+            calls = {"tool_calls": [c.to_openai() for c in found.calls]} if found.calls else {}
+            message = AssistantMessage(role="assistant", content=found.content, **calls)
+            reason = "tool_calls" if found.calls else reason
             choice: Any = ChatChoice(index=0, message=message, finish_reason=reason, logprobs=None,
                                      **self._sources(piece))
             return self._obj("chat.completion", [choice], **self._extras(stats))
