@@ -53,6 +53,9 @@ class ModelOptions:
     --draft none do, and a draft can change greedy output only where a batch's rounding flips a near tie
     (F32 and F16 mains: 8 of 8 held-out prompts unchanged; with Q8_0 and Q4_K_M mains the Q4_1 draft cannot
     pay on a CPU, so the default decodes as --draft none; docs/benchmarks.md §1)."""
+    chat_template: str | None = None
+    """Chat template: a built-in name (chatml, gemma, llama3, llama2, mistral, phi3) or a jinja2 file. Default: the
+    model's own (GGUF tokenizer.chat_template), else its family's, picked from its architecture with a warning."""
     draft_optional: bool = False
     """When the draft cannot be used (missing, not GGUF, incompatible, does not fit, fails to load), run
     without it instead of failing: /health says 'degraded' and every response's stats carry draft_status."""

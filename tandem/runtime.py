@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from tandem import chat
+from tandem import chat, templates
 from tandem.config import SPEC_TYPES, ModelOptions, SpecOptions
 from tandem.engine import exact
 from tandem.engine.llama import Context, Model, patch_level
@@ -23,6 +23,7 @@ from tandem.spec.generate import Done, GenParams, Steps, Token, generate, sequen
 from tandem.spec.ngram import CombinedDrafter, NgramDrafter
 from tandem.spec.costs import CostModel
 from tandem.spec.payoff import best_case_speedup
+from tandem.tools import ToolRequest
 
 log = logging.getLogger("tandem.runtime")
 
@@ -49,8 +50,11 @@ def resolve_paths(opts: ModelOptions, announce: Callable[[str], None] = print) -
 def plan_runtime(opts: ModelOptions, spec: SpecOptions | None = None,
                  announce: Callable[[str], None] = print) -> FitPlan:
     """The memory plan a Runtime with these options loads from (headers only: milliseconds). Raises the
-    first reason not to load: a missing or non-GGUF file, invalid options, or a plan that does not fit."""
+    first reason not to load: a missing or non-GGUF file, invalid options (an unknown --chat-template included), or
+    a plan that does not fit."""
     spec = spec if spec is not None else SpecOptions()
+    if opts.chat_template:
+        templates.from_option(opts.chat_template)  # an unknown name or unreadable file fails before any load
     paths = resolve_paths(opts, announce)
     if spec.spec_type == "both" and paths.draft is None:
         raise BadInputError("--spec-type both needs a draft model", "pass --draft PATH, or use --spec-type ngram")
@@ -94,6 +98,10 @@ class Runtime:
         except TandemError as e:
             raise about_model(e, "main") from None
         rss_main = _rss() - rss0
+        self.chat_format: templates.ChatFormat = chat_format(self.main_model, opts.chat_template)
+        """How chats become prompts for the main model (see tandem.templates); a fallback is warned about here."""
+        if self.chat_format.warning:
+            log.warning("%s", self.chat_format.warning)
         self.drafter: ModelDrafter | None = None
         draft_model, rss_draft = None, 0
         if p.draft is not None:  # refuse an unusable draft before any KV
@@ -285,18 +293,20 @@ class Runtime:
         return self._costs[key]
 
     def prompt(self, *, text: str | None = None, messages: Sequence[dict] | None = None,
-               raw: bool = False) -> list[int]:
-        """Prompt tokens, from chat messages (through the model's template) or from text."""
-        m = self.main_model
-        if messages is None:
-            messages = [{"role": "user", "content": text or ""}]
-            if raw:
-                return m.tokenize(text or "", add_special=True, parse_special=False)
-        bos = m.token_text(m.bos) if m.bos >= 0 else ""
-        eos = m.token_text(m.eos) if m.eos >= 0 else ""
-        rendered = chat.render(m.chat_template, messages, bos_token=bos, eos_token=eos)
-        has_bos = bool(bos) and rendered.startswith(bos)
-        return m.tokenize(rendered, add_special=not has_bos, parse_special=True)
+               raw: bool = False, tools: ToolRequest | None = None) -> list[int]:
+        """Prompt tokens, from chat messages (through the model's template, with `tools` offered) or from text.
+        Special tokens written as text (<|im_start|>, <start_of_turn>, ...) become those tokens, in raw text too,
+        as llama-server reads a completion's prompt; BOS is added unless the text starts with it."""
+        if messages is None and raw:
+            rendered = text or ""
+        else:
+            rendered = self.render(messages if messages is not None else [{"role": "user", "content": text or ""}],
+                                   tools)
+        return tokenize_prompt(self.main_model, rendered)
+
+    def render(self, messages: Sequence[dict], tools: ToolRequest | None = None) -> str:
+        """The prompt text for chat `messages` (what /apply-template and `tandem run --show-prompt` show)."""
+        return chat.prompt_text(self.chat_format, messages, tools)
 
     def forget_prefix(self) -> None:
         """Drop what the KV caches hold, so the next generation starts cold (no prompt prefix reused)."""
@@ -353,6 +363,24 @@ class Runtime:
             if isinstance(ev, Done):
                 ev.stats.draft_status = status
             yield ev
+
+
+def chat_format(model: Model, option: str | None = None) -> templates.ChatFormat:
+    """The model's ChatFormat: `option` (--chat-template), else its GGUF template, else its family's."""
+    def has_token(text: str) -> bool:
+        ids = model.tokenize(text, add_special=False, parse_special=True)
+        return len(ids) == 1 and model.token_text(ids[0]) == text
+
+    return templates.select(model.name, gguf_template=model.chat_template, arch=model.meta("general.architecture")
+                            or "unknown", has_token=has_token, option=option,
+                            bos_token=model.token_text(model.bos) if model.bos >= 0 else "",
+                            eos_token=model.token_text(model.eos) if model.eos >= 0 else "")
+
+
+def tokenize_prompt(model: Model, text: str) -> list[int]:
+    """Prompt text as tokens, special tokens parsed; BOS added (where the model wants it) unless already there."""
+    bos = model.token_text(model.bos) if model.bos >= 0 else ""
+    return model.tokenize(text, add_special=not (bos and text.startswith(bos)), parse_special=True)
 
 
 CALIBRATION_SIZES = (1, 2, 3, 5, 9, 17)

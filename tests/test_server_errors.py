@@ -113,7 +113,18 @@ def _cases(tiny_paths: dict) -> dict[str, Case]:
         "return_token_sources-string": Case(400, chat(return_token_sources="yes"), "return_token_sources"),
         "logprobs-unsupported": Case(400, chat(logprobs=True)),
         "presence_penalty-unsupported": Case(400, chat(presence_penalty=0.5), "presence_penalty"),
-        "tools-unsupported": Case(400, chat(tools=[{"type": "function", "function": {"name": "f"}}])),
+        "tool-parameters-not-object": Case(400, chat(tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "array"}}}]), "tools[0].function.parameters"),
+        "tool-parameters-bad-property": Case(400, chat(tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {"x": 5}}}}]), "tools[0].function.parameters"),
+        "tool-type-unknown": Case(400, chat(tools=[{"type": "retrieval", "function": {"name": "f"}}]), "tools[0].type"),
+        "tool-name-bad": Case(400, chat(tools=[{"type": "function", "function": {"name": "a b"}}]),
+                              "tools[0].function.name"),
+        "tool_choice-unknown-function": Case(400, chat(tools=[{"type": "function", "function": {"name": "f"}}],
+                                                       tool_choice={"type": "function", "function": {"name": "g"}})),
+        "tool_choice-bogus": Case(400, chat(tool_choice="always"), "tool_choice"),
+        "tool-message-without-id": Case(400, chat(messages=[{"role": "user", "content": "x"},
+                                                            {"role": "tool", "content": "42"}]), "messages[1]"),
         "response_format-unsupported": Case(400, chat(response_format={"type": "json_object"})),
         # -- names that cannot be used
         "unknown-model": Case(404, chat(model="gpt-4"), "model", code="model_not_found"),

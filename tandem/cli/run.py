@@ -12,10 +12,12 @@ from rich.text import Text
 
 from tandem.cli.options import add_options, build, explicit
 from tandem.cli.progress import load_progress
+from tandem import chat
 from tandem.config import ModelOptions, RegistryOptions, SamplingOptions, SpecOptions
 from tandem.errors import BadInputError
 from tandem.models.library import Library
-from tandem.runtime import Runtime
+from tandem.engine.llama import Model
+from tandem.runtime import Runtime, chat_format, resolve_paths
 from tandem.spec.generate import Done, GenParams
 from tandem.spec.sampling import SamplingParams
 
@@ -30,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and stats")
     p.add_argument("--no-color", action="store_true", help="plain text output")
+    p.add_argument("--show-prompt", action="store_true",
+                   help="print the prompt the model would get (the chat template applied; with --raw, the text as "
+                        "is) and exit without generating; a template fallback is reported on standard error")
     add_options(p, ModelOptions)
     add_options(p, SpecOptions)
     add_options(p, SamplingOptions)
@@ -44,6 +49,8 @@ def main(args: argparse.Namespace) -> int:
     sampling = SamplingParams(**vars(build(SamplingOptions, args)))
     lib = Library.open(build(RegistryOptions, args), extra=(args.model, args.draft))
     models, spec = lib.resolve(build(ModelOptions, args), build(SpecOptions, args), explicit(args))
+    if args.show_prompt:
+        return _show_prompt(models, prompt, raw=args.raw, err=err)
     gp = GenParams(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop),
                    draft_max=spec.draft_max, draft_min=spec.draft_min, draft_p_min=spec.draft_p_min,
                    draft_policy=spec.draft_policy, spare_guess=spec.spare_guess)
@@ -73,4 +80,19 @@ def main(args: argparse.Namespace) -> int:
               f"rejected {stats.rejected} / ignored {stats.ignored} · draft {stats.draft_model or 'none'} · "
               + (f"guesses {stats.guesses_accepted} of {stats.guessed} right · " if stats.guessed else "") +
               f"stop {stats.stop_reason}[/dim]")
+    return 0
+
+
+def _show_prompt(models: ModelOptions, prompt: str, *, raw: bool, err: Console) -> int:
+    """Print the prompt text the main model would get (only its weights are loaded: no draft, no context)."""
+    main = Model(resolve_paths(models, announce=lambda s: err.print(s)).main)
+    try:
+        fmt = chat_format(main, models.chat_template)
+        if fmt.warning and not raw:
+            err.print(f"[yellow]warning:[/yellow] {fmt.warning}")
+        text = prompt if raw else chat.prompt_text(fmt, [{"role": "user", "content": prompt}])
+    finally:
+        main.close()
+    sys.stdout.write(text)
+    sys.stdout.flush()
     return 0

@@ -60,6 +60,8 @@ class ModelSettings:
     """Draft model KV cache type for K."""
     cache_type_v_draft: str | None = None
     """Draft model KV cache type for V."""
+    chat_template: str | None = None
+    """Chat template: a built-in name (chatml, gemma, llama3, llama2, mistral, phi3) or a jinja2 file path."""
 
     def values(self) -> dict[str, object]:
         """The fields that are set."""
@@ -151,7 +153,7 @@ def _range_problem(key: str, value: object) -> str | None:
         return "must be between 0 and 1"
     if isinstance(value, int) and value < (1 if key == "ctx_size" else 0):
         return "is out of range"
-    if key == "draft" and not str(value).strip():
+    if key in ("draft", "chat_template") and not str(value).strip():
         return "is empty"
     return None
 

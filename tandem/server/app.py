@@ -29,13 +29,15 @@ from tandem.server.models import ModelDirectory, ModelSource
 from tandem.server.options import ServerOptions
 from tandem.server.responses import Builder, Piece, sse
 from tandem.server.schemas import ChatRequest, CompletionRequest, ModelCard, ModelList
+from tandem.server.templating import template_router
 from tandem.server.web import PAGES, web_router
 from tandem.server.worker import SERVING, Engine, EngineStatus, JobHandle, JobSpec, ModelInfo, not_ready_error
 from tandem.spec.generate import Done, GenParams
 from tandem.spec.sampling import SamplingParams
+from tandem.templates import ChatFormat
 
 _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/api/v0/models", "/health",
-                        "/metrics", *PAGES})
+                        "/metrics", "/apply-template", *PAGES})
 
 
 class _RequestMetrics:
@@ -201,6 +203,9 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
             handle.cancel()
             raise
         first += handle.ready()
+        if job.tools is not None:  # the model is loaded now: its tool format is known
+            fmt = loaded_format(job.model)
+            builder.read_tool_calls(fmt.tool_format if fmt else "generic", job.tools)
         if req.stream:
             return StreamingResponse(_stream(handle, first, builder, req.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
@@ -222,7 +227,8 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         t = await target(req)
         gp = _gen_params(req, req.token_limit or 1, t.spec)
         job = JobSpec("chat", gp, messages=req.message_dicts(), draft_model=t.draft_model, model=t.model,
-                      draft_path=t.draft_path, max_tokens_from_context=req.token_limit is None)
+                      draft_path=t.draft_path, max_tokens_from_context=req.token_limit is None,
+                      tools=req.tool_request())
         return await run(request, req, job, t.model_id)
 
     @v1.post("/completions")
@@ -269,6 +275,23 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
 
     app.include_router(lms)
 
+    # -- chat templates ------------------------------------------------------------------------------------
+    def loaded_format(model: str | None) -> ChatFormat | None:
+        """The ChatFormat of a loaded model (None: the startup model), None if it is not loaded."""
+        st = engine.status
+        info = st.model if model is None else next((i for i in st.loaded if i.id == model), None)
+        return info.chat if info is not None else None
+
+    async def request_format(req: ChatRequest) -> ChatFormat:
+        t = await target(req)
+        fmt = loaded_format(t.model)
+        if fmt is None:
+            raise BadInputError(f"model {t.model_id} is not loaded, so its chat template is not known yet",
+                                "send a chat completion to it first (that loads it), or omit `model`", param="model")
+        return fmt
+
+    app.include_router(template_router(request_format, require_key, options.max_body_bytes))
+
     @app.get("/health")
     async def health() -> JSONResponse:
         st = engine.status
@@ -276,7 +299,8 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         if st.reason:
             body["reason"] = st.reason
         if st.model is not None:
-            body["model"] = {k: v for k, v in asdict(st.model).items() if k != "aliases"}
+            body["model"] = {k: v for k, v in asdict(st.model).items() if k not in ("aliases", "chat")}
+            body["model"]["chat_template"] = st.model.chat.summary() if st.model.chat else None
             body["speculative"] = st.model.draft_model is not None and not st.model.draft_paused
         if st.state in SERVING:
             body["requests"] = {"running": engine.running, "waiting": engine.waiting}

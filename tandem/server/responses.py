@@ -13,6 +13,7 @@ from tandem.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice
                                    PromptTokensDetails, TextChoice, TokenSource, Usage)
 from tandem.spec.generate import Done, Token
 from tandem.spec.stats import SpecStats
+from tandem.tools import Parsed, ToolRequest, ToolStream, call_deltas, parse
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
 
@@ -65,8 +66,13 @@ class Builder:
         self.chat = endpoint == "chat"
         self.model = model
         self.token_sources = token_sources
+        self._tools: ToolStream | None = None
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
+
+    def read_tool_calls(self, tool_format: str, req: ToolRequest | None) -> None:
+        """Read the answer's tool calls in this format (a chat offered `req`'s tools; None: it offered none)."""
+        self._tools = ToolStream(tool_format, req) if req is not None and self.chat else None
 
     def _obj(self, obj: str, choices: list, **extra: Any) -> dict[str, Any]:
         c = Completion(id=self.id, object=obj, created=self.created, model=self.model,  # type: ignore[arg-type]
@@ -85,8 +91,12 @@ class Builder:
         stats = piece.done.stats
         reason = finish_reason(stats.stop_reason)
         if self.chat:
-            choice: Any = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=piece.text), finish_reason=reason,
-                                     logprobs=None, **self._sources(piece))
+            found = Parsed(piece.text) if self._tools is None else parse(piece.text, self._tools.fmt, self._tools.req)
+            calls = {"tool_calls": [c.to_openai() for c in found.calls]} if found.calls else {}
+            message = AssistantMessage(role="assistant", content=found.content, **calls)
+            reason = "tool_calls" if found.calls else reason
+            choice: Any = ChatChoice(index=0, message=message, finish_reason=reason, logprobs=None,
+                                     **self._sources(piece))
             return self._obj("chat.completion", [choice], **self._extras(stats))
         choice = TextChoice(index=0, text=piece.text, finish_reason=reason, logprobs=None, **self._sources(piece))
         return self._obj("text_completion", [choice], **self._extras(stats))
@@ -103,20 +113,33 @@ class Builder:
         choice = TextChoice(index=0, text=piece.text, finish_reason=finish, logprobs=None, **self._sources(piece))
         return self._obj("text_completion", [choice], **(extras or {}))
 
+    def _call_chunks(self, rest: Parsed) -> list[str]:
+        """The end of a tool-reading stream: the text held back, then each call as delta.tool_calls chunks."""
+        lines = [sse(self._chunk(Piece(rest.content)))] if rest.content else []
+        for calls in call_deltas(rest.calls):
+            choice = ChatChunkChoice(index=0, delta=Delta(tool_calls=calls), finish_reason=None, logprobs=None)
+            lines.append(sse(self._obj("chat.completion.chunk", [choice])))
+        return lines
+
     def stream(self, piece: Piece, *, first: bool, include_usage: bool) -> list[str]:
         """SSE lines for a piece of a stream; the last piece also gets the final chunk(s) and [DONE]."""
         lines: list[str] = []
         if first and self.chat:
             lines.append(sse(self._chunk(Piece(), role=True)))
-        text_piece = Piece(piece.text, piece.sources)
+        text = piece.text if self._tools is None else self._tools.feed(piece.text)
+        text_piece = Piece(text, piece.sources)
         if piece.done is None:
-            if piece.text:
+            if text:
                 lines.append(sse(self._chunk(text_piece)))
             return lines
         stats = piece.done.stats
-        if piece.text:
+        if text:
             lines.append(sse(self._chunk(text_piece)))
         finish = finish_reason(stats.stop_reason) or "stop"
+        if self._tools is not None:
+            rest = self._tools.finish()
+            lines += self._call_chunks(rest)
+            finish = "tool_calls" if rest.calls else finish
         if include_usage:
             lines.append(sse(self._chunk(Piece(), finish=finish)))
             lines.append(sse(self._obj(("chat.completion.chunk" if self.chat else "text_completion"), [],

@@ -1,7 +1,7 @@
 """OpenAI-shaped request and response models.
 
 Requests are strict (no "10" for an int, no 1 for a bool), ignore unknown fields, and reject values
-of known fields that Tandem does not support (n != 1, logprobs, penalties, tools, ...) with a 400.
+of known fields that Tandem does not support (n != 1, logprobs, penalties, ...) with a 400.
 Responses are dumped with `exclude_unset`, so optional extensions (token_sources) appear only when set.
 """
 
@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tandem.chat import ROLES
+from tandem.tools import ToolRequest, tool_schema_problem
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 assert set(Role.__args__) == set(ROLES)  # type: ignore[attr-defined]
@@ -35,16 +36,81 @@ class ContentPart(_Strict):
         return self
 
 
+class CallFunction(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str
+    """The arguments as JSON text, as OpenAI sends them."""
+
+
+class MessageToolCall(_Strict):
+    """A call in an assistant message of the history."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: CallFunction
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        problem = tool_schema_problem(v)
+        if problem:
+            raise ValueError(f"not an object JSON schema: {problem}; send {{\"type\": \"object\", \"properties\": "
+                             "{...}}")
+        return v
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Strict):
     role: Role
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    """An assistant message's calls (its content may then be null)."""
+    tool_call_id: str | None = None
+    """A tool message's answer to this call."""
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:
         # OpenAI refuses a message without content (only an assistant message with tool calls may omit it)
-        if self.content is None:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a {self.role} message needs content: a string or a list of text parts, not null")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"a {self.role} message cannot carry tool_calls; only assistant messages do")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id: the id of the call it answers")
         return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it: content as text, and the tool fields when set."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -139,14 +205,23 @@ class ChatRequest(_GenRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
     top_logprobs: int | None = None
 
     @model_validator(mode="after")
     def _chat_check(self) -> ChatRequest:
-        if self.tools:
-            raise ValueError("tools are not supported; omit the field")
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("two tools have the same function name; give each tool a distinct name")
+        forced = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        if forced is not None and forced not in names:
+            raise ValueError(f"tool_choice names function {forced!r}, which is not in tools; name one of "
+                             f"{names or 'the tools (none were sent)'}")
+        if self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools; send tools or use 'auto'")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported; use 'text'")
         if self.top_logprobs:
@@ -157,8 +232,17 @@ class ChatRequest(_GenRequest):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def message_dicts(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def message_dicts(self) -> list[dict[str, Any]]:
+        return [m.as_dict() for m in self.messages]
+
+    def tool_request(self) -> ToolRequest | None:
+        """The tools offered to the model (None: no tools, or tool_choice none)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        choice = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else \
+            (self.tool_choice or "auto")
+        tools = tuple(t.model_dump(exclude_none=True) for t in self.tools)
+        return ToolRequest(tools, choice, self.parallel_tool_calls)
 
 
 class CompletionRequest(_GenRequest):
@@ -220,7 +304,8 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -234,6 +319,7 @@ class ChatChoice(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -30,6 +30,8 @@ from tandem.server.pool import Loaded, Loader, Slot, Slots
 from tandem.spec.drafters import ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token
 from tandem.spec.stats import SpecStats
+from tandem.templates import ChatFormat
+from tandem.tools import ToolRequest
 
 log = logging.getLogger("tandem.server")
 
@@ -65,6 +67,8 @@ class ModelInfo:
     draft_paused: str | None = None
     """Why requests that do not name the draft decode as --draft none does (it cannot pay here); None when
     the configured speculation runs."""
+    chat: ChatFormat | None = None
+    """How chats become prompts for this model: its template and tool-call format (/health shows its summary)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class JobSpec:
     """A draft file the registry resolved and checked (takes precedence over draft_model)."""
     max_tokens_from_context: bool = False
     """Generate up to the model's context size (chat without max_tokens): the engine knows it, not the handler."""
+    tools: ToolRequest | None = None
+    """The tools offered in a chat's prompt (None: none)."""
 
 
 class _Job:
@@ -499,7 +505,7 @@ def not_ready_error(st: EngineStatus) -> LoadingError:
 
 def _prompt_tokens(rt: Runtime, spec: JobSpec) -> list[int]:
     if spec.messages is not None:
-        return rt.prompt(messages=spec.messages)
+        return rt.prompt(messages=spec.messages, tools=spec.tools)
     if isinstance(spec.prompt, str):
         return rt.prompt(text=spec.prompt, raw=True)
     tokens = list(spec.prompt or ())
@@ -524,7 +530,7 @@ def _model_info(rt: Runtime, model_id: str | None = None) -> ModelInfo:
                      n_ctx=rt.main.capacity, created=created, draft_model=rt.draft_name,
                      draft_path=str(d.ctx.model.path) if d else None, exact=rt.exact,
                      draft_payoff=None if rt.payoff is None else round(rt.payoff, 3), draft_paused=rt.draft_paused,
-                     invariance=rt.invariance_report())
+                     invariance=rt.invariance_report(), chat=rt.chat_format)
 
 
 def _log_done(job: _Job, s: SpecStats) -> None:

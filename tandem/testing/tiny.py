@@ -65,11 +65,21 @@ class TinySpec:
     noise_scale: float = 0.0
     ftype: str = "f32"  # storage of 2-D weights: "f32" or "f16" (norms stay f32)
     name: str = "tiny"  # general.name
+    arch: str = "llama"  # general.architecture: "llama" or "gemma3" (q/k norms and post-norms added)
+    chat_template: bool = True  # keep SmolLM2's tokenizer.chat_template (False: the file carries none)
 
     def digest(self) -> str:
-        """Short stable hash of the spec (and builder version), for cache file names."""
-        blob = repr((BUILDER_VERSION, dataclasses.astuple(self))).encode()
+        """Short stable hash of the spec (and builder version), for cache file names. Fields added later count
+        only when they differ from their defaults, so older specs keep their hashes (and cached files)."""
+        values = dataclasses.astuple(self)
+        extra = tuple((f.name, v) for f, v in zip(dataclasses.fields(self), values)
+                      if f.name in _LATER_FIELDS and v != f.default)
+        blob = repr((BUILDER_VERSION, values[:-len(_LATER_FIELDS)] + extra)).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+_LATER_FIELDS = ("arch", "chat_template")
+"""TinySpec's last fields, added after fixtures were first cached (see TinySpec.digest)."""
 
 
 def _read_kv(path: Path) -> dict[str, KV]:
@@ -144,11 +154,14 @@ def _shapes(spec: TinySpec, n_vocab: int) -> list[tuple[str, tuple[int, ...]]]:
     out: list[tuple[str, tuple[int, ...]]] = [
         ("token_embd.weight", (n_vocab, e)), ("output_norm.weight", (e,)),
     ]
+    head = spec.n_embd // spec.n_head
+    gemma = (("attn_q_norm", (head,)), ("attn_k_norm", (head,)), ("post_attention_norm", (e,)),
+             ("post_ffw_norm", (e,))) if spec.arch == "gemma3" else ()
     for i in range(spec.n_layer):
         out += [(f"blk.{i}.{n}.weight", s) for n, s in (
             ("attn_norm", (e,)), ("attn_q", (e, e)), ("attn_k", (kv_dim, e)), ("attn_v", (kv_dim, e)),
             ("attn_output", (e, e)), ("ffn_norm", (e,)), ("ffn_gate", (ff, e)), ("ffn_up", (ff, e)),
-            ("ffn_down", (e, ff)),
+            ("ffn_down", (e, ff)), *gemma,
         )]
     return out
 
@@ -175,12 +188,16 @@ def build_tiny_model(out_path: str | Path, spec: TinySpec = TinySpec()) -> Path:
         raise ValueError(f"n_embd/n_head/n_head_kv are incompatible in {spec}")
     if spec.ftype not in ("f32", "f16"):
         raise ValueError(f"ftype must be 'f32' or 'f16', got {spec.ftype!r}")
+    if spec.arch not in ("llama", "gemma3"):
+        raise ValueError(f"arch must be 'llama' or 'gemma3', got {spec.arch!r}")
     out_path = Path(out_path)
     tok = dict(_tokenizer_kv(spec.vocab))
+    if not spec.chat_template:
+        tok.pop("tokenizer.chat_template", None)
     n_vocab = len(tok["tokenizer.ggml.tokens"][2])
 
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    w = GGUFWriter(tmp, arch="llama")
+    w = GGUFWriter(tmp, arch=spec.arch)
     w.add_name(spec.name)
     w.add_file_type(LlamaFileType.ALL_F32 if spec.ftype == "f32" else LlamaFileType.MOSTLY_F16)
     w.add_vocab_size(n_vocab)
@@ -192,7 +209,11 @@ def build_tiny_model(out_path: str | Path, spec: TinySpec = TinySpec()) -> Path:
     w.add_head_count_kv(spec.n_head_kv)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(spec.n_embd // spec.n_head)
+    if spec.arch == "gemma3":
+        w.add_key_length(spec.n_embd // spec.n_head)
+        w.add_value_length(spec.n_embd // spec.n_head)
+    else:
+        w.add_rope_dimension_count(spec.n_embd // spec.n_head)
     for key, (vtype, sub, value) in tok.items():
         w.add_key_value(key, value, vtype, sub_type=sub)
     for name, t in _weights(spec, n_vocab):
@@ -222,6 +243,8 @@ def fixture_specs(draft_close_noise: float = 0.003) -> dict[str, TinySpec]:
         "main_f16": dataclasses.replace(main, ftype="f16", name="tiny-main-f16"),
         # several times the main model's cost per token: a draft that can never pay
         "draft_heavy": TinySpec(seed=5, n_layer=4, n_embd=512, n_ff=1024, ftype="f16", name="tiny-draft-heavy"),
+        # a Gemma-3-architecture base model without a chat template (as Gemma-3-270M ships)
+        "gemma3": TinySpec(seed=6, arch="gemma3", chat_template=False, name="tiny-gemma3"),
     }
 
 

@@ -1,0 +1,140 @@
+"""Chat templates and tools over HTTP on a live server: /apply-template, /health's template, special tokens in text
+completions, and tool requests and histories through the official openai client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import openai
+import pytest
+from test_server_support import RUNTIME_SPEC, TEST_KEY, assert_openai_error, client, start, tiny_app
+
+from tandem.config import ModelOptions
+from tandem.engine.llama import Model
+from tandem.runtime import Runtime, tokenize_prompt
+from tandem.server.serving import ServerThread
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+HISTORY = [{"role": "user", "content": "Weather in Paris?"},
+           {"role": "assistant", "content": None, "tool_calls": [
+               {"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+@pytest.fixture(scope="module")
+def server(tiny) -> Iterator[ServerThread]:
+    srv = start(tiny_app(tiny, draft=None))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=TEST_KEY, max_retries=0, timeout=60)
+
+
+def _apply(server, **body) -> str:
+    with client(server) as c:
+        r = c.post("/apply-template", json=body)
+    assert r.status_code == 200, r.text
+    assert set(r.json()) == {"prompt"}
+    return r.json()["prompt"]
+
+
+def test_apply_template_shows_the_prompt_the_model_gets(server):
+    prompt = _apply(server, messages=[{"role": "user", "content": "Hi"}])
+    assert prompt == f"{SMOL_SYSTEM}<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_apply_template_with_tools_shows_the_generic_tool_prompt(server):
+    prompt = _apply(server, messages=HISTORY, tools=[WEATHER])
+    assert prompt.startswith("<|im_start|>system\nYou can call tools.")  # SmolLM2's template has no tool support
+    assert '"name": "get_weather"' in prompt and '{"response": "<your answer>"}' in prompt
+    assert '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call_1"}]}' in prompt
+    assert '<|im_start|>user\n{"tool_response": {"tool_call_id": "call_1", "content": "sunny, 21 C"}}' in prompt
+    off = _apply(server, messages=HISTORY, tools=[WEATHER], tool_choice="none")
+    assert "You can call tools." not in off and off.startswith(SMOL_SYSTEM)
+
+
+def test_apply_template_needs_the_key_and_valid_messages(server):
+    with client(server, key=None) as c:
+        assert_openai_error(c.post("/apply-template", json={"messages": [{"role": "user", "content": "x"}]}), 401)
+    with client(server) as c:
+        assert_openai_error(c.post("/apply-template", json={"messages": []}), 400, "messages")
+
+
+def test_health_names_the_template(server):
+    with client(server) as c:
+        model = c.get("/health").json()["model"]
+    assert model["chat_template"] == {"name": "gguf", "origin": "gguf", "tool_format": "generic", "warning": None}
+    assert "chat" not in model
+
+
+def test_completions_parse_special_tokens_in_the_prompt(server, oai, tiny):
+    text = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    r = oai.completions.create(model=tiny["main"].stem, prompt=text, max_tokens=1, temperature=0)
+    m = Model(tiny["main"])
+    try:
+        parsed, plain = tokenize_prompt(m, text), m.tokenize(text, parse_special=False)
+    finally:
+        m.close()
+    assert r.usage.prompt_tokens == len(parsed) < len(plain)
+
+
+def test_tools_request_end_to_end_with_the_openai_client(oai, tiny):
+    kw = dict(model=tiny["main"].stem, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+              max_tokens=12, temperature=0)
+    whole = oai.chat.completions.create(**kw)
+    choice = whole.choices[0]
+    assert choice.finish_reason in ("stop", "length", "tool_calls")
+    if choice.message.tool_calls:  # the tiny model writes random text; the shape holds either way
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == "get_weather"
+    else:
+        assert isinstance(choice.message.content, str)
+    chunks = list(oai.chat.completions.create(**kw, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == (choice.message.content or "")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [choice.finish_reason]
+
+
+def test_history_with_tool_calls_and_results_is_accepted(oai, tiny):
+    for choice in ("auto", "required", {"type": "function", "function": {"name": "get_weather"}}, "none"):
+        r = oai.chat.completions.create(model=tiny["main"].stem, messages=HISTORY, tools=[WEATHER], tool_choice=choice,
+                                        parallel_tool_calls=False, max_tokens=4, temperature=0)
+        assert r.choices[0].message.role == "assistant"
+        # without a grammar the tiny model's text comes back as text, with finish_reason stop/length
+        assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_a_tool_with_a_bad_schema_is_refused_naming_the_field(server):
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+    with client(server) as c:
+        r = c.post("/v1/chat/completions", json={"messages": HISTORY, "tools": [WEATHER, bad]})
+    err = assert_openai_error(r, 400, "tools[1].function.parameters")
+    assert "not an object JSON schema" in err["message"]
+
+
+@pytest.fixture(scope="module")
+def gemma_server(tiny) -> Iterator[ServerThread]:
+    opts = ModelOptions(model=str(tiny["gemma3"]), draft="none", ctx_size=512, threads=1)
+    srv = start(tiny_app(tiny, factory=lambda: Runtime(opts, spec=RUNTIME_SPEC, announce=lambda _s: None)))
+    yield srv
+    srv.stop()
+
+
+def test_a_fallback_template_is_reported_in_health_and_used(gemma_server):
+    with client(gemma_server) as c:
+        tpl = c.get("/health").json()["model"]["chat_template"]
+        prompt = c.post("/apply-template", json={"messages": [{"role": "user", "content": "Hi"}]}).json()["prompt"]
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert tpl["name"] == "gemma" and tpl["origin"] == "architecture"
+    assert "no chat template in its GGUF" in tpl["warning"] and "gemma3" in tpl["warning"]
+    assert prompt.endswith("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
+    assert r.status_code == 200, r.text
+    assert json.loads(r.text)["usage"]["completion_tokens"] == 2
