@@ -82,8 +82,10 @@ def accounting(outcomes: list[Outcome], sent: int) -> list[Check]:
         expected = o.shot.fault_status
         if o.shot.well_formed and o.result == "error":
             wrong.append(f"#{o.shot.index} {o.shot.kind}: HTTP {o.status} {o.error.get('message', '')[:100]}")
-        elif not o.shot.well_formed and (o.result != "error" or o.status != expected):
-            wrong.append(f"#{o.shot.index} {o.shot.kind}: HTTP {o.status} ({o.result}), expected {expected}")
+        elif not o.shot.well_formed and (o.result != "error" or o.status != expected
+                                         or o.error.get("param") != o.shot.fault_param):
+            wrong.append(f"#{o.shot.index} {o.shot.kind}: HTTP {o.status} ({o.result}, param "
+                         f"{o.error.get('param')!r}), expected {expected} (param {o.shot.fault_param!r})")
         elif o.result == "disconnected" and o.shot.fault != DISCONNECT:
             wrong.append(f"#{o.shot.index}: disconnected without being asked to")
     counted = by_result["completed"] + by_result["error"] + by_result["disconnected"]
@@ -93,7 +95,7 @@ def accounting(outcomes: list[Outcome], sent: int) -> list[Check]:
               f"sent {sent}, completed {by_result['completed']}, errors {by_result['error']}, disconnected "
               f"{by_result['disconnected']}" + (f"; duplicate response ids {dup_ids[:3]}" if dup_ids else "")),
         Check("no lost, incomplete or malformed answers", not problems, _first(problems) or "none"),
-        Check("well-formed requests complete, bad ones get their typed 4xx", not wrong, _first(wrong) or "all"),
+        Check("well-formed requests complete, bad ones get their typed 4xx naming the field", not wrong, _first(wrong) or "all"),
     ]
 
 

@@ -24,18 +24,19 @@ SEEDS = (1, 2)
 DRAFTS = ("default", "named", "none")
 """How a request picks its draft: omits draft_model, names the server's draft, or sends "none"."""
 
-BAD_INPUTS: dict[str, tuple[int, str]] = {
-    "bad-json": (400, "a body that is not JSON"),
-    "missing-field": (400, "chat without messages / completion without prompt"),
-    "bad-temperature": (400, "temperature -1"),
-    "bad-max-tokens": (400, "max_tokens as a word"),
-    "bad-token-id": (400, "a token id outside the vocabulary (found by the engine)"),
-    "too-long": (400, "a prompt longer than the context (found by the engine)"),
-    "unknown-model": (404, "a model the server does not serve"),
-    "unknown-draft": (404, "a draft_model that does not exist"),
-    "no-key": (401, "no API key"),
+BAD_INPUTS: dict[str, tuple[int, str | None, str]] = {
+    "bad-json": (400, None, "a body that is not JSON"),
+    "missing-field": (400, "messages|prompt", "chat without messages / completion without prompt"),
+    "bad-temperature": (400, "temperature", "temperature -1"),
+    "bad-max-tokens": (400, "max_tokens", "max_tokens as a word"),
+    "bad-token-id": (400, "prompt", "a token id outside the vocabulary (found by the engine)"),
+    "too-long": (400, "prompt", "a prompt longer than the context (found by the engine)"),
+    "unknown-model": (404, "model", "a model the server does not serve"),
+    "unknown-draft": (404, "draft_model", "a draft_model that does not exist"),
+    "no-key": (401, None, "no API key"),
 }
-"""Malformed request kinds: the status each must get, and what it is."""
+"""Malformed request kinds: the status and error `param` each must get ("messages|prompt": the field the
+endpoint takes), and what it is."""
 DISCONNECT = "disconnect"
 """The fault of a stream the client closes after `cut` chunks."""
 
@@ -75,6 +76,14 @@ class Shot:
     def fault_status(self) -> int:
         """The HTTP status the request must get."""
         return BAD_INPUTS[self.fault][0] if self.fault in BAD_INPUTS else 200
+
+    @property
+    def fault_param(self) -> str | None:
+        """The `param` of the error a malformed request must get."""
+        param = BAD_INPUTS[self.fault][1] if self.fault in BAD_INPUTS else None
+        if param == "messages|prompt":
+            return "messages" if self.endpoint == "chat" else "prompt"
+        return param
 
     @property
     def key(self) -> tuple:
