@@ -70,8 +70,11 @@ class SoakOptions:
     """Share of malformed requests."""
     disconnect_share: float = 0.1
     """Share of requests that stream and are closed by the client mid-stream."""
-    warmup: int = 40
-    """Mixed requests sent before the baseline is taken (not counted)."""
+    warmup: int = 300
+    """Mixed requests sent before the baseline is taken (not counted): enough for the server's memory to reach
+    its working size (the KV cache's pages become resident as sequences first use them)."""
+    trace_every: int = 100
+    """Read the server's RSS every this many requests of the load (the JSON's rss_trace)."""
     settle: float = 10.0
     """Seconds to wait, at most, for descriptors and threads to come back down after the load."""
     rss_growth: float = 0.05
@@ -197,8 +200,8 @@ class SoakResult:
     """The server's RSS, fds and threads after the warm-up."""
     after: dict
     """The same after the load."""
-    peak_rss_kib: int
-    """Largest RSS seen while the load ran."""
+    rss_trace: list[list[int]]
+    """[requests answered, RSS KiB] every --trace-every requests of the load."""
     seconds: float
     """Wall time of the load."""
     checks: list[dict]
@@ -224,7 +227,7 @@ def _paths(opts: SoakOptions) -> tuple[Path, Path]:
 
 
 def _check_options(opts: SoakOptions) -> None:
-    for name in ("requests", "concurrency", "parallel", "ctx_size", "max_tokens"):
+    for name in ("requests", "concurrency", "parallel", "ctx_size", "max_tokens", "trace_every"):
         if getattr(opts, name) < 1:
             raise BadInputError(f"--{name.replace('_', '-')} must be at least 1", "pass a whole number >= 1")
     for name in ("bad_share", "disconnect_share"):
@@ -257,22 +260,21 @@ def run_soak(opts: SoakOptions, log: Callable[[str], None] = lambda _s: None) ->
         before = scrape(url)
         log(f"baseline {baseline}; load: {len(shots)} requests from {opts.concurrency} clients, --parallel "
             f"{opts.parallel}")
-        peak = [baseline.rss_kib]
+        trace = [[0, baseline.rss_kib]]
         done = Counter[str]()
 
         def progress(o: Outcome) -> None:
             done[o.result] += 1
             n = sum(done.values())
-            if n % 250 == 0:
-                peak[0] = max(peak[0], ProcSample.of(server.pid).rss_kib)
-                log(f"{n}/{len(shots)}: {dict(done)}")
+            if n % opts.trace_every == 0:
+                trace.append([n, ProcSample.of(server.pid).rss_kib])
+                log(f"{n}/{len(shots)}: {dict(done)}, RSS {trace[-1][1] / 1024:.1f} MiB")
         t0 = time.perf_counter()
         outcomes = run_load(url, shots, opts.concurrency, draft_id, n_ctx, progress)
         seconds = time.perf_counter() - t0
         after = settle(server.pid, baseline, opts.settle)
         scraped = scrape(url)
         replayed = alone(url, keys, draft_id, n_ctx)
-        peak[0] = max(peak[0], after.rss_kib)
     finally:
         server.close()
     prompt_tokens = {k: o.prompt_tokens for k, o in expected.items() if o.result == "completed"}
@@ -280,7 +282,7 @@ def run_soak(opts: SoakOptions, log: Callable[[str], None] = lambda _s: None) ->
                            *resources(baseline, after, opts.rss_growth if opts.rss_growth >= 0 else None),
                            *metrics(outcomes, before, scraped, prompt_tokens)]
     result = SoakResult(asdict(opts), server.cmd, _counts(outcomes), _statuses(outcomes), asdict(baseline),
-                        asdict(after), peak[0], round(seconds, 2), [asdict(c) for c in checks])
+                        asdict(after), trace, round(seconds, 2), [asdict(c) for c in checks])
     out.write_text(json.dumps(asdict(result), indent=1))
     return result
 
@@ -312,8 +314,9 @@ def table(result: SoakResult) -> str:
     rows.append(f"| **all** | {total['sent']} | {total['greedy']} | {total['seeded']} | {total['completed']} | "
                 f"{total['disconnected']} | {sum(v for k, v in total.items() if k.startswith('HTTP'))} |")
     b, a = result.baseline, result.after
+    peak = max([a["rss_kib"], *(r for _, r in result.rss_trace)])
     rows += ["", "| server process | after warm-up | after the load |", "|---|---:|---:|",
-             f"| RSS MiB | {b['rss_kib'] / 1024:.1f} | {a['rss_kib'] / 1024:.1f} (peak {result.peak_rss_kib / 1024:.1f}) |",
+             f"| RSS MiB | {b['rss_kib'] / 1024:.1f} | {a['rss_kib'] / 1024:.1f} (peak {peak / 1024:.1f}) |",
              f"| open fds | {b['fds']} | {a['fds']} |", f"| threads | {b['threads']} | {a['threads']} |",
              "", "| check | | detail |", "|---|---|---|"]
     rows += [f"| {c['name']} | {'ok' if c['ok'] else '**FAILED**'} | {c['detail']} |" for c in result.checks]
