@@ -3,13 +3,14 @@ clients, then a check that nothing was lost, leaked or miscounted.
 
 The traffic (tandem.benchmarks.soak_plan, drawn from --seed): chat and completions, streamed and whole, greedy
 and seeded, with the server's draft, with it named in draft_model, and with draft_model "none"; a share of
-malformed requests (each must get its typed 4xx with OpenAI's error body) and of streams the client closes
-after a random number of chunks. Before the load, a warm-up, then every distinct deterministic request alone
-(the expected texts); after it, the same requests alone again. The checks (tandem.benchmarks.soak_checks):
-every request answered exactly once (completed, typed error, or the client's disconnect); greedy and seeded
-texts under load equal to the request alone; the server's open descriptors and threads back to their level
-after the warm-up and its RSS grown less than --rss-growth; /metrics counts equal to the client's. Prints a
-table and the checks, writes every number to --out (JSON), and exits 1 when a check fails.
+malformed requests (each must get its typed 4xx with OpenAI's error body naming the field), of streams the
+client closes after a random number of chunks, and of long whole requests the client stops waiting for.
+Before the load, a warm-up, then every distinct deterministic request alone (the expected texts); after it,
+the same requests alone again. The checks (tandem.benchmarks.soak_checks): every request answered exactly
+once (completed, typed error, or the client's own disconnect); greedy and seeded texts under load equal to
+the request alone; the server's open descriptors and threads back to their level after the warm-up and its
+RSS grown less than --rss-growth; /metrics counts equal to the client's. Prints a table and the checks,
+writes every number to --out (JSON), and exits 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import httpx
 
-from tandem.benchmarks.soak_checks import Check, ProcSample, accounting, metrics, resources, same_text, scrape
+from tandem.benchmarks.soak_checks import (Check, ProcSample, accounting, metrics, prompt_sizes, resources, same_text,
+                                           scrape)
 from tandem.benchmarks.soak_plan import Outcome, Shot, make_plan, send
 from tandem.cli.options import add_options, build
 from tandem.errors import BadInputError, EngineError
@@ -69,7 +71,8 @@ class SoakOptions:
     bad_share: float = 0.1
     """Share of malformed requests."""
     disconnect_share: float = 0.1
-    """Share of requests that stream and are closed by the client mid-stream."""
+    """Share of requests that stream and are closed by the client mid-stream; about half as many long whole
+    requests are abandoned by their client after a moment."""
     warmup: int = 300
     """Mixed requests sent before the baseline is taken (not counted): enough for the server's memory to reach
     its working size (the KV cache's pages become resident as sequences first use them)."""
@@ -193,7 +196,7 @@ class SoakResult:
     server: list[str]
     """The server's command line."""
     counts: dict[str, dict[str, int]]
-    """By request kind: sent, completed, disconnected, and errors by HTTP status."""
+    """By request kind: sent, greedy, seeded, completed, disconnected, abandoned, and errors by HTTP status."""
     statuses: dict[str, int]
     """Requests by HTTP status (lost: none)."""
     baseline: dict
@@ -242,9 +245,9 @@ def run_soak(opts: SoakOptions, log: Callable[[str], None] = lambda _s: None) ->
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     shots = make_plan(opts.requests, opts.seed, max_tokens=opts.max_tokens, bad_share=opts.bad_share,
-                      disconnect_share=opts.disconnect_share)
+                      disconnect_share=opts.disconnect_share, long_tokens=opts.ctx_size // 2)
     warm = make_plan(opts.warmup, opts.seed + 1, max_tokens=opts.max_tokens, bad_share=opts.bad_share,
-                     disconnect_share=opts.disconnect_share)
+                     disconnect_share=opts.disconnect_share, long_tokens=opts.ctx_size // 2)
     server = SoakServer(opts, main, draft, out.with_suffix(".server.log"))
     try:
         url = server.wait_ready()
@@ -253,7 +256,7 @@ def run_soak(opts: SoakOptions, log: Callable[[str], None] = lambda _s: None) ->
         n_ctx = opts.ctx_size
         log(f"server {url} (pid {server.pid}), draft {draft_id}; warm-up: {len(warm)} requests")
         run_load(url, warm, opts.concurrency, draft_id, n_ctx)
-        keys = {s.key: s for s in shots if s.well_formed}
+        keys = {s.key: s for s in shots if s.compared}
         log(f"{len(keys)} distinct requests alone")
         expected = alone(url, keys, draft_id, n_ctx)
         baseline = ProcSample.of(server.pid)
@@ -277,7 +280,7 @@ def run_soak(opts: SoakOptions, log: Callable[[str], None] = lambda _s: None) ->
         replayed = alone(url, keys, draft_id, n_ctx)
     finally:
         server.close()
-    prompt_tokens = {k: o.prompt_tokens for k, o in expected.items() if o.result == "completed"}
+    prompt_tokens = prompt_sizes(expected)
     checks: list[Check] = [*accounting(outcomes, len(shots)), *same_text(outcomes, expected, replayed),
                            *resources(baseline, after, opts.rss_growth if opts.rss_growth >= 0 else None),
                            *metrics(outcomes, before, scraped, prompt_tokens)]
@@ -303,16 +306,16 @@ def _statuses(outcomes: list[Outcome]) -> dict[str, int]:
 
 def table(result: SoakResult) -> str:
     """The counts by kind, the resources, and the checks, as Markdown."""
-    rows = ["| requests | sent | greedy | seeded | completed | disconnected | errors |", "|---|---:|---:|---:|---:|---:|---|"]
+    rows = ["| requests | sent | greedy | seeded | completed | client left | errors |", "|---|---:|---:|---:|---:|---:|---|"]
     total: Counter = Counter()
     for kind, c in result.counts.items():
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(c.items()) if k.startswith("HTTP"))
         others = ", ".join(f"{k}: {v}" for k, v in c.items() if k in ("lost", "incomplete", "malformed"))
         rows.append(f"| {kind} | {c['sent']} | {c.get('greedy', 0)} | {c.get('seeded', 0)} | {c.get('completed', 0)} "
-                    f"| {c.get('disconnected', 0)} | {', '.join(x for x in (errors, others) if x) or '-'} |")
+                    f"| {c.get('disconnected', 0) + c.get('abandoned', 0)} | {', '.join(x for x in (errors, others) if x) or '-'} |")
         total.update(c)
     rows.append(f"| **all** | {total['sent']} | {total['greedy']} | {total['seeded']} | {total['completed']} | "
-                f"{total['disconnected']} | {sum(v for k, v in total.items() if k.startswith('HTTP'))} |")
+                f"{total['disconnected'] + total['abandoned']} | {sum(v for k, v in total.items() if k.startswith('HTTP'))} |")
     b, a = result.baseline, result.after
     peak = max([a["rss_kib"], *(r for _, r in result.rss_trace)])
     rows += ["", "| server process | after warm-up | after the load |", "|---|---:|---:|",

@@ -39,6 +39,10 @@ BAD_INPUTS: dict[str, tuple[int, str | None, str]] = {
 endpoint takes), and what it is."""
 DISCONNECT = "disconnect"
 """The fault of a stream the client closes after `cut` chunks."""
+ABANDON = "abandon"
+"""The fault of a whole (not streamed) long request the client stops waiting for after ABANDON_AFTER seconds."""
+ABANDON_AFTER = 0.2
+"""Seconds an abandoning client waits for its answer before closing the connection."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class Shot:
     seed: int | None
     """None: greedy (temperature 0); else temperature 0.8 with this seed."""
     fault: str | None = None
-    """None, a key of BAD_INPUTS, or DISCONNECT."""
+    """None, a key of BAD_INPUTS, DISCONNECT or ABANDON."""
     cut: int = 0
     """DISCONNECT: content chunks read before closing the connection."""
 
@@ -70,7 +74,12 @@ class Shot:
 
     @property
     def well_formed(self) -> bool:
-        return self.fault is None or self.fault == DISCONNECT
+        return self.fault in (None, DISCONNECT, ABANDON)
+
+    @property
+    def compared(self) -> bool:
+        """Whether its text is compared with the same request alone (abandoned ones rarely have a text)."""
+        return self.fault in (None, DISCONNECT)
 
     @property
     def fault_status(self) -> int:
@@ -93,10 +102,12 @@ class Shot:
     @property
     def kind(self) -> str:
         """The row of the soak's table this request counts in."""
-        if self.fault is not None and self.fault != DISCONNECT:
+        if self.fault in BAD_INPUTS:
             return f"bad: {self.fault}"
         if self.fault == DISCONNECT:
             return f"{self.endpoint} stream, disconnect"
+        if self.fault == ABANDON:
+            return f"{self.endpoint}, abandoned"
         return f"{self.endpoint}{' stream' if self.stream else ''}"
 
     def as_replay(self) -> Shot:
@@ -104,8 +115,9 @@ class Shot:
         return Shot(self.index, self.endpoint, False, self.prompt, self.max_tokens, self.draft, self.seed)
 
 
-def make_plan(n: int, seed: int, *, max_tokens: int, bad_share: float, disconnect_share: float) -> list[Shot]:
-    """n Shots drawn from `seed` (the same seed, the same plan)."""
+def make_plan(n: int, seed: int, *, max_tokens: int, bad_share: float, disconnect_share: float,
+              long_tokens: int = 256) -> list[Shot]:
+    """n Shots drawn from `seed` (the same seed, the same plan); abandoned requests ask for `long_tokens`."""
     rng = random.Random(seed)
     sizes = sorted({max(1, max_tokens // 3), max_tokens})
     shots = []
@@ -121,6 +133,8 @@ def make_plan(n: int, seed: int, *, max_tokens: int, bad_share: float, disconnec
             fault = rng.choice(sorted(BAD_INPUTS))
         elif stream and size > 2 and rng.random() < disconnect_share * 2:  # half the requests stream
             fault, cut = DISCONNECT, rng.randint(1, size // 2)
+        elif not stream and rng.random() < disconnect_share:
+            fault, size = ABANDON, long_tokens
         shots.append(Shot(i, endpoint, stream, rng.randrange(len(PROMPTS)), size, draft, seed_, fault, cut))
     return shots
 
@@ -175,7 +189,8 @@ class Outcome:
     shot: Shot
     """The request."""
     result: str
-    """completed, error (a typed error body), disconnected (the client closed the stream), or a problem:
+    """completed, error (a typed error body), disconnected (the client closed the stream), abandoned (the client
+    stopped waiting for a whole answer; completed when it came first), or a problem:
     lost (no HTTP answer), incomplete (a stream that ended without [DONE]), malformed (an answer that is not
     OpenAI's shape)."""
     status: int | None = None
@@ -224,6 +239,12 @@ def send(client: httpx.Client, shot: Shot, draft_id: str | None, n_ctx: int) -> 
     kw = {"content": body, "headers": {"Content-Type": "application/json", **headers}} if isinstance(body, bytes) \
         else {"json": body, "headers": headers}
     try:
+        if shot.fault == ABANDON:
+            try:
+                r = client.post(path, timeout=httpx.Timeout(300, read=ABANDON_AFTER), **kw)
+            except httpx.ReadTimeout:
+                return Outcome(shot, "abandoned", None, path)
+            return _whole(shot, path, r)
         if not shot.stream:
             r = client.post(path, **kw)
             return _whole(shot, path, r)
