@@ -30,8 +30,8 @@ from pathlib import Path
 
 import httpx
 
-from tandem.benchmarks.soak_checks import (Check, ProcSample, accounting, metrics, prompt_sizes, resources, same_text,
-                                           scrape)
+from tandem.benchmarks.soak_checks import (Check, ProcSample, Scrape, accounting, delta, metrics, prompt_sizes,
+                                           resources, same_text, scrape)
 from tandem.benchmarks.soak_plan import Outcome, Shot, make_plan, send
 from tandem.cli.options import add_options, build
 from tandem.errors import BadInputError, EngineError
@@ -74,12 +74,13 @@ class SoakOptions:
     """Share of requests that stream and are closed by the client mid-stream; about half as many long whole
     requests are abandoned by their client after a moment."""
     warmup: int = 300
-    """Mixed requests sent before the baseline is taken (not counted): enough for the server's memory to reach
-    its working size (the KV cache's pages become resident as sequences first use them)."""
+    """Mixed requests sent before the baseline is taken (not counted), then two long ones per sequence at once:
+    enough for the server's memory to reach its working size."""
     trace_every: int = 100
     """Read the server's RSS every this many requests of the load (the JSON's rss_trace)."""
     settle: float = 10.0
-    """Seconds to wait, at most, for descriptors and threads to come back down after the load."""
+    """Seconds to wait, at most, for the server to count every request and go idle after the load, and again
+    for its descriptors and threads to come back down."""
     rss_growth: float = 0.05
     """Most relative RSS growth from after the warm-up to after the load; a negative value skips the check."""
     out: str = "bench/out/soak.json"
@@ -177,6 +178,29 @@ def alone(url: str, keys: dict[tuple, Shot], draft_id: str | None, n_ctx: int) -
         return {k: send(c, shot.as_replay(), draft_id, n_ctx) for k, shot in keys.items()}
 
 
+def quiesce(url: str, before: Scrape, sent: int, seconds: float) -> Scrape:
+    """/metrics once the server has counted `sent` more /v1 requests and runs and queues nothing, or after
+    `seconds`. A client that left is done before the server is: its handler notices within a poll, and the
+    engine stops the generation at its next step."""
+    deadline = time.monotonic() + seconds
+    while True:
+        now = scrape(url)
+        counted = sum(v - before.get((n, labels), 0.0) for (n, labels), v in now.items()
+                      if n == "tandem_requests_total" and dict(labels)["endpoint"].startswith("/v1/"))
+        busy = delta({}, now, "tandem_requests_running") + delta({}, now, "tandem_queue_depth")
+        if (counted >= sent and not busy) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.2)
+
+
+def fill(url: str, opts: SoakOptions, draft_id: str | None) -> None:
+    """Long requests on every sequence at once, with the draft and without: the largest batches the load can
+    make, so that the allocator's high-water mark is reached before the baseline."""
+    long = [Shot(i, "completion", False, i % 2, opts.ctx_size // 2, "named" if i % 2 else "none", None)
+            for i in range(2 * opts.parallel)]
+    run_load(url, long, opts.parallel, draft_id, opts.ctx_size)
+
+
 def settle(pid: int, baseline: ProcSample, seconds: float) -> ProcSample:
     """The process's resources once descriptors and threads are back to the baseline, or after `seconds`."""
     deadline = time.monotonic() + seconds
@@ -256,6 +280,7 @@ def run_soak(opts: SoakOptions, log: Callable[[str], None] = lambda _s: None) ->
         n_ctx = opts.ctx_size
         log(f"server {url} (pid {server.pid}), draft {draft_id}; warm-up: {len(warm)} requests")
         run_load(url, warm, opts.concurrency, draft_id, n_ctx)
+        fill(url, opts, draft_id)
         keys = {s.key: s for s in shots if s.compared}
         log(f"{len(keys)} distinct requests alone")
         expected = alone(url, keys, draft_id, n_ctx)
@@ -275,8 +300,8 @@ def run_soak(opts: SoakOptions, log: Callable[[str], None] = lambda _s: None) ->
         t0 = time.perf_counter()
         outcomes = run_load(url, shots, opts.concurrency, draft_id, n_ctx, progress)
         seconds = time.perf_counter() - t0
+        scraped = quiesce(url, before, len(shots), opts.settle)
         after = settle(server.pid, baseline, opts.settle)
-        scraped = scrape(url)
         replayed = alone(url, keys, draft_id, n_ctx)
     finally:
         server.close()
