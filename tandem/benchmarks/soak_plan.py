@@ -254,6 +254,8 @@ def send(client: httpx.Client, shot: Shot, draft_id: str | None, n_ctx: int) -> 
             return _events(shot, path, r)
     except httpx.HTTPError as e:
         return Outcome(shot, "lost", None, path, detail=f"{type(e).__name__}: {e}")
+    except ValueError as e:  # a body or event that is not JSON
+        return Outcome(shot, "malformed", None, path, detail=f"{type(e).__name__}: {e}")
 
 
 def _whole(shot: Shot, path: str, r: httpx.Response) -> Outcome:
