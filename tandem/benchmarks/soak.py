@@ -35,6 +35,8 @@ from tandem.benchmarks.soak_checks import (Check, ProcSample, Scrape, accounting
 from tandem.benchmarks.soak_plan import Outcome, Shot, make_plan, send
 from tandem.cli.options import add_options, build
 from tandem.errors import BadInputError, EngineError
+from tandem.models.defaults import default_pair, draft_path
+from tandem.testing.tiny import build_fixture_set
 
 HELP = "a soak with faults: thousands of mixed requests, then checks for lost requests, leaks and metrics"
 """One line for `tandem bench --help`."""
@@ -241,10 +243,8 @@ class SoakResult:
 
 def _paths(opts: SoakOptions) -> tuple[Path, Path]:
     if opts.tiny:
-        from tandem.testing.tiny import build_fixture_set  # only the --tiny soak needs the gguf writer
         fx = build_fixture_set(Path(opts.tiny))
         return Path(opts.model or fx["main"]), Path(opts.draft or fx["draft_close"])
-    from tandem.models.defaults import default_pair, draft_path
     main = Path(opts.model) if opts.model else default_pair().main
     draft = Path(opts.draft) if opts.draft else draft_path()
     for flag, path in (("--model", main), ("--draft", draft)):
