@@ -56,8 +56,8 @@ def test_the_plan_is_drawn_from_the_seed_and_mixes_every_fault():
 
 
 def _done(shot, **kw) -> Outcome:
-    return Outcome(shot, "completed", 200, shot.path, "text", "length", 3, shot.max_tokens, response_id=f"id{shot.index}",
-                   **kw)
+    return Outcome(shot, "completed", 200, shot.path, "text", "length", 3, shot.max_tokens,
+                   response_id=f"id{shot.index}", **kw)
 
 
 def test_the_checks_catch_lost_duplicated_and_miscounted_requests():

@@ -331,16 +331,19 @@ def _statuses(outcomes: list[Outcome]) -> dict[str, int]:
 
 def table(result: SoakResult) -> str:
     """The counts by kind, the resources, and the checks, as Markdown."""
-    rows = ["| requests | sent | greedy | seeded | completed | client left | errors |", "|---|---:|---:|---:|---:|---:|---|"]
+    rows = ["| requests | sent | greedy | seeded | completed | client left | errors |",
+            "|---|---:|---:|---:|---:|---:|---|"]
     total: Counter = Counter()
     for kind, c in result.counts.items():
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(c.items()) if k.startswith("HTTP"))
         others = ", ".join(f"{k}: {v}" for k, v in c.items() if k in ("lost", "incomplete", "malformed"))
+        left = c.get("disconnected", 0) + c.get("abandoned", 0)
         rows.append(f"| {kind} | {c['sent']} | {c.get('greedy', 0)} | {c.get('seeded', 0)} | {c.get('completed', 0)} "
-                    f"| {c.get('disconnected', 0) + c.get('abandoned', 0)} | {', '.join(x for x in (errors, others) if x) or '-'} |")
+                    f"| {left} | {', '.join(x for x in (errors, others) if x) or '-'} |")
         total.update(c)
+    errors = sum(v for k, v in total.items() if k.startswith("HTTP"))
     rows.append(f"| **all** | {total['sent']} | {total['greedy']} | {total['seeded']} | {total['completed']} | "
-                f"{total['disconnected'] + total['abandoned']} | {sum(v for k, v in total.items() if k.startswith('HTTP'))} |")
+                f"{total['disconnected'] + total['abandoned']} | {errors} |")
     b, a = result.baseline, result.after
     peak = max([a["rss_kib"], *(r for _, r in result.rss_trace)])
     rows += ["", "| server process | after warm-up | after the load |", "|---|---:|---:|",

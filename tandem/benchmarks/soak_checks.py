@@ -95,9 +95,11 @@ def accounting(outcomes: list[Outcome], sent: int) -> list[Check]:
         Check("every request answered once", len(outcomes) == sent and set(indices) == set(range(sent))
               and max(indices.values(), default=1) == 1 and counted == sent and not dup_ids,
               f"sent {sent}, completed {by_result['completed']}, errors {by_result['error']}, disconnected "
-              f"{by_result['disconnected']}, abandoned {by_result['abandoned']}" + (f"; duplicate response ids {dup_ids[:3]}" if dup_ids else "")),
+              f"{by_result['disconnected']}, abandoned {by_result['abandoned']}"
+              + (f"; duplicate response ids {dup_ids[:3]}" if dup_ids else "")),
         Check("no lost, incomplete or malformed answers", not problems, _first(problems) or "none"),
-        Check("well-formed requests complete, bad ones get their typed 4xx naming the field", not wrong, _first(wrong) or "all"),
+        Check("well-formed requests complete, bad ones get their typed 4xx naming the field", not wrong,
+              _first(wrong) or "all"),
     ]
 
 
