@@ -203,6 +203,20 @@ def fill(url: str, opts: SoakOptions, draft_id: str | None) -> None:
     run_load(url, long, opts.parallel, draft_id, opts.ctx_size)
 
 
+def steady(pid: int, seconds: float) -> ProcSample:
+    """The process's resources once its descriptors and threads held still for a second (the server closes the
+    connections of clients that just left a moment later), or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    last, since = ProcSample.of(pid), time.monotonic()
+    while time.monotonic() - since < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = ProcSample.of(pid)
+        if (now.fds, now.threads) != (last.fds, last.threads):
+            since = time.monotonic()
+        last = now
+    return last
+
+
 def settle(pid: int, baseline: ProcSample, seconds: float) -> ProcSample:
     """The process's resources once descriptors and threads are back to the baseline, or after `seconds`."""
     deadline = time.monotonic() + seconds
@@ -284,7 +298,7 @@ def run_soak(opts: SoakOptions, log: Callable[[str], None] = lambda _s: None) ->
         keys = {s.key: s for s in shots if s.compared}
         log(f"{len(keys)} distinct requests alone")
         expected = alone(url, keys, draft_id, n_ctx)
-        baseline = ProcSample.of(server.pid)
+        baseline = steady(server.pid, opts.settle)
         before = scrape(url)
         log(f"baseline {baseline}; load: {len(shots)} requests from {opts.concurrency} clients, --parallel "
             f"{opts.parallel}")
