@@ -124,6 +124,22 @@ def test_compatibility_survives_a_restart_without_parsing(tiny, tmp_path):
     assert reg.parsed == 0  # vocabularies came from the store
 
 
+def test_a_rescan_keeps_the_loaded_vocabularies_of_the_models_still_listed(tiny, tmp_path):
+    """A rescan (every request naming an unknown model or draft makes one) does not load each vocabulary again
+    to list the compatible drafts."""
+    models = link_models(tiny, tmp_path / "models", names=("main", "draft_small", "different_vocab"))
+    config = RegistryConfig(models_dir=models, index_dir=tmp_path / "index", builtin=False)
+    first = Registry.scan(config)
+    drafts = [d.id for d in first.compatible_drafts(first.find("main"))]
+    (models / "different_vocab.gguf").unlink()
+    again = Registry.scan(config, previous=first)
+    main = again.find("main")
+    assert again.vocab(main) is first.vocab(first.find("main"))
+    assert [d.id for d in again.compatible_drafts(main)] == drafts == ["draft_small"]
+    gone = first.find("different_vocab").facts.vocab_fingerprint
+    assert gone not in again._vocabs  # noqa: SLF001 - what a rescan keeps is the point of this test
+
+
 def test_broken_files_are_reported_not_listed(tiny, tmp_path):
     models = link_models(tiny, tmp_path / "models", names=("main",))
     (models / "notes.gguf").write_text("not a model")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -162,3 +163,25 @@ def test_held_back_text_is_streamed_at_the_end(server):
     for c in chunks[1:]:
         choice = c["choices"][0]
         assert "".join(s["text"] for s in choice["token_sources"]) == (choice["delta"].get("content") or "")
+
+
+def test_requests_take_no_worker_threads(server):
+    """Concurrent keyed requests, streamed and whole, leave the process with the threads it had: the key check
+    and the stream's cleanup run on the event loop, not on a worker pool that grows a thread per request at once
+    and keeps them."""
+
+    def one(i: int) -> None:
+        body = {"messages": HELLO, "max_tokens": 8, "temperature": 0, "stream": i % 2 == 0}
+        with client(server) as c:
+            r = c.post(CHAT, json=body)
+        assert r.status_code == 200, r.text
+    one(0)
+    one(1)
+    before = {t.ident for t in threading.enumerate()}
+    workers = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(60)
+    left = [t.name for t in threading.enumerate() if t.ident not in before]
+    assert left == [], f"threads started by the requests and still alive: {left}"

@@ -42,7 +42,8 @@ class Library:
 
     def rescan(self) -> Library:
         """A fresh snapshot of the same folders (new files appear, removed ones go), same settings file."""
-        return Library(Registry.scan(self.registry.config), SettingsFile.load(self.settings.path))
+        return Library(Registry.scan(self.registry.config, previous=self.registry),
+                       SettingsFile.load(self.settings.path))
 
     # -- defaults -------------------------------------------------------------------------------------
     def settings_for(self, main: ModelEntry | None) -> ModelSettings:

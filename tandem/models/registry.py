@@ -133,8 +133,10 @@ class Registry:
         self._reasons: dict[tuple[str, str], str | None] = {}
 
     @classmethod
-    def scan(cls, config: RegistryConfig | None = None) -> Registry:
-        """Scan the models folder, the built-ins and the extra paths, parsing only new or changed files."""
+    def scan(cls, config: RegistryConfig | None = None, *, previous: Registry | None = None) -> Registry:
+        """Scan the models folder, the built-ins and the extra paths, parsing only new or changed files. The
+        vocabularies and compatibility verdicts `previous` (an earlier scan) holds are kept for the models still
+        listed: they are keyed by vocabulary fingerprint, so a rescan need not load them again."""
         config = config or RegistryConfig()
         index = _Index(config.index_dir)
         found: list[tuple[Path, str]] = []
@@ -161,8 +163,13 @@ class Registry:
             entries.append((path, origin, size, facts))
         index.save()
         ids = _ids([(p, o) for p, o, _s, _f in entries], config.models_dir)
-        return cls(config, [ModelEntry(i, p, o, s, f) for i, (p, o, s, f) in zip(ids, entries)],
-                   broken=broken, parsed=index.parsed, index=index)
+        out = cls(config, [ModelEntry(i, p, o, s, f) for i, (p, o, s, f) in zip(ids, entries)],
+                  broken=broken, parsed=index.parsed, index=index)
+        if previous is not None:
+            fps = {e.facts.vocab_fingerprint for e in out.entries}
+            out._vocabs = {fp: v for fp, v in previous._vocabs.items() if fp in fps}
+            out._reasons = {k: r for k, r in previous._reasons.items() if k[0] in fps and k[1] in fps}
+        return out
 
     # -- lookup ---------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[ModelEntry]:

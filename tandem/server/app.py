@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -116,6 +117,11 @@ async def _stream(handle: JobHandle, first: list, builder: Builder, include_usag
         handle.cancel()
 
 
+async def _cancel(handle: JobHandle) -> None:
+    """The streaming response's background task (async: a sync one would run on a worker thread)."""
+    handle.cancel()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Target:
     """The models one request resolved to."""
@@ -147,12 +153,19 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
                     load_model=directory.load if directory else None,
                     model_id=directory.model_id if directory else None,
                     max_loaded=options.max_loaded_models, ttl=options.ttl, max_queue=options.max_queue)
+    # Registry lookups and rescans read the models folder: off the event loop, on one thread of the app's own
+    # (a shared pool would grow a thread per concurrent request and keep them), which also serializes rescans.
+    registry_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-registry")
+
+    async def off_loop(fn: Callable, *args: object):
+        return await asyncio.get_running_loop().run_in_executor(registry_thread, fn, *args)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
         await asyncio.to_thread(engine.stop)
+        registry_thread.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="Tandem", description="OpenAI-compatible API with lossless speculative decoding",
                   lifespan=lifespan)
@@ -160,7 +173,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
     install_error_handlers(app)
     app.add_middleware(_RequestMetrics, metrics=metrics)
 
-    def require_key(request: Request) -> None:
+    async def require_key(request: Request) -> None:  # async: a sync dependency would take a worker thread
         check_api_key(request, options.api_key)
 
     def ready_model() -> ModelInfo:
@@ -175,7 +188,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         if directory is None:
             _check_model(req.model, info)
             return _Target(info.id, None, req.draft_model, None, spec)
-        entry = await asyncio.to_thread(directory.main, req.model) if req.model else directory.entry_of(info)
+        entry = await off_loop(directory.main, req.model) if req.model else directory.entry_of(info)
         if entry is None:  # the startup model is not in the registry (it always is when `tandem serve` runs)
             return _Target(info.id, None, req.draft_model, None, spec)
         is_default = entry.path == Path(info.path)
@@ -183,7 +196,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         loaded = next((i for i in st.loaded if Path(i.path) == entry.path), info if is_default else None)
         draft_model, draft_path = req.draft_model, None
         if req.draft_model is not None:
-            draft_path = await asyncio.to_thread(directory.draft, entry, req.draft_model, loaded)
+            draft_path = await off_loop(directory.draft, entry, req.draft_model, loaded)
             if draft_path is None and req.draft_model.lower() != "none":
                 draft_model = None  # the draft the model is loaded with
         model_spec = spec if is_default else directory.options_for(entry)[1]
@@ -209,7 +222,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         if req.stream:
             return StreamingResponse(_stream(handle, first, builder, req.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                                     background=BackgroundTask(handle.cancel))
+                                     background=BackgroundTask(_cancel, handle))
         events = first
         try:
             while not isinstance(events[-1], Done):
@@ -244,7 +257,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
     async def models() -> dict:
         info = ready_model()
         if directory is not None:
-            await asyncio.to_thread(directory.rescan)
+            await off_loop(directory.rescan)
             return directory.openai_list(engine.status)
         card = ModelCard(id=info.id, created=info.created, path=info.path, n_ctx=info.n_ctx,
                          draft_model=info.draft_model, speculative=info.draft_model is not None)
@@ -260,7 +273,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         info = ready_model()
         if directory is None:
             return {"object": "list", "data": [_lmstudio_loaded(info)]}
-        await asyncio.to_thread(directory.rescan)
+        await off_loop(directory.rescan)
         return directory.lmstudio_list(engine.status)
 
     @lms.get("/models/{model_id:path}")
@@ -269,7 +282,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         if directory is None:
             _check_model(model_id, info)
             return _lmstudio_loaded(info)
-        entry = await asyncio.to_thread(directory.main, model_id)
+        entry = await off_loop(directory.main, model_id)
         loaded = next((i for i in engine.status.loaded if Path(i.path) == entry.path), None)
         return directory.lmstudio_model(entry, loaded)
 

@@ -119,6 +119,8 @@ class _Job:
         self.submitted = time.perf_counter()
 
     def put(self, ev: Event | TandemError) -> None:
+        if isinstance(ev, TandemError) and ev.param == "messages" and self.spec.messages is None:
+            ev.param = "prompt"  # the engine's errors name the chat field; a text completion sent `prompt`
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
         except RuntimeError:  # the handler's loop is closed: nobody is listening any more
