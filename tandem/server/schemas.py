@@ -3,18 +3,27 @@
 Requests are strict (no "10" for an int, no 1 for a bool), ignore unknown fields, and reject values
 of known fields that Tandem does not support (n != 1, logprobs, penalties, tools, ...) with a 400.
 Responses are dumped with `exclude_unset`, so optional extensions (token_sources) appear only when set.
+
+The JSON schemas of the request models are what GET /openapi.json publishes (see tandem.server.openapi). Where
+a validator refuses values the field's type allows (n != 1, a penalty other than 0), the field carries the
+narrower schema (`_schema`), so the published schema accepts exactly what the server accepts, field by field.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from tandem.chat import ROLES
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 assert set(Role.__args__) == set(ROLES)  # type: ignore[attr-defined]
+
+
+def _schema(*allowed: dict[str, Any]) -> WithJsonSchema:
+    """The published JSON schema of a field: any of `allowed`, or null."""
+    return WithJsonSchema({"anyOf": [*allowed, {"type": "null"}]})
 
 
 class _Strict(BaseModel):
@@ -24,6 +33,8 @@ class _Strict(BaseModel):
 class ContentPart(_Strict):
     """One part of a message's content; only text parts are supported."""
 
+    model_config = ConfigDict(json_schema_extra={"properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                                                 "required": ["type", "text"]})
     type: str
     text: str | None = None
 
@@ -35,15 +46,34 @@ class ContentPart(_Strict):
         return self
 
 
+def _content_schema(schema: dict[str, Any]) -> None:
+    """A message's published content: a string or a non-empty list of parts (null is refused)."""
+    schema["anyOf"] = [s for s in schema["anyOf"] if s.get("type") != "null"]
+    for s in schema["anyOf"]:
+        if s.get("type") == "array":
+            s["minItems"] = 1
+    schema.pop("default", None)
+
+
 class ChatMessage(_Strict):
+    """One chat message. docs/api.md ("Messages OpenAI refuses") lists what is refused, and why."""
+
+    model_config = ConfigDict(json_schema_extra={"required": ["role", "content"]})
     role: Role
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart] | None = Field(None, json_schema_extra=_content_schema)
+    name: str | None = None
+    tool_call_id: str | None = None
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:
         # OpenAI refuses a message without content (only an assistant message with tool calls may omit it)
         if self.content is None:
             raise ValueError(f"a {self.role} message needs content: a string or a list of text parts, not null")
+        if isinstance(self.content, list) and not self.content:
+            raise ValueError(f"a {self.role} message has an empty list of content parts; send at least one text "
+                             "part, or a string")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id: the id of the tool call it answers")
         return self
 
     def text(self) -> str:
@@ -66,10 +96,11 @@ class _GenRequest(_Strict):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None,
+                    _schema({"type": "string"}, {"type": "array", "maxItems": 16, "items": {"type": "string"}})] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = None
+    n: Annotated[int | None, _schema({"const": 1})] = None
     # Tandem extensions.
     draft_model: str | None = Field(None, min_length=1)
     draft_max: int | None = Field(None, ge=0, le=64)
@@ -79,10 +110,10 @@ class _GenRequest(_Strict):
     return_token_sources: bool = False
     cache_prompt: bool | None = None  # llama-server's name: false decodes the whole prompt again
     # Known OpenAI fields whose non-default values are not supported (checked in _unsupported).
-    logprobs: Any = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
+    logprobs: Annotated[Any, WithJsonSchema({"enum": [False, 0, None]})] = None
+    presence_penalty: Annotated[float | None, _schema({"const": 0})] = None
+    frequency_penalty: Annotated[float | None, _schema({"const": 0})] = None
+    logit_bias: Annotated[dict[str, Any] | None, _schema({"type": "object", "maxProperties": 0})] = None
 
     @field_validator("n")
     @classmethod
@@ -139,9 +170,10 @@ class ChatRequest(_GenRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-    top_logprobs: int | None = None
+    tools: Annotated[list[Any] | None, _schema({"type": "array", "maxItems": 0})] = None
+    response_format: Annotated[dict[str, Any] | None,
+                               _schema({"type": "object", "properties": {"type": {"const": "text"}}})] = None
+    top_logprobs: Annotated[int | None, _schema({"const": 0})] = None
 
     @model_validator(mode="after")
     def _chat_check(self) -> ChatRequest:
@@ -164,10 +196,13 @@ class ChatRequest(_GenRequest):
 class CompletionRequest(_GenRequest):
     """POST /v1/completions. `prompt` is text, one-element list of text, or token ids."""
 
-    prompt: str | list[str] | list[int]
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: Annotated[str | list[str] | list[int],
+                      WithJsonSchema({"anyOf": [{"type": "string"},
+                                                {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string"}},
+                                                {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]})]
+    echo: Annotated[bool, WithJsonSchema({"const": False})] = False
+    best_of: Annotated[int | None, _schema({"const": 1})] = None
+    suffix: Annotated[str | None, _schema({"const": ""})] = None
 
     @field_validator("prompt")
     @classmethod
@@ -266,12 +301,16 @@ class Completion(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """One model in GET /v1/models; registry models carry more fields (docs/api.md)."""
+
+    model_config = ConfigDict(extra="allow")
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "tandem"
     path: str
-    n_ctx: int
+    n_ctx: int | None
+    """The loaded context (null: not loaded)."""
     draft_model: str | None
     speculative: bool
 
@@ -279,3 +318,41 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class LMStudioModel(BaseModel):
+    """One model in LM Studio's listing (GET /api/v0/models); registry models carry more fields."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["model"] = "model"
+    type: Literal["llm"] = "llm"
+    state: Literal["loaded", "not-loaded"]
+    compatible_draft_models: list[str]
+
+
+class LMStudioList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LMStudioModel]
+
+
+class Health(BaseModel):
+    """GET /health (docs/api.md lists every field)."""
+
+    model_config = ConfigDict(extra="allow")
+    status: Literal["loading", "ready", "degraded", "failed", "stopped"]
+    reason: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    """The cause, then a fix."""
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body, which every 4xx and 5xx carries."""
+
+    error: ErrorDetail
