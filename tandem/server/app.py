@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +27,7 @@ from tandem.server.body import check_api_key, parse, read_json
 from tandem.server.errors import install_error_handlers
 from tandem.server.metrics import CONTENT_TYPE, Metrics
 from tandem.server.models import ModelDirectory, ModelSource
-from tandem.server.openapi import errors, install, request_body
+from tandem.server.openapi import STREAM_EVENT, errors, install, request_body
 from tandem.server.options import ServerOptions
 from tandem.server.responses import Builder, Piece, sse
 from tandem.server.schemas import (ChatRequest, Completion, CompletionRequest, Health, LMStudioList, LMStudioModel,
@@ -76,7 +77,7 @@ def _check_model(name: str | None, info: ModelInfo) -> None:
 _GENERATION_RESPONSES: dict[int | str, dict] = {
     200: {"model": Completion, "description": "The completion: one JSON body, or with `stream: true` server-sent "
                                               "events of chunks (each a Completion) ending with `data: [DONE]`",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          "content": {"text/event-stream": {"schema": STREAM_EVENT}}},
     **errors(400, 401, 403, 404, 413, 422, 500, 503, 507)}
 """What the generation routes answer (tandem.server.openapi)."""
 
@@ -166,6 +167,9 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
     app.state.engine, app.state.metrics, app.state.options = engine, metrics, options
     install_error_handlers(app)
     app.add_middleware(_RequestMetrics, metrics=metrics)
+    if options.cors:  # outermost, so that error responses carry the headers too and the page can read them
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     def require_key(request: Request) -> None:
         check_api_key(request, options.api_key)

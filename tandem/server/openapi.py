@@ -33,6 +33,16 @@ STATUS_WHY = {
 """Each error status the API answers, and when (docs/api.md, "Errors")."""
 
 
+STREAM_EVENT = {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json",
+         "contentSchema": {"anyOf": [{"$ref": _REF.format(model="Completion")},
+                                     {"$ref": _REF.format(model="ErrorBody")}]}}]}}}
+"""One server-sent event of a streamed completion: a chunk, an error, or the final [DONE]."""
+
+
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """A route's `responses`: each status with OpenAI's error body."""
     return {status: {"model": ErrorBody, "description": STATUS_WHY[status]} for status in statuses}

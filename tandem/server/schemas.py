@@ -340,7 +340,7 @@ class Health(BaseModel):
     """GET /health (docs/api.md lists every field)."""
 
     model_config = ConfigDict(extra="allow")
-    status: Literal["loading", "ready", "degraded", "failed", "stopped"]
+    status: Literal["loading", "ready", "degraded", "failed", "draining", "stopped"]
     reason: str | None = None
 
 
