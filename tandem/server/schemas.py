@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator,
+                      model_validator)
 
 from tandem.chat import ROLES
 
@@ -60,21 +61,28 @@ class ChatMessage(_Strict):
 
     model_config = ConfigDict(json_schema_extra={"required": ["role", "content"]})
     role: Role
-    content: str | list[ContentPart] | None = Field(None, json_schema_extra=_content_schema)
+    content: str | list[ContentPart] | None = Field(None, json_schema_extra=_content_schema, validate_default=True)
     name: str | None = None
-    tool_call_id: str | None = None
+    tool_call_id: str | None = Field(None, validate_default=True)
 
-    @model_validator(mode="after")
-    def _has_content(self) -> ChatMessage:
+    @field_validator("content")
+    @classmethod
+    def _has_content(cls, v: str | list[ContentPart] | None, info: ValidationInfo) -> str | list[ContentPart] | None:
         # OpenAI refuses a message without content (only an assistant message with tool calls may omit it)
-        if self.content is None:
-            raise ValueError(f"a {self.role} message needs content: a string or a list of text parts, not null")
-        if isinstance(self.content, list) and not self.content:
-            raise ValueError(f"a {self.role} message has an empty list of content parts; send at least one text "
-                             "part, or a string")
-        if self.role == "tool" and self.tool_call_id is None:
+        role = info.data.get("role", "chat")
+        if v is None:
+            raise ValueError(f"a {role} message needs content: a string or a list of text parts, not null")
+        if isinstance(v, list) and not v:
+            raise ValueError(f"a {role} message has an empty list of content parts; send at least one text part, "
+                             "or a string")
+        return v
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers_a_call(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None and info.data.get("role") == "tool":
             raise ValueError("a tool message needs tool_call_id: the id of the tool call it answers")
-        return self
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):
