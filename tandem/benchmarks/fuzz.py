@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.benchmarks.common import positive_int
+from tandem.testing.serve import ServeProcess
 
 HELP = "fuzz the HTTP API from its OpenAPI schema (schemathesis): requests sent and statuses, failures"
 """One line for `tandem bench --help`."""
@@ -175,8 +176,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="0: the same requests every run; another: other requests")
 
 
+def fuzz_server(model: Path, draft: Path | None, ctx_size: int, home: Path) -> ServeProcess:
+    """`tandem serve` for fuzzing, not started: these models only (an empty models folder in `home`), the API
+    key KEY, and a small context so that generations without max_tokens end soon."""
+    env = {**os.environ, "TANDEM_MODELS_DIR": str(home / "models"), "TANDEM_CONFIG": str(home / "models.toml")}
+    return ServeProcess(["--model", str(model), "--draft", str(draft) if draft else "none", "--ctx-size",
+                         str(ctx_size), "--threads", "1", "--port", "0", "--api-key", KEY, "--no-pause-slow-draft"],
+                        env=env)
+
+
 def main(args: argparse.Namespace) -> int:
-    from tandem.testing.serve import ServeProcess
     from tandem.testing.tiny import build_fixture_set
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
@@ -184,11 +193,7 @@ def main(args: argparse.Namespace) -> int:
             model, draft = tiny["main"], args.draft or tiny["draft_close"]
         else:
             model, draft = args.model, args.draft
-        serve_args = ["--model", str(model), "--draft", str(draft) if draft else "none",
-                      "--ctx-size", str(args.ctx_size), "--threads", "1", "--port", "0", "--api-key", KEY,
-                      "--no-pause-slow-draft"]
-        env = {**os.environ, "TANDEM_MODELS_DIR": str(Path(tmp) / "models"), "TANDEM_CONFIG": str(Path(tmp) / "models.toml")}
-        with ServeProcess(serve_args, env=env) as server:  # an empty models folder: only the models above
+        with fuzz_server(model, draft, args.ctx_size, Path(tmp)) as server:
             report = fuzz(server.url, examples=args.examples, timeout=args.timeout, seed=args.seed)
     print(f"{report.requests} requests to {model.name} + {draft.name if draft else 'no draft'}, "
           f"--examples {args.examples} (positive and negative per operation), seed {args.seed}\n")
