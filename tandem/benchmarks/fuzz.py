@@ -6,7 +6,8 @@ and requests that break it (negative), --examples of each, and sends them with t
 must: not be a 5xx; come within --timeout seconds; if a 4xx, carry OpenAI's error body
 ({"error": {"message", "type", "param", "code"}}); match the status codes, media types and schemas the
 document declares; refuse requests that break the schema; and, when streamed, be server-sent events that
-end with [DONE] or an error event. The table counts requests by operation and status; every failure is
+end with [DONE] or an error event. Every path is also sent the methods it does not have, which must get a 405
+with OpenAI's error body and an Allow header ("other methods"). The table counts requests by operation and status; every failure is
 printed with the request that caused it, and the command exits 1 if there was any. The API has no
 resources to create and link, so there is no stateful phase.
 
@@ -128,7 +129,28 @@ def fuzz(url: str, *, examples: int, timeout: float = 30.0, seed: int | None = 0
                 run()
             except Unsatisfiable:  # negative mode on an operation without parameters: nothing to break
                 continue
+    _other_methods(report, url, schema.raw_schema, headers, timeout)
     return report
+
+
+_METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def _other_methods(report: FuzzReport, url: str, doc: dict, headers: dict[str, str], timeout: float) -> None:
+    """Every path with each method it does not have: a 405 with OpenAI's error body and the Allow header."""
+    import httpx
+    for path, ops in doc.get("paths", {}).items():
+        concrete = path.replace("{model_id}", "x")
+        for method in _METHODS:
+            if method in ops:
+                continue
+            r = httpx.request(method.upper(), f"{url}{concrete}", headers=headers, timeout=timeout)
+            report.statuses[("other methods", "negative", r.status_code)] += 1
+            problems = [why] if (why := openai_error_body(r)) else []
+            if r.status_code != 405 or "allow" not in r.headers:
+                problems.append(f"expected 405 with an Allow header, got {r.status_code} {dict(r.headers)}")
+            if problems:
+                report.failures.append(f"{method.upper()} {concrete} -> {r.status_code}: " + "\n".join(problems))
 
 
 def _sender(report: FuzzReport, url: str, headers: dict[str, str], timeout: float, checks: list, label: str,
