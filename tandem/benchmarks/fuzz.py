@@ -6,10 +6,10 @@ and requests that break it (negative), --examples of each, and sends them with t
 must: not be a 5xx; come within --timeout seconds; if a 4xx, carry OpenAI's error body
 ({"error": {"message", "type", "param", "code"}}); match the status codes, media types and schemas the
 document declares; refuse requests that break the schema; and, when streamed, be server-sent events that
-end with [DONE] or an error event. Every path is also sent the methods it does not have, which must get a 405
-with OpenAI's error body and an Allow header ("other methods"). The table counts requests by operation and status; every failure is
-printed with the request that caused it, and the command exits 1 if there was any. The API has no
-resources to create and link, so there is no stateful phase.
+end with [DONE] or an error event. Every path is also sent the methods it does not have, which must get a
+405 with OpenAI's error body and an Allow header ("other methods"). The table counts requests by operation
+and status; every failure is printed with the request that caused it, and the command exits 1 if there was
+any. The API has no resources to create and link, so there is no stateful phase.
 
 schemathesis comes with the test extra: pip install -e '.[test]'.
 """

@@ -284,7 +284,8 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
     app.include_router(lms)
 
     @app.get("/health", response_model=None,
-             responses={200: {"model": Health}, 503: {"model": Health, "description": "Not serving: `status` says why"}})
+             responses={200: {"model": Health},
+                        503: {"model": Health, "description": "Not serving: `status` says why"}})
     async def health() -> JSONResponse:
         st = engine.status
         body: dict = {"status": st.state}

@@ -204,10 +204,10 @@ class ChatRequest(_GenRequest):
 class CompletionRequest(_GenRequest):
     """POST /v1/completions. `prompt` is text, one-element list of text, or token ids."""
 
-    prompt: Annotated[str | list[str] | list[int],
-                      WithJsonSchema({"anyOf": [{"type": "string"},
-                                                {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string"}},
-                                                {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]})]
+    prompt: Annotated[str | list[str] | list[int], WithJsonSchema({"anyOf": [
+        {"type": "string"},
+        {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string"}},
+        {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]})]
     echo: Annotated[bool, WithJsonSchema({"const": False})] = False
     best_of: Annotated[int | None, _schema({"const": 1})] = None
     suffix: Annotated[str | None, _schema({"const": ""})] = None
