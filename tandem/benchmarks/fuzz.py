@@ -96,7 +96,7 @@ def stream_problem(text: str) -> str | None:
     return None if isinstance(last, dict) and "error" in last else "the stream ends without [DONE] or an error event"
 
 
-def fuzz(url: str, *, examples: int, timeout: float = 30.0, seed: int | None = 0,
+def fuzz(url: str, *, examples: int, timeout: float = 60.0, seed: int | None = 0,
          key: str | None = KEY) -> FuzzReport:
     """Fuzz every operation of the server at `url`: `examples` positive and `examples` negative requests each.
 
@@ -194,16 +194,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="draft model (default: the tiny test draft with --model unset, else none)")
     p.add_argument("--ctx-size", type=positive_int, default=128,
                    help="the server's context: generations without max_tokens run until it is full (default: 128)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds a response may take (default: 30)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a response may take (default: 60)")
     p.add_argument("--seed", type=int, default=0, help="0: the same requests every run; another: other requests")
 
 
 def fuzz_server(model: Path, draft: Path | None, ctx_size: int, home: Path) -> ServeProcess:
     """`tandem serve` for fuzzing, not started: these models only (an empty models folder in `home`), the API
-    key KEY, and a small context so that generations without max_tokens end soon."""
+    key KEY, a small context so that generations without max_tokens end soon, and short drafts (a seeded
+    request at temperature > 0 drafts at every step, with a fixed length, whatever the acceptance)."""
     env = {**os.environ, "TANDEM_MODELS_DIR": str(home / "models"), "TANDEM_CONFIG": str(home / "models.toml")}
     return ServeProcess(["--model", str(model), "--draft", str(draft) if draft else "none", "--ctx-size",
-                         str(ctx_size), "--threads", "1", "--port", "0", "--api-key", KEY, "--no-pause-slow-draft"],
+                         str(ctx_size), "--draft-max", "4", "--threads", "1", "--port", "0", "--api-key", KEY,
+                         "--no-pause-slow-draft"],
                         env=env)
 
 
