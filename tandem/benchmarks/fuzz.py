@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.benchmarks.common import positive_int
+from tandem.errors import BadInputError
 from tandem.testing.serve import ServeProcess
 
 HELP = "fuzz the HTTP API from its OpenAPI schema (schemathesis): requests sent and statuses, failures"
@@ -102,7 +103,10 @@ def fuzz(url: str, *, examples: int, timeout: float = 60.0, seed: int | None = 0
 
     seed 0 (the default) generates the same requests every run, for CI; None draws new ones.
     """
-    import schemathesis
+    try:
+        import schemathesis
+    except ImportError as e:
+        raise BadInputError("schemathesis is not installed", "install the test extra: pip install -e '.[test]'") from e
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
