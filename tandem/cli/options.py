@@ -54,6 +54,14 @@ class _Store(argparse.Action):
         _mark(namespace, self.dest)
 
 
+class _StoreTuple(argparse.Action):
+    """store a list of values as a tuple, remembering that the option was given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        setattr(namespace, self.dest, tuple(values))
+        _mark(namespace, self.dest)
+
+
 class _Bool(argparse.BooleanOptionalAction):
     def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
         super().__call__(parser, namespace, values, option_string)
@@ -77,9 +85,12 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, 
         tp = _scalar(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        help_ = docs.get(f.name, "") + (f" (default: {default})" if default not in (None, "") else "")
+        help_ = docs.get(f.name, "") + (f" (default: {default})" if default not in (None, "", ()) else "")
         help_ = help_.replace("%", "%%")  # argparse %-formats help strings
-        if tp is bool:
+        if typing.get_origin(hints[f.name]) is tuple:  # tuple[str, ...]: one or more values
+            group.add_argument(flag, action=_StoreTuple, nargs="+", type=tp, default=default, help=help_,
+                               metavar=f.metadata.get("metavar", _metavar(f.name, tp)))
+        elif tp is bool:
             group.add_argument(flag, action=_Bool, default=default, help=help_)
         else:
             group.add_argument(flag, action=_Store, type=tp, default=default, help=help_,

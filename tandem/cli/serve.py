@@ -12,6 +12,7 @@ was asked for, unless --draft-optional says so (then /health reports 'degraded' 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 import uvicorn
@@ -46,6 +47,9 @@ def _check(opts: ServerOptions) -> None:
     if opts.max_loaded_models < 1 or opts.ttl < 0:
         raise BadInputError(f"--max-loaded-models {opts.max_loaded_models} / --ttl {opts.ttl} is out of range",
                             "keep at least 1 model loaded, and use a TTL >= 0 seconds (0: never unload)")
+    if opts.shutdown_timeout < 0:
+        raise BadInputError(f"--shutdown-timeout {opts.shutdown_timeout} is negative",
+                            "use a number of seconds >= 0 (0 ends running requests at once)")
     if opts.max_body_bytes < 1024:
         raise BadInputError(f"--max-body-bytes {opts.max_body_bytes} is too small for any request",
                             "use at least 1024 (the default is 1048576)")
@@ -117,6 +121,9 @@ def main(args: argparse.Namespace) -> int:
                      spec, on_status=fail, source=source)
     level = str(getattr(args, "log_level", "WARNING")).lower()
     fail.server = make_server(app, log_level=level if level in UVICORN_LEVELS else "warning")
+    # uvicorn shuts down gracefully on SIGTERM as on Ctrl-C, then raises the signal again: make that one a
+    # KeyboardInterrupt too, so a SIGTERM ends the command normally (exit 0) instead of killing it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         fail.server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop

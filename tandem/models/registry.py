@@ -34,6 +34,15 @@ MODELS_DIR = "models-dir"
 PATH = "path"
 
 
+def expand(name: str | Path) -> Path:
+    """`name` as a path, a leading ~ or ~user expanded; as written where that home directory is unknown
+    (a request may name any user: that must be a missing model, not a server error)."""
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:
+        return Path(name)
+
+
 def default_models_dir() -> Path:
     """$TANDEM_MODELS_DIR, else `models` under the user data folder (~/.local/share/tandem, XDG_DATA_HOME)."""
     env = os.environ.get(MODELS_DIR_ENV)
@@ -183,8 +192,8 @@ class Registry:
         e = self._by_name.get(name)
         if e is None and ("/" in name or os.sep in name):
             try:
-                e = self._by_name.get(str(Path(name).expanduser().resolve()))
-            except OSError:
+                e = self._by_name.get(str(expand(name).resolve()))
+            except (OSError, ValueError):  # ValueError: a NUL byte in the name
                 e = None
         return e
 
@@ -205,7 +214,7 @@ class Registry:
         folders of links), so the check is on the path as named, not on its target.
         """
         root = os.path.abspath(self.config.models_dir.expanduser())
-        return Path(os.path.abspath(Path(path).expanduser())).is_relative_to(root)
+        return Path(os.path.abspath(expand(path))).is_relative_to(root)
 
     # -- compatibility --------------------------------------------------------------------------------
     def vocab(self, entry: ModelEntry) -> VocabInfo:

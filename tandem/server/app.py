@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,9 +28,11 @@ from tandem.server.body import check_api_key, parse, read_json
 from tandem.server.errors import install_error_handlers
 from tandem.server.metrics import CONTENT_TYPE, Metrics
 from tandem.server.models import ModelDirectory, ModelSource
+from tandem.server.openapi import STREAM_EVENT, errors, install, request_body
 from tandem.server.options import ServerOptions
 from tandem.server.responses import Builder, Piece, sse
-from tandem.server.schemas import ChatRequest, CompletionRequest, ModelCard, ModelList
+from tandem.server.schemas import (ChatRequest, Completion, CompletionRequest, Health, LMStudioList, LMStudioModel,
+                                   ModelCard, ModelList)
 from tandem.server.templating import template_router
 from tandem.server.web import PAGES, web_router
 from tandem.server.worker import SERVING, Engine, EngineStatus, JobHandle, JobSpec, ModelInfo, not_ready_error
@@ -73,6 +76,13 @@ def _check_model(name: str | None, info: ModelInfo) -> None:
                                  f"omit `model` or use {info.id!r} (GET /v1/models lists it)",
                                  param="model", code="model_not_found")
 
+
+_GENERATION_RESPONSES: dict[int | str, dict] = {
+    200: {"model": Completion, "description": "The completion: one JSON body, or with `stream: true` server-sent "
+                                              "events of chunks (each a Completion) ending with `data: [DONE]`",
+          "content": {"text/event-stream": {"schema": STREAM_EVENT}}},
+    **errors(400, 401, 403, 404, 413, 422, 500, 503, 507)}
+"""What the generation routes answer (tandem.server.openapi)."""
 
 _GEN_FIELDS = frozenset(f.name for f in dataclasses.fields(GenParams))
 _SPEC_DEFAULTS = tuple(f.name for f in dataclasses.fields(SpecOptions) if f.name in _GEN_FIELDS)
@@ -172,6 +182,9 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
     app.state.engine, app.state.metrics, app.state.options = engine, metrics, options
     install_error_handlers(app)
     app.add_middleware(_RequestMetrics, metrics=metrics)
+    if options.cors:  # outermost, so that error responses carry the headers too and the page can read them
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     async def require_key(request: Request) -> None:  # async: a sync dependency would take a worker thread
         check_api_key(request, options.api_key)
@@ -234,7 +247,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=request_body(ChatRequest), responses=_GENERATION_RESPONSES)
     async def chat_completions(request: Request) -> Response:
         req = parse(ChatRequest, await read_json(request, options.max_body_bytes))
         t = await target(req)
@@ -244,7 +257,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
                       tools=req.tool_request())
         return await run(request, req, job, t.model_id)
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=request_body(CompletionRequest), responses=_GENERATION_RESPONSES)
     async def completions(request: Request) -> Response:
         req = parse(CompletionRequest, await read_json(request, options.max_body_bytes))
         t = await target(req)
@@ -253,7 +266,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
                       draft_path=t.draft_path)
         return await run(request, req, job, t.model_id)
 
-    @v1.get("/models")
+    @v1.get("/models", response_model=None, responses={200: {"model": ModelList}, **errors(401, 503)})
     async def models() -> dict:
         info = ready_model()
         if directory is not None:
@@ -267,7 +280,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
 
     lms = APIRouter(prefix="/api/v0", dependencies=[Depends(require_key)])
 
-    @lms.get("/models")
+    @lms.get("/models", response_model=None, responses={200: {"model": LMStudioList}, **errors(401, 503)})
     async def lmstudio_models() -> dict:
         """LM Studio's REST listing: every model with its state and compatible drafts."""
         info = ready_model()
@@ -276,7 +289,8 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         await off_loop(directory.rescan)
         return directory.lmstudio_list(engine.status)
 
-    @lms.get("/models/{model_id:path}")
+    @lms.get("/models/{model_id:path}", response_model=None,
+             responses={200: {"model": LMStudioModel}, **errors(400, 401, 403, 404, 503)})
     async def lmstudio_model(model_id: str) -> dict:
         info = ready_model()
         if directory is None:
@@ -305,7 +319,9 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
 
     app.include_router(template_router(request_format, require_key, options.max_body_bytes))
 
-    @app.get("/health")
+    @app.get("/health", response_model=None,
+             responses={200: {"model": Health},
+                        503: {"model": Health, "description": "Not serving: `status` says why"}})
     async def health() -> JSONResponse:
         st = engine.status
         body: dict = {"status": st.state}
@@ -323,12 +339,14 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
                 body["loading_models"] = list(st.loading)
         return JSONResponse(body, status_code=200 if st.state in SERVING else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(web_router())
-
+    install(app, (ChatRequest, CompletionRequest))
     return app
 
 

@@ -18,6 +18,7 @@ from tandem.engine.llama import Context, Model
 from tandem.engine.vocab import check_compatible
 from tandem.errors import ModelNotFoundError, TandemError, about_model
 from tandem.models.fit import AllocationCheck, headroom, plan_extra_draft
+from tandem.models.registry import expand
 from tandem.runtime import Runtime
 from tandem.spec.drafters import ModelDrafter
 
@@ -105,7 +106,7 @@ class DraftSelector:
             return self.rt.drafter if self.rt.draft_paused and self.rt.drafter else CONFIGURED
         if name.lower() == "none":
             return NONE
-        p = Path(name).expanduser()
+        p = expand(name)
         if self.allow_paths and p.is_file():
             return self._path(p)
         raise ModelNotFoundError(f"draft_model {name!r} is neither the loaded draft nor a draft GGUF file",

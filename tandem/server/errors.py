@@ -84,7 +84,10 @@ def install_error_handlers(app: FastAPI) -> None:
             log.error("%s: unhandled %s: %s", route, type(exc).__name__, exc, exc_info=exc)
         else:
             log.info("%s -> %d: %s", route, err.http_status, err.message)
-        return error_response(err)
+        response = error_response(err)
+        if isinstance(exc, HTTPException) and exc.headers:  # 405's Allow header
+            response.headers.update(exc.headers)
+        return response
 
     for exc_type in (TandemError, ValidationError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, handle)

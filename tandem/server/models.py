@@ -19,7 +19,7 @@ from pathlib import Path
 from tandem.config import ModelOptions, SpecOptions
 from tandem.errors import ForbiddenError, ModelNotFoundError
 from tandem.models.library import Library
-from tandem.models.registry import MODELS_DIR, ModelEntry
+from tandem.models.registry import MODELS_DIR, ModelEntry, expand
 from tandem.runtime import Runtime
 from tandem.server.worker import EngineStatus, ModelInfo
 
@@ -103,7 +103,7 @@ class ModelDirectory:
     def _path_allowed(lib: Library, name: str) -> bool:
         if lib.registry.in_models_dir(name):
             return True
-        target = os.path.abspath(Path(name).expanduser())
+        target = os.path.abspath(expand(name))
         return any(e.origin != MODELS_DIR and os.path.abspath(e.path) == target for e in lib.registry)
 
     def main(self, name: str) -> ModelEntry:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -27,3 +27,9 @@ class ServerOptions:
     recently used once the new one is ready, so the loaded ones keep serving while it loads."""
     ttl: float = 0.0
     """Unload a model (or an on-demand draft) idle for this many seconds; 0 keeps them loaded."""
+    shutdown_timeout: float = 30.0
+    """On SIGTERM or Ctrl-C, stop accepting requests and give the running ones this many seconds to finish; the
+    ones still running then end with HTTP 503 (or an error event in a stream), and the server exits."""
+    cors: tuple[str, ...] = field(default=(), metadata={"metavar": "ORIGIN"})
+    """Let web pages from these origins call the API from a browser (CORS), e.g. --cors http://localhost:3000;
+    '*' allows every origin (default: none, only pages this server serves)."""

@@ -3,19 +3,29 @@
 Requests are strict (no "10" for an int, no 1 for a bool), ignore unknown fields, and reject values
 of known fields that Tandem does not support (n != 1, logprobs, penalties, ...) with a 400.
 Responses are dumped with `exclude_unset`, so optional extensions (token_sources) appear only when set.
+
+The JSON schemas of the request models are what GET /openapi.json publishes (see tandem.server.openapi). Where
+a validator refuses values the field's type allows (n != 1, a penalty other than 0), the field carries the
+narrower schema (`_schema`), so the published schema accepts exactly what the server accepts, field by field.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator,
+                      model_validator)
 
 from tandem.chat import ROLES
 from tandem.tools import ToolRequest, tool_schema_problem
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 assert set(Role.__args__) == set(ROLES)  # type: ignore[attr-defined]
+
+
+def _schema(*allowed: dict[str, Any]) -> WithJsonSchema:
+    """The published JSON schema of a field: any of `allowed`, or null."""
+    return WithJsonSchema({"anyOf": [*allowed, {"type": "null"}]})
 
 
 class _Strict(BaseModel):
@@ -25,6 +35,8 @@ class _Strict(BaseModel):
 class ContentPart(_Strict):
     """One part of a message's content; only text parts are supported."""
 
+    model_config = ConfigDict(json_schema_extra={"properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                                                 "required": ["type", "text"]})
     type: str
     text: str | None = None
 
@@ -82,25 +94,53 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
+def _content_schema(schema: dict[str, Any]) -> None:
+    """A message's published content: a string, a non-empty list of parts, or null (which only an assistant
+    message with tool_calls may send: the validator refuses the others)."""
+    for s in schema["anyOf"]:
+        if s.get("type") == "array":
+            s["minItems"] = 1
+    schema.pop("default", None)
+
+
 class ChatMessage(_Strict):
+    """One chat message. docs/api.md ("Messages OpenAI refuses") lists what is refused, and why."""
+
     role: Role
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
     tool_calls: list[MessageToolCall] | None = None
     """An assistant message's calls (its content may then be null)."""
-    tool_call_id: str | None = None
+    content: str | list[ContentPart] | None = Field(None, json_schema_extra=_content_schema, validate_default=True)
+    name: str | None = None
+    tool_call_id: str | None = Field(None, validate_default=True)
     """A tool message's answer to this call."""
 
-    @model_validator(mode="after")
-    def _has_content(self) -> ChatMessage:
+    @field_validator("content")
+    @classmethod
+    def _has_content(cls, v: str | list[ContentPart] | None, info: ValidationInfo) -> str | list[ContentPart] | None:
         # OpenAI refuses a message without content (only an assistant message with tool calls may omit it)
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs content: a string or a list of text parts, not null")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError(f"a {self.role} message cannot carry tool_calls; only assistant messages do")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs tool_call_id: the id of the call it answers")
-        return self
+        role = info.data.get("role", "chat")
+        if v is None and role == "assistant" and info.data.get("tool_calls"):
+            return v
+        if v is None:
+            raise ValueError(f"a {role} message needs content: a string or a list of text parts, not null")
+        if isinstance(v, list) and not v:
+            raise ValueError(f"a {role} message has an empty list of content parts; send at least one text part, "
+                             "or a string")
+        return v
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers_a_call(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None and info.data.get("role") == "tool":
+            raise ValueError("a tool message needs tool_call_id: the id of the tool call it answers")
+        return v
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _assistant_calls(cls, v: list[MessageToolCall] | None, info: ValidationInfo) -> list[MessageToolCall] | None:
+        if v and info.data.get("role") != "assistant":
+            raise ValueError(f"a {info.data.get('role')} message cannot carry tool_calls; only assistant messages do")
+        return v
 
     def as_dict(self) -> dict[str, Any]:
         """The message as chat templates read it: content as text, and the tool fields when set."""
@@ -132,10 +172,11 @@ class _GenRequest(_Strict):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None,
+                    _schema({"type": "string"}, {"type": "array", "maxItems": 16, "items": {"type": "string"}})] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = None
+    n: Annotated[int | None, _schema({"const": 1})] = None
     # Tandem extensions.
     draft_model: str | None = Field(None, min_length=1)
     draft_max: int | None = Field(None, ge=0, le=64)
@@ -145,10 +186,10 @@ class _GenRequest(_Strict):
     return_token_sources: bool = False
     cache_prompt: bool | None = None  # llama-server's name: false decodes the whole prompt again
     # Known OpenAI fields whose non-default values are not supported (checked in _unsupported).
-    logprobs: Any = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
+    logprobs: Annotated[Any, WithJsonSchema({"enum": [False, 0, None]})] = None
+    presence_penalty: Annotated[float | None, _schema({"const": 0})] = None
+    frequency_penalty: Annotated[float | None, _schema({"const": 0})] = None
+    logit_bias: Annotated[dict[str, Any] | None, _schema({"type": "object", "maxProperties": 0})] = None
 
     @field_validator("n")
     @classmethod
@@ -208,8 +249,9 @@ class ChatRequest(_GenRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    response_format: dict[str, Any] | None = None
-    top_logprobs: int | None = None
+    response_format: Annotated[dict[str, Any] | None,
+                               _schema({"type": "object", "properties": {"type": {"const": "text"}}})] = None
+    top_logprobs: Annotated[int | None, _schema({"const": 0})] = None
 
     @model_validator(mode="after")
     def _chat_check(self) -> ChatRequest:
@@ -248,10 +290,13 @@ class ChatRequest(_GenRequest):
 class CompletionRequest(_GenRequest):
     """POST /v1/completions. `prompt` is text, one-element list of text, or token ids."""
 
-    prompt: str | list[str] | list[int]
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: Annotated[str | list[str] | list[int], WithJsonSchema({"anyOf": [
+        {"type": "string"},
+        {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string"}},
+        {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]})]
+    echo: Annotated[bool, WithJsonSchema({"const": False})] = False
+    best_of: Annotated[int | None, _schema({"const": 1})] = None
+    suffix: Annotated[str | None, _schema({"const": ""})] = None
 
     @field_validator("prompt")
     @classmethod
@@ -352,12 +397,16 @@ class Completion(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """One model in GET /v1/models; registry models carry more fields (docs/api.md)."""
+
+    model_config = ConfigDict(extra="allow")
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "tandem"
     path: str
-    n_ctx: int
+    n_ctx: int | None
+    """The loaded context (null: not loaded)."""
     draft_model: str | None
     speculative: bool
 
@@ -365,3 +414,41 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class LMStudioModel(BaseModel):
+    """One model in LM Studio's listing (GET /api/v0/models); registry models carry more fields."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["model"] = "model"
+    type: Literal["llm"] = "llm"
+    state: Literal["loaded", "not-loaded"]
+    compatible_draft_models: list[str]
+
+
+class LMStudioList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LMStudioModel]
+
+
+class Health(BaseModel):
+    """GET /health (docs/api.md lists every field)."""
+
+    model_config = ConfigDict(extra="allow")
+    status: Literal["loading", "ready", "degraded", "failed", "draining", "stopped"]
+    reason: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    """The cause, then a fix."""
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body, which every 4xx and 5xx carries."""
+
+    error: ErrorDetail

@@ -36,11 +36,16 @@ from tandem.tools import ToolRequest
 log = logging.getLogger("tandem.server")
 
 Event = Token | Done
-State = Literal["loading", "ready", "degraded", "failed", "stopped"]
+State = Literal["loading", "ready", "degraded", "failed", "draining", "stopped"]
 """ready: serving as configured; degraded: serving without the draft (--draft-optional), `reason` says why;
-failed: the models could not be loaded, nothing is served; stopped: shutting down."""
+failed: the models could not be loaded, nothing is served; draining: shutting down, finishing the requests it
+has and refusing new ones; stopped: shut down."""
 SERVING = frozenset({"ready", "degraded"})
 """States in which jobs are accepted."""
+ACCEPTING = SERVING | {"draining"}
+"""States in which the jobs already submitted still run."""
+_WAKE = object()
+"""Queued to wake the engine thread (after abort())."""
 
 
 @dataclass(frozen=True)
@@ -109,18 +114,31 @@ class JobSpec:
     """The tools offered in a chat's prompt (None: none)."""
 
 
+class _Abort:
+    """The error that ends every job once the shutdown's grace period is over (None before)."""
+
+    def __init__(self) -> None:
+        self.error: TandemError | None = None
+
+
 class _Job:
     """Engine-side state of one job; events cross to the handler's event loop thread-safely."""
 
-    def __init__(self, job_id: str, spec: JobSpec, loop: asyncio.AbstractEventLoop):
+    def __init__(self, job_id: str, spec: JobSpec, loop: asyncio.AbstractEventLoop, abort: _Abort):
         self.id, self.spec, self.loop = job_id, spec, loop
         self.events: asyncio.Queue[Event | TandemError] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
+        self.abort = abort
 
     def put(self, ev: Event | TandemError) -> None:
+        """Pass an event to the handler; a generation stopped by the shutdown ends with the shutdown's error."""
         if isinstance(ev, TandemError) and ev.param == "messages" and self.spec.messages is None:
             ev.param = "prompt"  # the engine's errors name the chat field; a text completion sent `prompt`
+        err = self.abort.error
+        if err is not None and isinstance(ev, Done) and ev.stats.stop_reason == "cancelled" \
+                and not self.cancelled.is_set():
+            ev = err
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
         except RuntimeError:  # the handler's loop is closed: nobody is listening any more
@@ -200,9 +218,10 @@ class Engine:
         self._on_status = on_status
         self._load_model = load_model
         self._model_id = model_id or (lambda p: p.stem)
-        self._jobs: queue.Queue[_Job | Loaded | None] = queue.Queue()
+        self._jobs: queue.Queue[_Job | Loaded | object | None] = queue.Queue()
         self._status = EngineStatus("loading")
         self._stopping = threading.Event()
+        self._abort = _Abort()
         self._ids = itertools.count(1)
         self._thread = threading.Thread(target=self._main, name="tandem-engine", daemon=True)
         self._slots = Slots(max_loaded, ttl)
@@ -235,12 +254,23 @@ class Engine:
                                 "with a larger --max-queue", code="server_busy")
             self._waiting += 1
             self._metrics.queue_depth.set(self._waiting)
-        job = _Job(f"req-{next(self._ids)}", spec, asyncio.get_running_loop())
+        job = _Job(f"req-{next(self._ids)}", spec, asyncio.get_running_loop(), self._abort)
         self._jobs.put(job)
         return JobHandle(job)
 
     def start(self) -> None:
         self._thread.start()
+
+    def drain(self) -> None:
+        """Refuse new jobs (503, code shutting_down) and keep running the ones already submitted."""
+        st = self._status
+        if st.state in SERVING:
+            self._set_status(dataclasses.replace(st, state="draining", reason="the server is shutting down"))
+
+    def abort(self, error: TandemError) -> None:
+        """End every job now: the running ones stop at their next step, and they and the queued ones get `error`."""
+        self._abort.error = error
+        self._jobs.put(_WAKE)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel the running job, refuse the queued ones, and end the thread."""
@@ -306,9 +336,15 @@ class Engine:
                     self._metrics.queue_depth.set(self._waiting)
             if item is None:
                 break
+            if self._abort.error is not None:
+                self._refuse_parked(self._abort.error)
+            if item is _WAKE:
+                continue
             if isinstance(item, Loaded):
                 self._loaded(item)
-            elif not ok or self._status.state not in SERVING:
+            elif self._abort.error is not None:
+                item.put(self._abort.error)
+            elif not ok or self._status.state not in ACCEPTING:
                 item.put(not_ready_error(self._status))
             else:
                 self._dispatch(item)
@@ -327,6 +363,13 @@ class Engine:
             job.put(not_ready_error(self._status))
         for slot in self._slots:
             slot.close()
+
+    def _refuse_parked(self, error: TandemError) -> None:
+        """Give `error` to the jobs waiting for a model or draft to load."""
+        for jobs in self._parked.values():
+            for job in jobs:
+                job.put(error)
+        self._parked.clear()
 
     def _dispatch(self, job: _Job) -> None:
         """Run the job now, or park it until the loader brings in its model or draft."""
@@ -425,7 +468,7 @@ class Engine:
 
     def _cancelled(self, job: _Job) -> Callable[[], bool]:
         """generate()'s cancel check: the client left, or the server is stopping."""
-        return lambda: job.cancelled.is_set() or self._stopping.is_set()
+        return lambda: job.cancelled.is_set() or self._stopping.is_set() or self._abort.error is not None
 
     def _run(self, rt: Runtime, choice: ModelDrafter | str, job: _Job) -> None:
         if job.cancelled.is_set():
@@ -499,7 +542,7 @@ def not_ready_error(st: EngineStatus) -> LoadingError:
     if st.state == "loading":
         return LoadingError("the server is still loading its models", "retry in a few seconds; GET /health "
                             "says 'ready' when it can serve", code="model_loading")
-    if st.state == "stopped":
+    if st.state in ("draining", "stopped"):
         return LoadingError("the server is shutting down", "retry against a running server", code="shutting_down")
     return LoadingError(st.reason or "the models could not be loaded",
                         "fix the model paths or options and restart `tandem serve`", code="model_load_failed")
