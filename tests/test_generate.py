@@ -248,7 +248,8 @@ def test_with_a_seed_the_draft_does_not_change_the_text(tiny, kind):
     main_model = Model(tiny["main"], repack=False)
     drafted = 0
     for seed, text in enumerate(PROMPTS[:4]):
-        gp = GenParams(max_tokens=30, sampling=SamplingParams(temperature=0.9, seed=seed), draft_max=4)
+        gp = GenParams(max_tokens=30, sampling=SamplingParams(temperature=0.9, seed=seed), draft_max=4,
+                       draft_policy="fixed")  # draft at every step, whatever it costs here
         prompt = main_model.tokenize(text)
         plain, _ = _ids(generate(Context(main_model, exact_params), prompt, gp))
         drafter = (ModelDrafter(Context(Model(tiny["draft_same"]), PARAMS)) if kind == "model" else NgramDrafter())
@@ -257,3 +258,13 @@ def test_with_a_seed_the_draft_does_not_change_the_text(tiny, kind):
         assert done.stats.identity_holds()
         drafted += done.stats.accepted
     assert drafted > 0 or kind == "ngram"  # the draft equal to the main model: its samples are accepted often
+
+
+def test_a_seeded_request_drafts_adaptively_unless_it_uses_rejection_sampling():
+    """Sample and compare draws one uniform per emitted token whatever the draft length, so timing may steer it;
+    rejection sampling draws per draft token, so a seed needs a fixed length there to repeat its text."""
+    from tandem.spec.policy import AdaptivePolicy, FixedPolicy
+    sp = SamplingParams(temperature=0.8, seed=1)
+    compare = _Speculator(NgramDrafter(), GenParams(sampling=sp), CostModel())
+    rejection = _Speculator(NgramDrafter(), GenParams(sampling=sp, seed_matches_plain=False), CostModel())
+    assert isinstance(compare.policy, AdaptivePolicy) and isinstance(rejection.policy, FixedPolicy)

@@ -39,7 +39,8 @@ class GenParams:
     """Drafting stops when the draft's top probability falls below this."""
     draft_policy: str = "adaptive"
     """adaptive: draft the number of tokens (0 included) with the most expected tokens per second;
-    fixed: always up to draft_max. A seed at T > 0 uses fixed, so that the same seed gives the same text."""
+    fixed: always up to draft_max. A seed at T > 0 with seed_matches_plain False uses fixed, so that the same seed
+    gives the same text."""
     seed_matches_plain: bool = True
     """With a seed at T > 0: the same text with a draft as without one (each position samples the main model's
     token with the random number plain decoding uses there, and accepts a draft token only if it is that
@@ -131,9 +132,12 @@ class _Speculator:
     def __init__(self, drafter: Drafter, gp: GenParams, cost: CostModel, load: Callable[[], int] = lambda: 1):
         self.drafter, self.gp, self.cost, self.load = drafter, gp, cost, load
         self._load = 1  # sequences in the current step (this one included)
-        # Wall-clock timings must not steer a seeded sampling run: the draft length changes which random
-        # numbers are drawn, so the same seed would give different text.
-        name = "fixed" if gp.sampling.seed is not None and not gp.sampling.greedy else gp.draft_policy
+        # Wall-clock timings must not steer a seeded rejection-sampling run: the draft length changes which random
+        # numbers are drawn, so the same seed would give different text. Sample and compare (seed_matches_plain)
+        # draws one uniform per emitted token whatever the draft length, so the adaptive policy is free there (a
+        # fixed length made a seeded request with a draft the tiny models cannot predict 12x slower).
+        rejection = gp.sampling.seed is not None and not gp.sampling.greedy and not gp.seed_matches_plain
+        name = "fixed" if rejection else gp.draft_policy
         self.policy: DraftPolicy = make_policy(name, cost, gp.draft_max, draft_min=gp.draft_min)
         self.asked = 0
         self.draft_seconds = 0.0  # the last propose() call's wall time
