@@ -38,6 +38,8 @@ HELP = "peak RSS of tandem serve vs llama-server with a context-filling prompt, 
 
 START_TIMEOUT = 300.0
 """Seconds to wait for a server's /health to answer 200 (loading included)."""
+REQUEST_TIMEOUT = 3600.0
+"""Seconds to wait for an answer (a context-filling prompt on a busy machine takes minutes)."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def _free_port() -> int:
 
 def _post(url: str, body: dict) -> None:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=1800) as r:
+    with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT) as r:
         r.read()
 
 
@@ -168,7 +170,7 @@ def peer_peak(main: Path, case: Case, args: argparse.Namespace, ids: Sequence[in
         cache_type_k="f16", cache_type_v="f16", parallel=case.parallel))
     try:
         peer.start()
-        _at_once(case.parallel, lambda _i: peer.complete(ids, args.max_tokens))
+        _at_once(case.parallel, lambda _i: peer.complete(ids, args.max_tokens, timeout=REQUEST_TIMEOUT))
         assert peer.proc is not None
         return peak_rss(peer.proc.pid)
     finally:
@@ -211,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
     for n in args.parallel:
         for d in args.drafts:
             r = measure(main_path, Case(n, draft if d == "draft" else None), args)
-            print(f"parallel {n}, draft {d}: Tandem {mib(r.tandem)} MiB, llama-server {mib(r.peer)} MiB, "
+            print(f"parallel {n}, draft {d}, {r.prompt_tokens} prompt tokens: Tandem {mib(r.tandem)} MiB, llama-server {mib(r.peer)} MiB, "
                   f"plan {mib(r.plan_total)} MiB", file=sys.stderr, flush=True)
             results.append(r)
     print(markdown(results, args.ctx_size))
