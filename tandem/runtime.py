@@ -12,7 +12,7 @@ import psutil
 
 from tandem import chat, templates
 from tandem.config import SPEC_TYPES, ModelOptions, SpecOptions
-from tandem.engine import exact
+from tandem.engine import exact, heap
 from tandem.engine.llama import Context, Model, patch_level
 from tandem.engine.vocab import check_compatible
 from tandem.errors import BadInputError, TandemError, about_model
@@ -146,6 +146,7 @@ class Runtime:
         self.draft_paused: str | None = self._pause_draft()
         """Why requests that do not name a draft decode as --draft none would (the draft cannot pay here and
         --exact was not asked for); None when the configured speculation runs."""
+        heap.release()  # what loading and the probes freed (see tandem.engine.heap)
 
     def _pause_draft(self) -> str | None:
         """By default a draft that cannot beat plain decoding even at full acceptance is not used: Tandem then

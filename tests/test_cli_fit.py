@@ -29,7 +29,8 @@ def test_fit_json_and_the_draft_context_saving(capsys, tiny):
     assert code == 0
     plan = json.loads(out)
     assert plan["fits"] and plan["main"]["n_ctx"] == 8192 and plan["draft"]["n_ctx"] == 1024
-    assert plan["total"] == plan["main"]["total"] + plan["draft"]["total"]
+    assert plan["total"] == plan["process"] + plan["main"]["total"] + plan["draft"]["total"]
+    assert plan["process"] > 0 and plan["draft"]["contexts"] == 1
     saving = {s["n_ctx"]: s for s in plan["draft_savings"]}
     assert saving[1024]["saved"] > 0 and saving[1024]["total"] == plan["draft"]["total"]
     code, text, _ = fit(capsys, tiny, "--draft", str(tiny["draft_small"]), "--ctx-size", "8192",
@@ -60,3 +61,18 @@ def test_run_refuses_a_plan_that_does_not_fit_before_loading(capsys, tiny):
                  "--memory-limit", "8M", "--prompt", "Hi", "--max-tokens", "2"])
     err = capsys.readouterr().err
     assert code == 3 and "does not fit: main" in err and "smaller or more quantized main model" in err
+
+
+def test_fit_parallel_shows_the_share_per_request_and_a_draft_context_each(capsys, tiny):
+    code, out, _ = fit(capsys, tiny, "--draft", str(tiny["draft_small"]), "--ctx-size", "4096", "--parallel", "4")
+    assert code == 0
+    assert "--parallel 4: --ctx-size is the total, 1024 positions per request" in out
+    assert "1 (4 requests)" in out and "4 (one per request)" in out and "KV cache (each)" in out
+    assert "4096 tokens (4096 KV cells)" in out and "1024 tokens (1024 KV cells)" in out
+    assert "process" in out and "4096" in out.split("<- this plan")[0].splitlines()[-1]
+    code, out, _ = fit(capsys, tiny, "--draft", str(tiny["draft_small"]), "--ctx-size", "4096", "--parallel", "4",
+                       "--json")
+    plan = json.loads(out)
+    d = plan["draft"]
+    assert d["contexts"] == 4 and d["n_ctx"] == 1024 and plan["main"]["contexts"] == 1
+    assert d["total"] == d["weights"] + d["overhead"] + 4 * (d["kv"] + d["compute"] + d["output"] + d["work"])

@@ -10,7 +10,8 @@ import pytest
 from tandem.config import ModelOptions, SpecOptions
 from tandem.engine.llama import Context, ContextParams, Model
 from tandem.errors import BadInputError, DoesNotFitError, LoadFailedError, ModelNotFoundError, NotGGUFError
-from tandem.models.fit import MIB, Memory, context_params, make_plan, parse_size, plan_for, plan_model, tolerance
+from tandem.models.fit import (MIB, PROCESS_BASELINE, Memory, context_params, make_plan, parse_size, plan_for,
+                               plan_model, tolerance)
 from tandem.models.gguf_header import read_header
 from tandem.runtime import Runtime
 
@@ -113,7 +114,7 @@ def test_largest_contexts_that_fit_are_the_boundary(tiny):
 
 def test_a_draft_that_does_not_fit_names_the_draft_and_concrete_fixes(tiny):
     p0 = plan(tiny, ctx_size=16384)
-    mem = Memory(p0.main.total + p0.draft.total - MIB // 2, "--memory-limit", 64 * GIB)
+    mem = Memory(p0.total - MIB // 2, "--memory-limit", 64 * GIB)
     p = plan(tiny, memory=mem, ctx_size=16384)
     err = p.error()
     assert isinstance(err, DoesNotFitError) and err.http_status == 507 and err.param == "draft_model"
@@ -135,7 +136,7 @@ def test_plan_for_refuses_or_drops_the_draft(tiny, tmp_path):
     o = opts(tiny, ctx_size=4096)
     main, draft = tiny["main"], tiny["draft_small"]
     p = make_plan(o, read_header(main), read_header(draft), PLENTY)
-    tight = Memory(p.main.total + p.draft.total // 2, "--memory-limit", 64 * GIB)
+    tight = Memory(p.process + p.main.total + p.draft.total // 2, "--memory-limit", 64 * GIB)
     with pytest.raises(DoesNotFitError):
         plan_for(o, main, draft, memory=tight)
     dropped = plan_for(dataclasses.replace(o, draft_optional=True), main, draft, memory=tight)
@@ -146,7 +147,7 @@ def test_plan_for_refuses_or_drops_the_draft(tiny, tmp_path):
     assert missing.draft is None and "does not exist" in missing.draft_status
     with pytest.raises(DoesNotFitError):  # the main model is never optional
         plan_for(dataclasses.replace(o, draft_optional=True), main, draft,
-                 memory=Memory(p.main.total - MIB, "--memory-limit", 64 * GIB))
+                 memory=Memory(p.process + p.main.total - MIB, "--memory-limit", 64 * GIB))
 
 
 # -- against llama.cpp --------------------------------------------------------------------------------------------
@@ -227,3 +228,37 @@ def test_parallel_requests_share_the_context_and_too_small_a_share_is_refused(ti
         plan_for(dataclasses.replace(o, ctx_size=512, parallel=8), tiny["main"], tiny["draft_close"])
     with pytest.raises(BadInputError, match="--parallel 0"):
         plan_for(dataclasses.replace(o, parallel=0), tiny["main"], tiny["draft_close"])
+
+
+def test_the_plan_counts_the_process_and_the_work_buffer(tiny):
+    p = plan(tiny, ctx_size=4096)
+    assert p.process == PROCESS_BASELINE and p.total == p.process + p.main.total + p.draft.total
+    h = read_header(tiny["main"])
+    # the f16 V cache: ggml converts each micro-batch's attention scores to f16 (u x cells x heads x 2 bytes)
+    assert p.main.work == 2 * 512 * 4096 * max(h.n_head)
+    assert plan(tiny, None, ctx_size=4096, cache_type_v="f32").main.work == 0
+
+
+def test_parallel_requests_each_get_a_draft_context_in_the_plan(tiny):
+    one, four = plan(tiny, ctx_size=4096), plan(tiny, ctx_size=4096, parallel=4)
+    assert four.main.contexts == 1 and four.main.params.n_ctx == 4096  # --ctx-size: the total, as llama-server's -c
+    d = four.draft
+    assert d.contexts == 4 and d.params.n_ctx == 1024 and d.params.n_seq_max == 1
+    assert d.total == d.weights + d.overhead + 4 * (d.kv + d.compute + d.output + d.work)
+    assert 4 * d.kv == one.draft.kv and d.weights == one.draft.weights  # the KV in all as one draft's; weights once
+    assert four.total > one.total  # 4 compute buffers instead of one
+
+
+def test_every_parallel_draft_context_matches_its_plan(tiny):
+    o = opts(tiny, "draft_close", ctx_size=1024, parallel=4)
+    rt = Runtime(o, spec=SpecOptions(draft_max=8), announce=lambda _s: None)
+    try:
+        d = rt.plan.draft
+        drafters = [rt.sequence_drafter(s) for s in range(4)]
+        assert len({id(x.ctx) for x in drafters}) == d.contexts == 4
+        for x in drafters:
+            assert x.ctx.params == d.params and x.ctx.n_ctx == d.n_cells
+            for name, want in (("kv", d.kv), ("compute", d.compute), ("output", d.output_at_load)):
+                assert abs(x.ctx.buffers[name] - want) <= max(want // 100, 64 << 10), (name, x.ctx.buffers)
+    finally:
+        rt.close()

@@ -5,7 +5,8 @@ table, the mode and options that produce it."""
 
 from __future__ import annotations
 
-MODES = ("costs", "window", "exactness", "rows", "payoff", "kv-types", "fit", "chat", "batch", "serve", "soak", "fuzz")
+MODES = ("costs", "window", "exactness", "rows", "payoff", "kv-types", "fit", "chat", "batch", "serve", "soak", "fuzz",
+         "memory")
 """`tandem bench MODE`: each is the module tandem.benchmarks.<MODE with '-' as '_'>."""
 
 

@@ -116,13 +116,15 @@ class LlamaServerPeer:
         raise BadInputError(f"{self.name} did not become healthy within {START_TIMEOUT:.0f} s: {self.log_tail()}",
                             "check its log, or drop --llama-server")
 
-    def complete(self, prompt: Sequence[int], max_tokens: int, *, cache_prompt: bool = False) -> PeerResult:
-        """A greedy completion; `cache_prompt` lets llama-server reuse the prefix its slot still holds."""
+    def complete(self, prompt: Sequence[int], max_tokens: int, *, cache_prompt: bool = False,
+                 timeout: float = 600.0) -> PeerResult:
+        """A greedy completion; `cache_prompt` lets llama-server reuse the prefix its slot still holds; `timeout`:
+        seconds to wait for the answer."""
         body = {"prompt": list(prompt), "n_predict": max_tokens, "temperature": 0.0, "top_k": 1,
                 "cache_prompt": cache_prompt, "return_tokens": True, "stream": False}
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             out = json.loads(r.read())
         t = out.get("timings", {})
         n = int(t.get("predicted_n", len(out.get("tokens", []))))

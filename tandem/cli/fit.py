@@ -33,8 +33,8 @@ def plan_from_args(args: argparse.Namespace, announce=print) -> FitPlan:
     return make_plan(opts, read_header(paths.main), draft, memory, draft_max=args.draft_max)
 
 
-_ROWS = (("weights", "weights"), ("KV cache", "kv"), ("compute buffer", "compute"), ("output buffer", "output"),
-         ("tokenizer, other", "overhead"), ("total", "total"))
+_ROWS = (("KV cache", "kv"), ("compute buffer", "compute"), ("output buffer", "output"), ("work buffer", "work"))
+"""Per-context rows: (label, ModelPlan attribute)."""
 
 
 def render(plan: FitPlan) -> str:
@@ -42,15 +42,26 @@ def render(plan: FitPlan) -> str:
     models: list[ModelPlan] = [plan.main] + ([plan.draft] if plan.draft else [])
     head = [f"{m.role} {m.name}" for m in models]
     rows = [("context", [f"{m.params.n_ctx} tokens ({m.n_cells} KV cells)" for m in models]),
-            ("KV cache type (K/V)", [f"{m.params.type_k}/{m.params.type_v}" for m in models])]
-    rows += [(label, [fmt(getattr(m, attr)) for m in models]) for label, attr in _ROWS]
+            ("KV cache type (K/V)", [f"{m.params.type_k}/{m.params.type_v}" for m in models]),
+            ("weights", [fmt(m.weights) for m in models]),
+            ("tokenizer, other", [fmt(m.overhead) for m in models])]
+    if plan.main.params.n_seq_max > 1:
+        rows.append(("contexts", [f"1 ({m.params.n_seq_max} requests)" if m.role == "main" else
+                                  f"{m.contexts} (one per request)" for m in models]))
+    each = " (each)" if any(m.contexts > 1 for m in models) else ""
+    rows += [(label + each, [fmt(getattr(m, attr)) for m in models]) for label, attr in _ROWS]
+    rows.append(("total", [fmt(m.total) for m in models]))
     width = max(len(r[0]) for r in rows) + 2
     cols = [max(len(h), *(len(r[1][i]) for r in rows)) + 2 for i, h in enumerate(head)]
-    lines = ["Memory plan (llama.cpp on the CPU, batch 512, flash attention off)", ""]
+    n = plan.main.params.n_seq_max
+    lines = ["Memory plan (llama.cpp on the CPU, batch 512, flash attention off"
+             + (f"; --parallel {n}: --ctx-size is the total, {plan.main.params.n_ctx // n} positions per request"
+                if n > 1 else "") + ")", ""]
     lines.append(" " * width + "".join(h.rjust(c) for h, c in zip(head, cols)))
     lines += [label.ljust(width) + "".join(v.rjust(c) for v, c in zip(vals, cols)) for label, vals in rows]
     m = plan.memory
-    lines += ["", f"total        {fmt(plan.total)}",
+    lines += ["", f"process      {fmt(plan.process)} (Python, the HTTP server, the heap it keeps)",
+              f"total        {fmt(plan.total)}",
               f"available    {fmt(m.available)} ({m.source}; RAM {fmt(m.ram_total)})",
               "VRAM         none used (Tandem runs llama.cpp on the CPU)" if m.vram is None else
               f"VRAM         {fmt(m.vram)}",
@@ -62,7 +73,7 @@ def render(plan: FitPlan) -> str:
         lines += ["fixes:"] + [f"  - {f}" for f in fixes]
     if plan.savings:
         lines += ["", "draft context (--ctx-size-draft): draft total, saved against the main context size"]
-        current = plan.draft.params.n_ctx if plan.draft else None
+        current = plan.draft.params.n_ctx * plan.draft.contexts if plan.draft else None  # the --ctx-size-draft
         lines += [f"  {s.n_ctx:>7}  {fmt(s.total):>10}  saves {fmt(s.saved):>10}"
                   + ("   <- this plan" if s.n_ctx == current else "") for s in plan.savings]
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tandem.engine import heap
 from tandem.engine.vocab import VocabInfo
 from tandem.errors import EngineError, LoadFailedError
 from tandem.models.gguf_header import check_gguf
@@ -98,6 +99,7 @@ def init_backend() -> LlamaLog:
     # (up to 1.2 on Q6_K, measured), so a 17-token verification would not match a 2-token plain step. Off
     # for the whole process (ggml reads it once); a user who sets it keeps their value.
     os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+    heap.tune()
     lib.llama_backend_init()
     return router
 

@@ -13,7 +13,14 @@ own "buffer size" log lines (`tandem bench fit` checks them against a real load)
   of the logits (u x (n_vocab + 3 n_embd) floats) and attention (u x ((n_head + 1) x cells
   + 5 n_embd + 2 n_embd_kv) floats: the KQ scores per head plus the mask).
 - output: logits rows: one per sequence at load, growing to draft_max + 1 rows while verifying.
+- work: ggml's CPU work buffer, allocated by the first decode and kept: with an f16 V cache the attention
+  scores of a micro-batch are converted to f16 before they multiply V (u x cells x n_head x 2 bytes).
 - overhead: the tokenizer's tables and llama.cpp's bookkeeping, about 256 bytes per vocabulary entry.
+
+With --parallel N the main context holds every request (--ctx-size cells in all, ctx/N per request, as
+llama-server's -c and -np), and each request drafts in a draft context of its own (ctx/N cells, or
+--ctx-size-draft/N): N draft contexts on one copy of the draft weights. The process itself (Python, the
+HTTP server, the modules Tandem imports, the allocator's retained heap) is one more line, PROCESS_BASELINE.
 """
 
 from __future__ import annotations
@@ -41,6 +48,10 @@ OVERHEAD_PER_TOKEN = 256
 """Host bytes per vocabulary entry beyond the weights (tokenizer tables), measured on SmolLM2's 49k vocabulary."""
 OVERHEAD_FIXED = 1 * MIB
 """Host bytes per model beyond the weights and the tokenizer."""
+PROCESS_BASELINE = 96 * MIB
+"""Resident bytes of a serving Tandem process beyond its models: the interpreter and the modules it imports
+(numpy, FastAPI, uvicorn, pydantic: 66 MiB before any model), the server's threads and request handling, and the
+heap the allocator keeps. Measured with `tandem bench memory` (peak RSS minus the planned models)."""
 _BLOCK = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20),
           "q5_0": (32, 22), "q5_1": (32, 24)}
 """KV cache types: (elements per block, bytes per block)."""
@@ -73,25 +84,37 @@ class ModelPlan:
     """Logits bytes llama.cpp reserves when it creates the context (one row per sequence)."""
     overhead: int
     """Tokenizer tables and bookkeeping outside llama.cpp's buffers."""
+    work: int = 0
+    """ggml's CPU work buffer at its peak (per context; allocated by decoding, not at load)."""
+    contexts: int = 1
+    """Contexts on these weights, each with the KV, compute, output and work above: one for the main model; for the
+    draft, one per parallel request (--parallel N)."""
 
     @property
     def name(self) -> str:
         return self.path.stem
 
     @property
+    def per_context(self) -> int:
+        """Bytes of one context: KV cache, compute, output and work buffers."""
+        return self.kv + self.compute + self.output + self.work
+
+    @property
     def total(self) -> int:
-        return self.weights + self.kv + self.compute + self.output + self.overhead
+        return self.weights + self.overhead + self.contexts * self.per_context
 
     @property
     def resident_at_load(self) -> int:
-        """Bytes resident right after loading: the compute and output buffers are only touched by decoding."""
+        """Bytes resident right after loading one context: the compute, output and work buffers are only touched
+        by decoding (and the other drafts' contexts are made when their requests come)."""
         return self.weights + self.kv + self.overhead
 
     def to_dict(self) -> dict:
         return {"role": self.role, "model": self.name, "path": str(self.path), "n_ctx": self.params.n_ctx,
                 "n_cells": self.n_cells, "n_batch": self.params.n_batch, "type_k": self.params.type_k,
                 "type_v": self.params.type_v, "weights": self.weights, "kv": self.kv, "compute": self.compute,
-                "output": self.output, "overhead": self.overhead, "total": self.total}
+                "output": self.output, "work": self.work, "overhead": self.overhead, "contexts": self.contexts,
+                "total": self.total}
 
 
 @dataclass(frozen=True)
@@ -140,10 +163,12 @@ class FitPlan:
     """The draft's memory at smaller contexts (what --ctx-size-draft saves)."""
     draft_status: str | None = None
     """Why a draft that was asked for is not in the plan (--draft-optional fell back to plain decoding)."""
+    process: int = PROCESS_BASELINE
+    """The Tandem process beyond its models (PROCESS_BASELINE)."""
 
     @property
     def total(self) -> int:
-        return self.main.total + (self.draft.total if self.draft else 0)
+        return self.process + self.main.total + (self.draft.total if self.draft else 0)
 
     @property
     def fits(self) -> bool:
@@ -151,7 +176,7 @@ class FitPlan:
 
     @property
     def main_fits_alone(self) -> bool:
-        return self.main.total <= self.memory.available
+        return self.process + self.main.total <= self.memory.available
 
     def fixes(self) -> list[str]:
         """Concrete option changes that make the plan fit (empty when it fits)."""
@@ -180,7 +205,7 @@ class FitPlan:
         if self.fits:
             return f"fits: {fmt(self.total)} of {fmt(m.available)} ({m.source}), {fmt(m.available - self.total)} spare"
         if self.draft is not None and self.main_fits_alone:
-            free = m.available - self.main.total
+            free = m.available - self.main.total - self.process
             return (f"does not fit: draft {self.draft.name} needs {fmt(self.draft.total)} (KV cache "
                     f"{fmt(self.draft.kv)}, compute {fmt(self.draft.compute)}), {fmt(free)} free after the main "
                     f"model ({m.source} {fmt(m.available)})")
@@ -203,7 +228,7 @@ class FitPlan:
     def to_dict(self) -> dict:
         m = self.memory
         return {"main": self.main.to_dict(), "draft": self.draft.to_dict() if self.draft else None,
-                "total": self.total, "available": m.available, "available_source": m.source,
+                "process": self.process, "total": self.total, "available": m.available, "available_source": m.source,
                 "ram_total": m.ram_total, "vram": m.vram, "fits": self.fits, "verdict": self.verdict(),
                 "max_ctx": self.max_ctx, "max_ctx_draft": self.max_ctx_draft, "fixes": self.fixes(),
                 "draft_savings": [dataclasses.asdict(s) for s in self.savings], "draft_status": self.draft_status}
@@ -271,8 +296,10 @@ def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
                          seq_cells=seqs > 1)
 
 
-def plan_model(header: GGUFHeader, params: ContextParams, *, role: str, out_rows: int = 1) -> ModelPlan:
-    """The memory of one model with one context of `params`; `out_rows`: most logits rows one decode returns."""
+def plan_model(header: GGUFHeader, params: ContextParams, *, role: str, out_rows: int = 1,
+               contexts: int = 1) -> ModelPlan:
+    """The memory of one model with `contexts` contexts of `params`; `out_rows`: most logits rows one decode
+    returns."""
     h = header
     # One unified KV buffer of n_ctx cells holds every sequence; per-sequence streams hold n_ctx each
     cells = -(-params.n_ctx // KV_PAD) * KV_PAD * (1 if params.kv_unified else params.n_seq_max)
@@ -285,8 +312,15 @@ def plan_model(header: GGUFHeader, params: ContextParams, *, role: str, out_rows
     compute = 4 * u * max(logits, attention)
     output = 4 * h.n_vocab * max(params.n_seq_max, out_rows)
     overhead = OVERHEAD_PER_TOKEN * h.n_vocab + OVERHEAD_FIXED
+    # KQ x V: ggml converts the f32 scores to V's dot type first (f16 V); an f32 V multiplies them as they are
+    work = 0 if params.type_v == "f32" else 2 * u * cells * max(h.n_head)
     return ModelPlan(role, h.path, params, cells, h.weights_bytes, kv, compute, output,
-                     4 * h.n_vocab * params.n_seq_max, overhead)
+                     4 * h.n_vocab * params.n_seq_max, overhead, work, contexts)
+
+
+def draft_plan(header: GGUFHeader, opts: ModelOptions) -> ModelPlan:
+    """The draft's memory: one copy of its weights, and a context per parallel request."""
+    return plan_model(header, context_params(opts, draft=True), role="draft", contexts=opts.parallel)
 
 
 # -- planning the pair ------------------------------------------------------------------------------------------
@@ -296,12 +330,12 @@ def make_plan(opts: ModelOptions, main: GGUFHeader, draft: GGUFHeader | None, me
     context saves. Raises BadInputError for invalid options only; a plan that does not fit is returned."""
     def pair(o: ModelOptions) -> tuple[ModelPlan, ModelPlan | None]:
         m = plan_model(main, context_params(o, draft=False), role="main", out_rows=draft_max + 1)
-        d = plan_model(draft, context_params(o, draft=True), role="draft") if draft else None
+        d = draft_plan(draft, o) if draft else None
         return m, d
 
     def total(o: ModelOptions) -> int:
         m, d = pair(o)
-        return m.total + (d.total if d else 0)
+        return PROCESS_BASELINE + m.total + (d.total if d else 0)
 
     m, d = pair(opts)
     fits = _largest(lambda n: total(dataclasses.replace(opts, ctx_size=n, ctx_size_draft=min(
@@ -310,17 +344,15 @@ def make_plan(opts: ModelOptions, main: GGUFHeader, draft: GGUFHeader | None, me
     q8 = False
     savings: list[Saving] = []
     if d is not None:
-        free = memory.available - m.total
-        fits_draft = _largest(lambda n: plan_model(draft, context_params(dataclasses.replace(
-            opts, ctx_size_draft=n), draft=True), role="draft").total <= free, limit=opts.ctx_size)
+        free = memory.available - m.total - PROCESS_BASELINE
+        fits_draft = _largest(lambda n: draft_plan(draft, dataclasses.replace(
+            opts, ctx_size_draft=n)).total <= free, limit=opts.ctx_size)
         if _BLOCK[opts.cache_type_k_draft][0] == 1:
             q8 = total(dataclasses.replace(opts, cache_type_k_draft="q8_0")) <= memory.available
-        full = plan_model(draft, context_params(dataclasses.replace(opts, ctx_size_draft=0), draft=True),
-                          role="draft").total
+        full = draft_plan(draft, dataclasses.replace(opts, ctx_size_draft=0)).total
         n = opts.ctx_size
         while n >= KV_PAD and len(savings) < 6:
-            t = plan_model(draft, context_params(dataclasses.replace(opts, ctx_size_draft=n), draft=True),
-                           role="draft").total
+            t = draft_plan(draft, dataclasses.replace(opts, ctx_size_draft=n)).total
             savings.append(Saving(n, t, full - t))
             n //= 2
         if opts.ctx_size_draft and all(s.n_ctx != opts.ctx_size_draft for s in savings):
@@ -389,10 +421,9 @@ def plan_extra_draft(opts: ModelOptions, path: Path, free: int) -> ModelPlan:
     """The plan of a draft loaded on demand (a request's draft_model) with `free` bytes left; DoesNotFitError
     (HTTP 507) when it does not fit."""
     header = read_header(path)
-    plan = plan_model(header, context_params(opts, draft=True), role="draft")
+    plan = draft_plan(header, opts)
     if plan.total > free:
-        best = _largest(lambda n: plan_model(header, context_params(dataclasses.replace(opts, ctx_size_draft=n),
-                                                                    draft=True), role="draft").total <= free,
+        best = _largest(lambda n: draft_plan(header, dataclasses.replace(opts, ctx_size_draft=n)).total <= free,
                         limit=opts.ctx_size)
         hint = (f"start the server with --ctx-size-draft {best}" if best else
                 "use a smaller draft, or start the server with more memory (--memory-limit)")
