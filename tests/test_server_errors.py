@@ -124,7 +124,7 @@ def _cases(tiny_paths: dict) -> dict[str, Case]:
                                                        tool_choice={"type": "function", "function": {"name": "g"}})),
         "tool_choice-bogus": Case(400, chat(tool_choice="always"), "tool_choice"),
         "tool-message-without-id": Case(400, chat(messages=[{"role": "user", "content": "x"},
-                                                            {"role": "tool", "content": "42"}]), "messages[1]"),
+                                                            {"role": "tool", "content": "42"}]), "messages[1].tool_call_id"),
         "response_format-unsupported": Case(400, chat(response_format={"type": "json_object"})),
         # -- names that cannot be used
         "unknown-model": Case(404, chat(model="gpt-4"), "model", code="model_not_found"),

@@ -36,7 +36,7 @@ def test_fuzzing_finds_nothing(server):
     report = fuzz(server.url, examples=25)
     assert not report.failures, "\n\n".join(report.failures[:5])
     ops = {op for op, _, _ in report.statuses}
-    assert len(ops) == 8 and "other methods" in ops, ops  # the 7 operations, and wrong methods (405)
+    assert len(ops) == 9 and "other methods" in ops, ops  # the 8 operations, and wrong methods (405)
     sent = {s for _, _, s in report.statuses}
     assert 200 in sent and 400 in sent, report.table()
 
