@@ -132,7 +132,15 @@ class Runtime:
                 ctx = Context(draft_model, p.draft.params)
                 self._check(p.draft, draft_model, ctx, rss_draft + _rss() - rss0)
                 self.drafter = ModelDrafter(ctx, main_n_ctx=self.main.capacity)
+                # Every sequence's draft context now, as the plan counts them: made on first use, they raised the
+                # process's memory mid-serving (a 14 MiB step in the soak at --parallel 4), past what loading showed.
+                for seq in range(1, self.main.params.n_seq_max):
+                    self.sequence_drafter(seq)
             except TandemError as e:
+                for d in [*self._seq_drafters.values(), *([self.drafter] if self.drafter else [])]:
+                    d.ctx.close()
+                self._seq_drafters.clear()
+                self.drafter = None
                 self._drop_draft(draft_model, e)
         if self.draft_status:
             log.warning("running without the draft (--draft-optional): %s", self.draft_status)
