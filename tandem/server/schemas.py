@@ -1,7 +1,7 @@
 """OpenAI-shaped request and response models.
 
 Requests are strict (no "10" for an int, no 1 for a bool), ignore unknown fields, and reject values
-of known fields that Tandem does not support (n != 1, logprobs, penalties, tools, ...) with a 400.
+of known fields that Tandem does not support (n != 1, tools, ...) with a 400.
 Responses are dumped with `exclude_unset`, so optional extensions (token_sources) appear only when set.
 """
 
@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from tandem.chat import ROLES
+from tandem.errors import BadInputError
+from tandem.spec.logprobs import MAX_TOP
+from tandem.spec.penalties import LogitBias
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 assert set(Role.__args__) == set(ROLES)  # type: ignore[attr-defined]
@@ -78,11 +81,12 @@ class _GenRequest(_Strict):
     draft_policy: str | None = Field(None, min_length=1)
     return_token_sources: bool = False
     cache_prompt: bool | None = None  # llama-server's name: false decodes the whole prompt again
-    # Known OpenAI fields whose non-default values are not supported (checked in _unsupported).
-    logprobs: Any = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    # Penalties and biases (tandem.spec.penalties); repeat_penalty and repeat_last_n are llama-server's.
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     logit_bias: dict[str, Any] | None = None
+    repeat_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    repeat_last_n: int | None = Field(None, ge=-1)
 
     @field_validator("n")
     @classmethod
@@ -98,25 +102,18 @@ class _GenRequest(_Strict):
             raise ValueError(f"at most 16 stop strings are supported, got {len(v)}")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        if v:
-            raise ValueError("repetition penalties are not supported (they would change the main model's "
-                             "distribution); omit the field or send 0")
-        return v
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, v: dict | None) -> dict | None:
+    def _bias(cls, v: dict | None) -> dict | None:
         if v:
-            raise ValueError("logit_bias is not supported; omit the field")
+            try:
+                LogitBias.parse(v)
+            except BadInputError as e:
+                raise ValueError(e.message.removeprefix("logit_bias: ")) from e
         return v
 
     @model_validator(mode="after")
     def _check(self) -> _GenRequest:
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs are not supported; omit the field")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         if self.draft_min is not None and self.draft_max is not None and self.draft_min > self.draft_max:
@@ -141,7 +138,8 @@ class ChatRequest(_GenRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP)
 
     @model_validator(mode="after")
     def _chat_check(self) -> ChatRequest:
@@ -149,9 +147,19 @@ class ChatRequest(_GenRequest):
             raise ValueError("tools are not supported; omit the field")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported; use 'text'")
-        if self.top_logprobs:
-            raise ValueError("top_logprobs is not supported; omit the field")
         return self
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true; send both, or omit top_logprobs")
+        return v
+
+    @property
+    def logprob_count(self) -> int | None:
+        """GenParams.logprobs: the alternatives per token, None when logprobs are off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -168,6 +176,7 @@ class CompletionRequest(_GenRequest):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API: the alternatives per token, up to 5
 
     @field_validator("prompt")
     @classmethod
@@ -195,6 +204,11 @@ class CompletionRequest(_GenRequest):
     def token_limit(self) -> int:
         return self.max_tokens or 16  # OpenAI's default for text completions
 
+    @property
+    def logprob_count(self) -> int | None:
+        """GenParams.logprobs: the alternatives per token, None when logprobs are off."""
+        return self.logprobs
+
     def prompt_value(self) -> str | list[int]:
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
             return self.prompt[0]  # type: ignore[return-value]
@@ -218,6 +232,31 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """A chat choice's logprobs: one entry per token."""
+
+    content: list[ChatTokenLogprob] | None
+
+
+class TextLogprobs(BaseModel):
+    """A text completion choice's logprobs (the legacy shape): parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -227,7 +266,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None
+    logprobs: ChatLogprobs | None
     token_sources: list[TokenSource] | None = None
 
 
@@ -240,7 +279,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None
-    logprobs: None
+    logprobs: ChatLogprobs | None
     token_sources: list[TokenSource] | None = None
 
 
@@ -248,7 +287,7 @@ class TextChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None
+    logprobs: TextLogprobs | None
     token_sources: list[TokenSource] | None = None
 
 
