@@ -61,7 +61,8 @@ def test_greedy_token_is_the_most_likely_and_the_list_is_sorted(main):
 
 @pytest.mark.parametrize("draft", ["draft_same", "draft_close", "ngram"])
 def test_logprobs_with_a_draft_equal_those_without(tiny, main, draft):
-    drafter = NgramDrafter() if draft == "ngram" else ModelDrafter(Context(Model(tiny[draft]), ContextParams(n_ctx=512, n_batch=128, n_threads=2)))
+    draft_params = ContextParams(n_ctx=512, n_batch=128, n_threads=2)
+    drafter = NgramDrafter() if draft == "ngram" else ModelDrafter(Context(Model(tiny[draft]), draft_params))
     for sp in (SamplingParams(), SamplingParams(temperature=0.9, seed=11)):
         gp = GenParams(max_tokens=N, sampling=sp, logprobs=3, draft_max=4, draft_policy="fixed",
                        processors=Processors(penalty_processors(frequency_penalty=0.5)))
