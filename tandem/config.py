@@ -115,6 +115,21 @@ class SamplingOptions:
 
 
 @dataclass
+class PenaltyOptions:
+    """Penalties on repeated tokens (tandem.spec.penalties)."""
+
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token generated so far, -2 to 2 (OpenAI's); 0 is off."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated so far, -2 to 2 (OpenAI's); 0 is off."""
+    repeat_penalty: float = 1.0
+    """llama.cpp's: the logits of tokens among the last --repeat-last-n (prompt included) are divided by it when
+    positive, multiplied when negative; 1 is off, e.g. 1.1 discourages repeats."""
+    repeat_last_n: int = 64
+    """The tokens --repeat-penalty looks back over; 0 is off, -1 the whole history."""
+
+
+@dataclass
 class RegistryOptions:
     """Where models are found and per-model defaults are kept."""
 

@@ -60,3 +60,28 @@ def test_bad_input_exits_2_with_one_line_cause_and_fix(tiny, tmp_path, case, exp
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, r.stderr
     assert expect in lines[0] and ": " in lines[0]
+
+
+def test_logit_bias_penalties_and_logprobs_flags(tiny):
+    r = tandem("run", "--model", str(tiny["main"]), "--draft", str(tiny["draft_close"]), "--prompt",
+               "Once upon a time", "--max-tokens", "5", "--json", "--ctx-size", "512", "--logit-bias", "1000=100",
+               "--logprobs", "2", "--presence-penalty", "0.5", "--repeat-penalty", "1.1", "--no-pause-slow-draft")
+    assert r.returncode == 0, r.stderr
+    tokens = json.loads(r.stdout)["tokens"]
+    assert [t["id"] for t in tokens] == [1000] * 5
+    for t in tokens:
+        assert t["logprob"] == pytest.approx(0.0, abs=1e-4) and len(t["top_logprobs"]) == 2
+        assert t["top_logprobs"][0]["id"] == 1000
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--logit-bias", "x"], "--logit-bias 'x' is not ID=BIAS"),
+    (["--logit-bias", "5=1000"], "between -100 and 100"),
+    (["--presence-penalty", "3"], "presence_penalty must be between -2 and 2"),
+    (["--repeat-penalty", "0"], "repeat_penalty must be > 0"),
+    (["--logprobs", "21"], "logprobs must be between 0 and 20"),
+])
+def test_bad_sampling_flags_exit_2(tiny, flags, expect):
+    r = tandem("run", "--model", str(tiny["main"]), "--draft", "none", "--prompt", "hi", "--max-tokens", "2", *flags)
+    assert r.returncode == 2, r.stderr
+    assert expect in r.stderr, r.stderr

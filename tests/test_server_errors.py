@@ -111,8 +111,6 @@ def _cases(tiny_paths: dict) -> dict[str, Case]:
         "draft_p_min-too-high": Case(400, chat(draft_p_min=1.5), "draft_p_min"),
         "draft_policy-unknown": Case(400, chat(draft_policy="bogus"), "draft_policy"),
         "return_token_sources-string": Case(400, chat(return_token_sources="yes"), "return_token_sources"),
-        "logprobs-unsupported": Case(400, chat(logprobs=True)),
-        "presence_penalty-unsupported": Case(400, chat(presence_penalty=0.5), "presence_penalty"),
         "tool-parameters-not-object": Case(400, chat(tools=[{"type": "function", "function": {
             "name": "f", "parameters": {"type": "array"}}}]), "tools[0].function.parameters"),
         "tool-parameters-bad-property": Case(400, chat(tools=[{"type": "function", "function": {
@@ -125,6 +123,17 @@ def _cases(tiny_paths: dict) -> dict[str, Case]:
         "tool_choice-bogus": Case(400, chat(tool_choice="always"), "tool_choice"),
         "tool-message-without-id": Case(400, chat(messages=[{"role": "user", "content": "x"},
                                                             {"role": "tool", "content": "42"}]), "messages[1].tool_call_id"),
+        "logprobs-number": Case(400, chat(logprobs=1), "logprobs"),
+        "top_logprobs-without-logprobs": Case(400, chat(top_logprobs=3), "top_logprobs"),
+        "top_logprobs-too-many": Case(400, chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+        "presence_penalty-too-high": Case(400, chat(presence_penalty=2.5), "presence_penalty"),
+        "frequency_penalty-too-low": Case(400, chat(frequency_penalty=-3), "frequency_penalty"),
+        "repeat_penalty-zero": Case(400, chat(repeat_penalty=0), "repeat_penalty"),
+        "repeat_last_n-too-low": Case(400, chat(repeat_last_n=-2), "repeat_last_n"),
+        "logit_bias-bad-key": Case(400, chat(logit_bias={"hello": 5}), "logit_bias"),
+        "logit_bias-too-large": Case(400, chat(logit_bias={"5": 101}), "logit_bias"),
+        "logit_bias-not-a-number": Case(400, chat(logit_bias={"5": "1"}), "logit_bias"),
+        "logit_bias-out-of-vocab": Case(400, chat(logit_bias={"999999999": 1}), "logit_bias"),
         "response_format-unsupported": Case(400, chat(response_format={"type": "json_object"})),
         # -- names that cannot be used
         "unknown-model": Case(404, chat(model="gpt-4"), "model", code="model_not_found"),
@@ -142,6 +151,8 @@ def _cases(tiny_paths: dict) -> dict[str, Case]:
                                            code="context_length_exceeded", path=TEXT),
         "echo-unsupported": Case(400, text(echo=True), path=TEXT),
         "best_of-unsupported": Case(400, text(best_of=3), path=TEXT),
+        "text-logprobs-too-many": Case(400, text(logprobs=6), "logprobs", path=TEXT),
+        "text-logprobs-bool": Case(400, text(logprobs=True), "logprobs", path=TEXT),
         "text-unknown-model": Case(404, text(model="davinci"), "model", path=TEXT),
         # -- authentication and routing
         "no-api-key": Case(401, chat(), headers={}, code="missing_api_key"),

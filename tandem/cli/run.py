@@ -13,12 +13,15 @@ from rich.text import Text
 from tandem.cli.options import add_options, build, explicit
 from tandem.cli.progress import load_progress
 from tandem import chat
-from tandem.config import ModelOptions, RegistryOptions, SamplingOptions, SpecOptions
+from tandem.config import ModelOptions, PenaltyOptions, RegistryOptions, SamplingOptions, SpecOptions
 from tandem.errors import BadInputError
 from tandem.models.library import Library
 from tandem.engine.llama import Model
 from tandem.runtime import Runtime, chat_format, resolve_paths
-from tandem.spec.generate import Done, GenParams
+from tandem.spec.generate import Done, GenParams, Token
+from tandem.spec.logprobs import MAX_TOP
+from tandem.spec.penalties import penalty_processors
+from tandem.spec.processors import Processors
 from tandem.spec.sampling import SamplingParams
 
 SOURCE_STYLES = {"draft": "green", "guess": "cyan"}
@@ -35,9 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-prompt", action="store_true",
                    help="print the prompt the model would get (the chat template applied; with --raw, the text as "
                         "is) and exit without generating; a template fallback is reported on standard error")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (-100 to 100) to token ID's logit (repeatable; OpenAI's logit_bias)")
+    p.add_argument("--logprobs", type=int, metavar="N",
+                   help=f"with --json: each token's log probability and the N (0-{MAX_TOP}) most likely tokens")
     add_options(p, ModelOptions)
     add_options(p, SpecOptions)
     add_options(p, SamplingOptions)
+    add_options(p, PenaltyOptions)
     add_options(p, RegistryOptions)
 
 
@@ -51,9 +59,12 @@ def main(args: argparse.Namespace) -> int:
     models, spec = lib.resolve(build(ModelOptions, args), build(SpecOptions, args), explicit(args))
     if args.show_prompt:
         return _show_prompt(models, prompt, raw=args.raw, err=err)
+    processors = Processors(penalty_processors(**vars(build(PenaltyOptions, args)),
+                                               logit_bias=_logit_bias(args.logit_bias)))
     gp = GenParams(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop),
                    draft_max=spec.draft_max, draft_min=spec.draft_min, draft_p_min=spec.draft_p_min,
-                   draft_policy=spec.draft_policy, spare_guess=spec.spare_guess)
+                   draft_policy=spec.draft_policy, spare_guess=spec.spare_guess, processors=processors,
+                   logprobs=args.logprobs)
     with load_progress(err, quiet=args.json) as progress:
         rt = Runtime(models, spec=spec, announce=lambda s: err.print(s), progress=progress)
     tokens = rt.prompt(text=prompt, raw=args.raw)
@@ -67,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
                 if not args.json:
                     out.print(ev.tail, end="")
             break
-        records.append({"id": ev.id, "text": ev.text, "source": ev.source})
+        records.append({"id": ev.id, "text": ev.text, "source": ev.source, **_logprob_fields(ev)})
         if not args.json:
             out.print(Text(ev.text, style=SOURCE_STYLES.get(ev.source, "")), end="")
     if args.json:
@@ -96,3 +107,27 @@ def _show_prompt(models: ModelOptions, prompt: str, *, raw: bool, err: Console) 
     sys.stdout.write(text)
     sys.stdout.flush()
     return 0
+
+
+def _logit_bias(items: list[str]) -> dict[str, object]:
+    """--logit-bias ID=BIAS flags as OpenAI's logit_bias mapping (its values checked by LogitBias)."""
+    out: dict[str, object] = {}
+    for item in items:
+        token, sep, value = item.partition("=")
+        try:
+            out[token.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise BadInputError(f"--logit-bias {item!r} is not ID=BIAS", "e.g. --logit-bias 50256=-100",
+                                param="logit_bias")
+    return out
+
+
+def _logprob_fields(ev: Token) -> dict[str, object]:
+    """A token's log probability and the most likely tokens at its position, for --json with --logprobs."""
+    if ev.logprob is None:
+        return {}
+    return {"logprob": ev.logprob.chosen.logprob,
+            "top_logprobs": [{"id": t.token, "text": t.bytes.decode("utf-8", errors="replace"), "logprob": t.logprob}
+                             for t in ev.logprob.top]}

@@ -37,6 +37,8 @@ from tandem.server.templating import template_router
 from tandem.server.web import PAGES, web_router
 from tandem.server.worker import SERVING, Engine, EngineStatus, JobHandle, JobSpec, ModelInfo, not_ready_error
 from tandem.spec.generate import Done, GenParams
+from tandem.spec.penalties import DEFAULT_REPEAT_LAST_N, penalty_processors
+from tandem.spec.processors import Processors
 from tandem.spec.sampling import SamplingParams
 from tandem.templates import ChatFormat
 
@@ -105,7 +107,13 @@ def _gen_params(req: ChatRequest | CompletionRequest, max_tokens: int, spec: Spe
         if name not in _GEN_FIELDS:
             raise BadInputError(f"{name} is not supported by this server", f"omit {name}", param=name)
         knobs[name] = value
-    return GenParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_list, **knobs)
+    penalties = penalty_processors(
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        repeat_penalty=1.0 if req.repeat_penalty is None else req.repeat_penalty,
+        repeat_last_n=DEFAULT_REPEAT_LAST_N if req.repeat_last_n is None else req.repeat_last_n,
+        logit_bias=req.logit_bias)
+    return GenParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_list, processors=Processors(penalties),
+                     logprobs=req.logprob_count, **knobs)
 
 
 async def _stream(handle: JobHandle, first: list, builder: Builder, include_usage: bool) -> AsyncIterator[str]:
@@ -221,7 +229,8 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         Waiting for the first event before answering means errors found by the engine (unknown or
         incompatible draft, prompt over the context) still get their HTTP status, even when streaming.
         """
-        builder = Builder(job.endpoint, model_id, token_sources=req.return_token_sources)
+        builder = Builder(job.endpoint, model_id, token_sources=req.return_token_sources,
+                          logprobs=req.logprob_count is not None)
         handle = engine.submit(job)
         try:
             first = [await handle.next(request.is_disconnected)]

@@ -9,9 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tandem.server.logprobs import chat_logprobs, text_length, text_logprobs
 from tandem.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, Completion, Delta,
                                    PromptTokensDetails, TextChoice, TokenSource, Usage)
 from tandem.spec.generate import Done, Token
+from tandem.spec.logprobs import TokenLogprob
 from tandem.spec.stats import SpecStats
 from tandem.tools import Parsed, ToolRequest, ToolStream, call_deltas, parse
 
@@ -31,11 +33,12 @@ def usage(stats: SpecStats) -> Usage:
 
 @dataclass
 class Piece:
-    """Text of some consecutive events, its per-token sources, and the Done event if it came."""
+    """Text of some consecutive events, its per-token sources and logprobs, and the Done event if it came."""
 
     text: str = ""
     sources: list[TokenSource] = field(default_factory=list)
     done: Done | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @classmethod
     def of(cls, events: Sequence[Token | Done]) -> Piece:
@@ -46,6 +49,8 @@ class Piece:
             if text:
                 parts.append(text)
                 out.sources.append(TokenSource(text=text, source=source))
+            if isinstance(ev, Token) and ev.logprob is not None:
+                out.logprobs.append(ev.logprob)
             if isinstance(ev, Done):
                 out.done = ev
                 break
@@ -62,11 +67,13 @@ def sse(obj: dict[str, Any] | str) -> str:
 class Builder:
     """Builds the bodies of one response: chat or text completion, whole or chunked."""
 
-    def __init__(self, endpoint: str, model: str, *, token_sources: bool):
+    def __init__(self, endpoint: str, model: str, *, token_sources: bool, logprobs: bool = False):
         self.chat = endpoint == "chat"
         self.model = model
         self.token_sources = token_sources
         self._tools: ToolStream | None = None
+        self.logprobs = logprobs
+        self._offset = 0  # a streamed text completion's text_offset so far
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
@@ -82,6 +89,16 @@ class Builder:
     def _sources(self, piece: Piece) -> dict[str, Any]:
         return {"token_sources": piece.sources} if self.token_sources else {}
 
+    def _logprobs(self, piece: Piece, chunk: bool = False) -> Any:
+        """The choice's logprobs for the piece's tokens: None when not asked for, or on a chunk without tokens."""
+        if not self.logprobs or (chunk and not piece.logprobs):
+            return None
+        if self.chat:
+            return chat_logprobs(piece.logprobs)
+        out = text_logprobs(piece.logprobs, self._offset)
+        self._offset += text_length(piece.logprobs)
+        return out
+
     def _extras(self, stats: SpecStats) -> dict[str, Any]:
         return {"usage": usage(stats), "stats": stats.to_dict(), "timings": stats.timings()}
 
@@ -95,10 +112,11 @@ class Builder:
             calls = {"tool_calls": [c.to_openai() for c in found.calls]} if found.calls else {}
             message = AssistantMessage(role="assistant", content=found.content, **calls)
             reason = "tool_calls" if found.calls else reason
-            choice: Any = ChatChoice(index=0, message=message, finish_reason=reason, logprobs=None,
+            choice: Any = ChatChoice(index=0, message=message, finish_reason=reason, logprobs=self._logprobs(piece),
                                      **self._sources(piece))
             return self._obj("chat.completion", [choice], **self._extras(stats))
-        choice = TextChoice(index=0, text=piece.text, finish_reason=reason, logprobs=None, **self._sources(piece))
+        choice = TextChoice(index=0, text=piece.text, finish_reason=reason, logprobs=self._logprobs(piece),
+                            **self._sources(piece))
         return self._obj("text_completion", [choice], **self._extras(stats))
 
     def _chunk(self, piece: Piece, *, role: bool = False, finish: str | None = None,
@@ -107,10 +125,11 @@ class Builder:
             delta = Delta(role="assistant", content=piece.text) if role else Delta(content=piece.text)
             if finish is not None and not piece.text:
                 delta = Delta()
-            choice: Any = ChatChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=None,
-                                          **self._sources(piece))
+            choice: Any = ChatChunkChoice(index=0, delta=delta, finish_reason=finish,
+                                          logprobs=self._logprobs(piece, chunk=True), **self._sources(piece))
             return self._obj("chat.completion.chunk", [choice], **(extras or {}))
-        choice = TextChoice(index=0, text=piece.text, finish_reason=finish, logprobs=None, **self._sources(piece))
+        choice = TextChoice(index=0, text=piece.text, finish_reason=finish, logprobs=self._logprobs(piece, chunk=True),
+                            **self._sources(piece))
         return self._obj("text_completion", [choice], **(extras or {}))
 
     def _call_chunks(self, rest: Parsed) -> list[str]:
@@ -127,14 +146,12 @@ class Builder:
         if first and self.chat:
             lines.append(sse(self._chunk(Piece(), role=True)))
         text = piece.text if self._tools is None else self._tools.feed(piece.text)
-        text_piece = Piece(text, piece.sources)
+        text_piece = Piece(text, piece.sources, logprobs=piece.logprobs)
+        if text or piece.logprobs:  # a token whose text is pending still sends its logprobs
+            lines.append(sse(self._chunk(text_piece)))
         if piece.done is None:
-            if text:
-                lines.append(sse(self._chunk(text_piece)))
             return lines
         stats = piece.done.stats
-        if text:
-            lines.append(sse(self._chunk(text_piece)))
         finish = finish_reason(stats.stop_reason) or "stop"
         if self._tools is not None:
             rest = self._tools.finish()

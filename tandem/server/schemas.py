@@ -1,7 +1,7 @@
 """OpenAI-shaped request and response models.
 
 Requests are strict (no "10" for an int, no 1 for a bool), ignore unknown fields, and reject values
-of known fields that Tandem does not support (n != 1, logprobs, penalties, ...) with a 400.
+of known fields that Tandem does not support (n != 1, ...) with a 400.
 Responses are dumped with `exclude_unset`, so optional extensions (token_sources) appear only when set.
 
 The JSON schemas of the request models are what GET /openapi.json publishes (see tandem.server.openapi). Where
@@ -17,6 +17,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSche
                       model_validator)
 
 from tandem.chat import ROLES
+from tandem.errors import BadInputError
+from tandem.spec.logprobs import MAX_TOP
+from tandem.spec.penalties import LogitBias
 from tandem.tools import ToolRequest, tool_schema_problem
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
@@ -185,11 +188,12 @@ class _GenRequest(_Strict):
     draft_policy: str | None = Field(None, min_length=1)
     return_token_sources: bool = False
     cache_prompt: bool | None = None  # llama-server's name: false decodes the whole prompt again
-    # Known OpenAI fields whose non-default values are not supported (checked in _unsupported).
-    logprobs: Annotated[Any, WithJsonSchema({"enum": [False, 0, None]})] = None
-    presence_penalty: Annotated[float | None, _schema({"const": 0})] = None
-    frequency_penalty: Annotated[float | None, _schema({"const": 0})] = None
-    logit_bias: Annotated[dict[str, Any] | None, _schema({"type": "object", "maxProperties": 0})] = None
+    # Penalties and biases (tandem.spec.penalties); repeat_penalty and repeat_last_n are llama-server's.
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    logit_bias: dict[str, Any] | None = None
+    repeat_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    repeat_last_n: int | None = Field(None, ge=-1)
 
     @field_validator("n")
     @classmethod
@@ -205,25 +209,18 @@ class _GenRequest(_Strict):
             raise ValueError(f"at most 16 stop strings are supported, got {len(v)}")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        if v:
-            raise ValueError("repetition penalties are not supported (they would change the main model's "
-                             "distribution); omit the field or send 0")
-        return v
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, v: dict | None) -> dict | None:
+    def _bias(cls, v: dict | None) -> dict | None:
         if v:
-            raise ValueError("logit_bias is not supported; omit the field")
+            try:
+                LogitBias.parse(v)
+            except BadInputError as e:
+                raise ValueError(e.message.removeprefix("logit_bias: ")) from e
         return v
 
     @model_validator(mode="after")
     def _check(self) -> _GenRequest:
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs are not supported; omit the field")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         if self.draft_min is not None and self.draft_max is not None and self.draft_min > self.draft_max:
@@ -251,7 +248,8 @@ class ChatRequest(_GenRequest):
     parallel_tool_calls: bool = True
     response_format: Annotated[dict[str, Any] | None,
                                _schema({"type": "object", "properties": {"type": {"const": "text"}}})] = None
-    top_logprobs: Annotated[int | None, _schema({"const": 0})] = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP)
 
     @model_validator(mode="after")
     def _chat_check(self) -> ChatRequest:
@@ -266,9 +264,19 @@ class ChatRequest(_GenRequest):
             raise ValueError("tool_choice 'required' needs tools; send tools or use 'auto'")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported; use 'text'")
-        if self.top_logprobs:
-            raise ValueError("top_logprobs is not supported; omit the field")
         return self
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true; send both, or omit top_logprobs")
+        return v
+
+    @property
+    def logprob_count(self) -> int | None:
+        """GenParams.logprobs: the alternatives per token, None when logprobs are off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -297,6 +305,7 @@ class CompletionRequest(_GenRequest):
     echo: Annotated[bool, WithJsonSchema({"const": False})] = False
     best_of: Annotated[int | None, _schema({"const": 1})] = None
     suffix: Annotated[str | None, _schema({"const": ""})] = None
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API: the alternatives per token, up to 5
 
     @field_validator("prompt")
     @classmethod
@@ -324,6 +333,11 @@ class CompletionRequest(_GenRequest):
     def token_limit(self) -> int:
         return self.max_tokens or 16  # OpenAI's default for text completions
 
+    @property
+    def logprob_count(self) -> int | None:
+        """GenParams.logprobs: the alternatives per token, None when logprobs are off."""
+        return self.logprobs
+
     def prompt_value(self) -> str | list[int]:
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
             return self.prompt[0]  # type: ignore[return-value]
@@ -347,6 +361,31 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """A chat choice's logprobs: one entry per token."""
+
+    content: list[ChatTokenLogprob] | None
+
+
+class TextLogprobs(BaseModel):
+    """A text completion choice's logprobs (the legacy shape): parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
@@ -357,7 +396,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None
+    logprobs: ChatLogprobs | None
     token_sources: list[TokenSource] | None = None
 
 
@@ -371,7 +410,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None
-    logprobs: None
+    logprobs: ChatLogprobs | None
     token_sources: list[TokenSource] | None = None
 
 
@@ -379,7 +418,7 @@ class TextChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None
+    logprobs: TextLogprobs | None
     token_sources: list[TokenSource] | None = None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ import numpy as np
 from tandem.engine.llama import Context, SeqRows
 from tandem.errors import BadInputError, ContextOverflowError
 from tandem.spec.drafters import Drafter
+from tandem.spec.logprobs import MAX_TOP, TokenLogprob, token_logprob
 from tandem.spec.costs import CostModel
 from tandem.spec.ngram import NgramDrafter
 from tandem.spec.policy import POLICIES, DraftPolicy, make_policy
@@ -56,6 +58,9 @@ class GenParams:
     processors: Processors = NONE
     """Logits processors (penalties, biases, a grammar) shaping every row the main model chooses or verifies a
     token from, and every row the draft model samples from (tandem.spec.processors). Per generation."""
+    logprobs: int | None = None
+    """Log probabilities (tandem.spec.logprobs): None, off (nothing is computed); n (0-20), each Token carries
+    its own and the n most likely tokens' at its position."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -70,6 +75,9 @@ class GenParams:
         if self.draft_policy not in POLICIES:
             raise BadInputError(f"draft_policy must be one of {', '.join(POLICIES)}, got {self.draft_policy!r}",
                                 "use adaptive (the default) or fixed", param="draft_policy")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP:
+            raise BadInputError(f"logprobs must be between 0 and {MAX_TOP} top entries, got {self.logprobs}",
+                                "ask for fewer alternatives per token", param="logprobs")
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class Token:
     id: int
     text: str
     source: str  # "main", "draft" (proposed by the drafter, accepted) or "guess" (a plain step's spare-row guess)
+    logprob: TokenLogprob | None = None  # the main model's log probabilities here, when GenParams.logprobs asks
 
 
 @dataclass(frozen=True)
@@ -101,9 +110,10 @@ class _Output:
         self.done = True
         self.stats.stop_reason = reason
 
-    def emit(self, tokens: Sequence[int], n_draft: int, source: str = "draft") -> Iterator[Token]:
+    def emit(self, tokens: Sequence[int], n_draft: int, source: str = "draft",
+             rows: np.ndarray | None = None) -> Iterator[Token]:
         """Yield tokens (the first n_draft came from the drafter, or were a guess) until a stop; count unused
-        drafts as ignored."""
+        drafts as ignored. rows[i] is the processed row token i was chosen or verified from (for logprobs)."""
         used = 0
         for i, tok in enumerate(tokens):
             used = i + 1
@@ -111,7 +121,9 @@ class _Output:
                 self.finish("eos")
                 break
             self.stats.generated_tokens += 1
-            yield Token(tok, self.text.push(self.model.piece(tok)), source if i < n_draft else "main")
+            lp = (token_logprob(rows[i], tok, self.gp.logprobs, self.model.piece)
+                  if rows is not None and self.gp.logprobs is not None else None)
+            yield Token(tok, self.text.push(self.model.piece(tok)), source if i < n_draft else "main", lp)
             if self.text.stopped:
                 self.finish("stop")
                 break
@@ -305,6 +317,8 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         raise ContextOverflowError(
             f"the prompt has {len(prompt)} tokens but the context holds {n_ctx}",
             "shorten the prompt or start with a larger --ctx-size", param="messages", code="context_length_exceeded")
+    if gp.processors:  # bind the processors to this generation (where its output starts, the vocabulary)
+        gp = dataclasses.replace(gp, processors=gp.processors.start(prompt, main.model.n_vocab))
     stats = SpecStats(prompt_tokens=len(prompt), draft_model=drafter.name if drafter else None)
     # The main KV cache may still hold the start of this prompt (the previous turn of a chat): reuse it, but
     # decode at least the last two prompt tokens (the last one's logits choose the first token; two rows take the
@@ -330,14 +344,15 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
     except BaseException:
         main.rollback(reuse, seq_id=seq_id)
         raise
-    history = [*prompt, _pick(gp.processors.row(prompt, first[0]), gp.sampling, rng)]
+    first_row = gp.processors.row(prompt, first[0])
+    history = [*prompt, _pick(first_row, gp.sampling, rng)]
     if spec is not None:
         # 1b. Catch the drafter up on the prompt now if it is to draft at the first step (a drafter keeps what
         # it holds of a shared prefix too).
         drafter.reset(history if gp.cache_prompt else None)
         spec.prefill(history, min(gp.draft_max, gp.max_tokens - 1))
     stats.prompt_time = time.perf_counter() - t0
-    yield from out.emit(history[-1:], 0)
+    yield from out.emit(history[-1:], 0, rows=first_row[None])
     while not out.done:
         n_past = len(history) - 1  # the main KV holds everything but the newest token
         # 2. Stop when asked to, or when the context has no room for the newest token.
@@ -381,7 +396,7 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         if spec is not None:
             spec.verified(n_drafted, 0 if guess else result.accepted, t_verify)
         # 7. Emit the accepted drafts (or guess) and the main model's own token; stop early if needed.
-        yield from out.emit(new, result.accepted, "guess" if guess else "draft")
+        yield from out.emit(new, result.accepted, "guess" if guess else "draft", rows=logits)
         history.extend(new)
     stats.generation_time = time.perf_counter() - t0 - stats.prompt_time
     yield Done(stats, out.text.flush())

@@ -4,7 +4,8 @@
 Terms: a *processor* maps (history, logits row) to the row the token at that position is chosen from; the
 *history* is everything before the position (prompt, output so far, and the draft tokens before it in a
 verification batch). A processor may keep state (a grammar matcher) as long as it follows the history it is
-given, forward or back (rollback), and is used by one generation only.
+given, forward or back (rollback), and is used by one generation only. A processor that depends on where the
+output starts, or on the model's vocabulary, is *bound* to the generation when it starts (for_prompt()).
 
 Lossless speculation needs only that every row the main model verifies is processed with its own history:
 verify() then compares the draft against the processed distribution p, whatever the draft proposed. The draft
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -28,6 +29,15 @@ class LogitsProcessor(Protocol):
         """The processed row for the position after `history`; may change `logits` in place and return it."""
 
 
+@runtime_checkable
+class PromptBound(Protocol):
+    """A processor that is bound to a generation when it starts (the penalties: the output starts after the
+    prompt; a logit bias: its ids are checked against the vocabulary)."""
+
+    def for_prompt(self, prompt: Sequence[int], n_vocab: int) -> LogitsProcessor:
+        """The processor for a generation from `prompt` with a main model of n_vocab tokens."""
+
+
 @dataclass(frozen=True)
 class Processors:
     """The processors of one generation, applied in order."""
@@ -37,6 +47,11 @@ class Processors:
 
     def __bool__(self) -> bool:
         return bool(self.chain)
+
+    def start(self, prompt: Sequence[int], n_vocab: int) -> Processors:
+        """The chain of one generation from `prompt`: PromptBound processors bound to it, others as they are."""
+        return Processors(tuple(p.for_prompt(prompt, n_vocab) if isinstance(p, PromptBound) else p
+                                for p in self.chain))
 
     def row(self, history: Sequence[int], logits: np.ndarray) -> np.ndarray:
         """One processed row: the distribution after `history`."""
