@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -28,6 +28,18 @@ class LogitsProcessor(Protocol):
         """The processed row for the position after `history`; may change `logits` in place and return it."""
 
 
+@runtime_checkable
+class GuidingProcessor(LogitsProcessor, Protocol):
+    """A processor that can also say which tokens come next for sure, and which proposed tokens it allows (a
+    grammar): generation drafts the forced tokens and cuts drafts at the first refused token."""
+
+    def forced(self, history: Sequence[int]) -> list[int]:
+        """Tokens every allowed continuation of `history` starts with (may be empty)."""
+
+    def admissible(self, history: Sequence[int], tokens: Sequence[int]) -> int:
+        """How many of `tokens`, proposed after `history`, are allowed, in order."""
+
+
 @dataclass(frozen=True)
 class Processors:
     """The processors of one generation, applied in order."""
@@ -37,6 +49,25 @@ class Processors:
 
     def __bool__(self) -> bool:
         return bool(self.chain)
+
+    def then(self, proc: LogitsProcessor) -> Processors:
+        """This chain with `proc` applied last."""
+        return Processors((*self.chain, proc))
+
+    def forced(self, history: Sequence[int]) -> list[int]:
+        """The tokens the first guiding processor forces after `history` ([] when none guides)."""
+        for proc in self.chain:
+            if isinstance(proc, GuidingProcessor):
+                return proc.forced(history)
+        return []
+
+    def admissible(self, history: Sequence[int], tokens: Sequence[int]) -> int:
+        """How many of `tokens` every guiding processor allows after `history` (all when none guides)."""
+        n = len(tokens)
+        for proc in self.chain:
+            if isinstance(proc, GuidingProcessor) and n:
+                n = min(n, proc.admissible(history, tokens[:n]))
+        return n
 
     def row(self, history: Sequence[int], logits: np.ndarray) -> np.ndarray:
         """One processed row: the distribution after `history`."""
