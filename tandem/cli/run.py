@@ -1,11 +1,12 @@
-"""`tandem run`: one generation on the terminal; accepted draft tokens in green (spare-row guesses in cyan),
-then a stats line."""
+"""`tandem run`: one generation on the terminal; accepted draft tokens in green (spare-row guesses in cyan,
+tokens a grammar forced in magenta), then a stats line."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
@@ -17,9 +18,10 @@ from tandem.errors import BadInputError
 from tandem.models.library import Library
 from tandem.runtime import Runtime
 from tandem.spec.generate import Done, GenParams
+from tandem.spec.grammar import Grammar
 from tandem.spec.sampling import SamplingParams
 
-SOURCE_STYLES = {"draft": "green", "guess": "cyan"}
+SOURCE_STYLES = {"draft": "green", "guess": "cyan", "grammar": "magenta"}
 """Terminal style of a token by its source (main-model tokens are unstyled)."""
 
 
@@ -30,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and stats")
     p.add_argument("--no-color", action="store_true", help="plain text output")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid against this JSON Schema")
+    p.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF (or Lark) grammar")
     add_options(p, ModelOptions)
     add_options(p, SpecOptions)
     add_options(p, SamplingOptions)
@@ -44,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     sampling = SamplingParams(**vars(build(SamplingOptions, args)))
     lib = Library.open(build(RegistryOptions, args), extra=(args.model, args.draft))
     models, spec = lib.resolve(build(ModelOptions, args), build(SpecOptions, args), explicit(args))
-    gp = GenParams(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop),
+    gp = GenParams(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop), grammar=_grammar(args),
                    draft_max=spec.draft_max, draft_min=spec.draft_min, draft_p_min=spec.draft_p_min,
                    draft_policy=spec.draft_policy, spare_guess=spec.spare_guess)
     with load_progress(err, quiet=args.json) as progress:
@@ -74,3 +78,19 @@ def main(args: argparse.Namespace) -> int:
               + (f"guesses {stats.guesses_accepted} of {stats.guessed} right · " if stats.guessed else "") +
               f"stop {stats.stop_reason}[/dim]")
     return 0
+
+
+def _grammar(args: argparse.Namespace) -> Grammar | None:
+    """The constraint --json-schema or --grammar names (None: free text)."""
+    if args.json_schema and args.grammar:
+        raise BadInputError("--json-schema and --grammar both constrain the output", "pass only one of them",
+                            param="grammar")
+    name, path = ("json_schema", args.json_schema) if args.json_schema else ("grammar", args.grammar)
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise BadInputError(f"cannot read {path}: {e.strerror}", "pass the path of a readable text file",
+                            param=name) from e
+    return Grammar.json_schema(text, param=name) if name == "json_schema" else Grammar.gbnf(text, param=name)

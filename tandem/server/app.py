@@ -29,6 +29,7 @@ from tandem.server.models import ModelDirectory, ModelSource
 from tandem.server.options import ServerOptions
 from tandem.server.responses import Builder, Piece, sse
 from tandem.server.schemas import ChatRequest, CompletionRequest, ModelCard, ModelList
+from tandem.server.structured import grammar_of
 from tandem.server.web import PAGES, web_router
 from tandem.server.worker import SERVING, Engine, EngineStatus, JobHandle, JobSpec, ModelInfo, not_ready_error
 from tandem.spec.generate import Done, GenParams
@@ -92,7 +93,8 @@ def _gen_params(req: ChatRequest | CompletionRequest, max_tokens: int, spec: Spe
         if name not in _GEN_FIELDS:
             raise BadInputError(f"{name} is not supported by this server", f"omit {name}", param=name)
         knobs[name] = value
-    return GenParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_list, **knobs)
+    return GenParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_list,
+                     grammar=grammar_of(req.response_format, req.grammar, req.json_schema), **knobs)
 
 
 async def _stream(handle: JobHandle, first: list, builder: Builder, include_usage: bool) -> AsyncIterator[str]:

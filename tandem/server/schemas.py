@@ -78,6 +78,11 @@ class _GenRequest(_Strict):
     draft_policy: str | None = Field(None, min_length=1)
     return_token_sources: bool = False
     cache_prompt: bool | None = None  # llama-server's name: false decodes the whole prompt again
+    # Structured output (tandem.server.structured): OpenAI's response_format; llama-server's grammar (GBNF or
+    # Lark) and json_schema.
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
     # Known OpenAI fields whose non-default values are not supported (checked in _unsupported).
     logprobs: Any = None
     presence_penalty: float | None = None
@@ -140,15 +145,12 @@ class ChatRequest(_GenRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
     top_logprobs: int | None = None
 
     @model_validator(mode="after")
     def _chat_check(self) -> ChatRequest:
         if self.tools:
             raise ValueError("tools are not supported; omit the field")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported; use 'text'")
         if self.top_logprobs:
             raise ValueError("top_logprobs is not supported; omit the field")
         return self
@@ -204,7 +206,7 @@ class CompletionRequest(_GenRequest):
 # -- responses ------------------------------------------------------------------------------------
 class TokenSource(BaseModel):
     text: str
-    source: Literal["draft", "guess", "main"]
+    source: Literal["draft", "grammar", "guess", "main"]
 
 
 class PromptTokensDetails(BaseModel):
