@@ -274,10 +274,14 @@ class Model:
         """llguidance's tokenizer over this vocabulary, the end-of-generation tokens as its EOS (grammar masks,
         tandem.spec.grammar). Built on first use (about a second for 50k tokens) and kept."""
         if self._grammar_tokenizer is None:
+            import warnings
+
             from llguidance.llamacpp import lltokenizer_from_vocab
 
-            self._grammar_tokenizer = lltokenizer_from_vocab(self._vocab, n_vocab=self.n_vocab,
-                                                             eos_token=sorted(self._eog))
+            with warnings.catch_warnings():  # it reads token attributes through a name llama-cpp-python deprecated
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._grammar_tokenizer = lltokenizer_from_vocab(self._vocab, n_vocab=self.n_vocab,
+                                                                 eos_token=sorted(self._eog))
         return self._grammar_tokenizer
 
     def close(self) -> None:
