@@ -20,7 +20,7 @@ from tandem.spec.ngram import NgramDrafter
 from tandem.spec.processors import Processors
 from tandem.spec.sampling import SamplingParams
 
-PARAMS = ContextParams(n_ctx=1024, n_batch=256, n_threads=2)
+PARAMS = ContextParams(n_ctx=1024, n_batch=256, n_threads=1)  # steady under a shared CPU
 GREEDY = SamplingParams(temperature=0.0)
 
 
