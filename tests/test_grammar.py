@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from typing import Literal
 
 import numpy as np
@@ -217,3 +219,27 @@ def test_bad_grammars_are_bad_input(make):
     with pytest.raises(BadInputError) as e:
         make()
     assert e.value.param in ("response_format", "grammar") and e.value.fix
+
+
+def test_lark_and_gbnf_text_both_compile():
+    assert Grammar.gbnf('start: "a" | "b"').kind == "gbnf"  # Lark text through the GBNF entry
+    assert Grammar.lark('start: "a" | "b"').kind == "lark"
+
+
+def test_tandem_run_with_a_json_schema_and_a_grammar_file(tiny, tmp_path):
+    schema, gbnf = tmp_path / "s.json", tmp_path / "g.gbnf"
+    schema.write_text(json.dumps(_strict(Person)))
+    gbnf.write_text('root ::= ("yes" | "no") "!"')
+
+    def run(*args: str) -> dict:
+        r = subprocess.run([sys.executable, "-m", "tandem", "run", "--model", str(tiny["main"]), "--draft", "none",
+                            "--prompt", "Ann is 31.", "--temperature", "0", "--threads", "1", "--max-tokens", "120",
+                            "--json", *args],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    out = run("--json-schema", str(schema))
+    Person.model_validate_json(out["text"])
+    assert out["stats"]["accepted_draft_tokens_count"] == sum(t["source"] == "grammar" for t in out["tokens"]) > 0
+    assert run("--grammar", str(gbnf))["text"] in ("yes!", "no!")
