@@ -114,7 +114,10 @@ def _cases(tiny_paths: dict) -> dict[str, Case]:
         "logprobs-unsupported": Case(400, chat(logprobs=True)),
         "presence_penalty-unsupported": Case(400, chat(presence_penalty=0.5), "presence_penalty"),
         "tools-unsupported": Case(400, chat(tools=[{"type": "function", "function": {"name": "f"}}])),
-        "response_format-unsupported": Case(400, chat(response_format={"type": "json_object"})),
+        "response_format-unsupported": Case(400, chat(response_format={"type": "xml"}), "response_format.type"),
+        "response_format-bad-schema": Case(400, chat(response_format={"type": "json_schema", "json_schema": {
+            "schema": {"type": "strin"}}}), "response_format.json_schema.schema"),
+        "grammar-does-not-compile": Case(400, chat(grammar="root ::= \"a"), "grammar"),
         # -- names that cannot be used
         "unknown-model": Case(404, chat(model="gpt-4"), "model", code="model_not_found"),
         "unknown-draft": Case(404, chat(draft_model="no-such-draft"), "draft_model", code="model_not_found"),
