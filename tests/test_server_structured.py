@@ -75,7 +75,8 @@ def test_gbnf_grammar_on_completions_and_llama_server_json_schema(server):
                                             "grammar": 'root ::= ("yes" | "no") "!"'})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] in ("yes!", "no!")
-        r = c.post("/v1/completions", json={"prompt": "Ann:", "temperature": 0, "max_tokens": 60, "json_schema": PERSON})
+        r = c.post("/v1/completions", json={"prompt": "Ann:", "temperature": 0, "max_tokens": 60,
+                                            "json_schema": PERSON})
         assert r.status_code == 200, r.text
         assert set(json.loads(r.json()["choices"][0]["text"])) == {"name", "age"}
 
@@ -93,7 +94,8 @@ def test_a_schema_longer_than_max_tokens_ends_with_length_and_the_partial_text(s
      "response_format.json_schema.schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": PERSON, "strict": "yes"}}},
      "response_format.json_schema.strict"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}},
+     "response_format.json_schema.schema"),
     ({"grammar": 'root ::= "yes | "no"'}, "grammar"),
     ({"grammar": "root ::= undefined_rule"}, "grammar"),
     ({"json_schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}, "json_schema"),

@@ -71,7 +71,8 @@ def _load(path: Path) -> list[dict]:
         raise BadInputError(f"prompt file {path} does not exist", "pass --prompts FILE.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not rows or any({"id", "text", "schema"} - r.keys() for r in rows):
-        raise BadInputError(f"{path} needs one {{id, text, schema}} object per line", "see tandem/data/json_prompts.jsonl")
+        raise BadInputError(f"{path} needs one {{id, text, schema}} object per line",
+                            "see tandem/data/json_prompts.jsonl")
     return rows
 
 
@@ -134,7 +135,8 @@ def table(tally: dict[str, _Tally], n: int) -> str:
     def ratio(a: str, b: str) -> str:
         return f"{med(x / y for x, y in zip(tally[a].tps, tally[b].tps) if y):.2f}x"
 
-    lines = ["| config | tok/s (median) | vs json | vs free | valid JSON | tokens | forced accepted | drafted accepted |",
+    lines = ["| config | tok/s (median) | vs json | vs free | valid JSON | tokens | forced accepted "
+             "| drafted accepted |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, t in tally.items():
         lines.append(f"| {name} | {med(t.tps):.1f} | {ratio(name, 'json')} | {ratio(name, 'free')} | "
