@@ -243,3 +243,16 @@ def test_tandem_run_with_a_json_schema_and_a_grammar_file(tiny, tmp_path):
     Person.model_validate_json(out["text"])
     assert out["stats"]["accepted_draft_tokens_count"] == sum(t["source"] == "grammar" for t in out["tokens"]) > 0
     assert run("--grammar", str(gbnf))["text"] in ("yes!", "no!")
+
+
+def test_bench_grammar_runs_every_configuration_and_finds_them_equal(tiny, tmp_path):
+    prompts = tmp_path / "json_prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "person", "text": "Ann is 31.", "schema": _strict(Person)}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "tandem", "bench", "grammar", "--model", str(tiny["main"]), "--draft",
+                        str(tiny["draft_close"]), "--prompts", str(prompts), "--max-tokens", "40", "--reps", "1",
+                        "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"free", "json", "json+forced", "json+draft"}
+    assert "| 1/1 |" in rows["json"]  # the constrained output is valid JSON with every required property
+    assert "constrained outputs equal across json, json+forced and json+draft: yes" in r.stdout
