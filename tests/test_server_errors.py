@@ -134,7 +134,10 @@ def _cases(tiny_paths: dict) -> dict[str, Case]:
         "logit_bias-too-large": Case(400, chat(logit_bias={"5": 101}), "logit_bias"),
         "logit_bias-not-a-number": Case(400, chat(logit_bias={"5": "1"}), "logit_bias"),
         "logit_bias-out-of-vocab": Case(400, chat(logit_bias={"999999999": 1}), "logit_bias"),
-        "response_format-unsupported": Case(400, chat(response_format={"type": "json_object"})),
+        "response_format-unsupported": Case(400, chat(response_format={"type": "xml"}), "response_format.type"),
+        "response_format-bad-schema": Case(400, chat(response_format={"type": "json_schema", "json_schema": {
+            "schema": {"type": "strin"}}}), "response_format.json_schema.schema"),
+        "grammar-does-not-compile": Case(400, chat(grammar="root ::= \"a"), "grammar"),
         # -- names that cannot be used
         "unknown-model": Case(404, chat(model="gpt-4"), "model", code="model_not_found"),
         "unknown-draft": Case(404, chat(draft_model="no-such-draft"), "draft_model", code="model_not_found"),

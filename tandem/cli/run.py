@@ -1,11 +1,12 @@
-"""`tandem run`: one generation on the terminal; accepted draft tokens in green (spare-row guesses in cyan),
-then a stats line."""
+"""`tandem run`: one generation on the terminal; accepted draft tokens in green (spare-row guesses in cyan,
+tokens a grammar forced in magenta), then a stats line."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
@@ -19,12 +20,13 @@ from tandem.models.library import Library
 from tandem.engine.llama import Model
 from tandem.runtime import Runtime, chat_format, resolve_paths
 from tandem.spec.generate import Done, GenParams, Token
+from tandem.spec.grammar import Grammar
 from tandem.spec.logprobs import MAX_TOP
 from tandem.spec.penalties import penalty_processors
 from tandem.spec.processors import Processors
 from tandem.spec.sampling import SamplingParams
 
-SOURCE_STYLES = {"draft": "green", "guess": "cyan"}
+SOURCE_STYLES = {"draft": "green", "guess": "cyan", "grammar": "magenta"}
 """Terminal style of a token by its source (main-model tokens are unstyled)."""
 
 
@@ -42,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add BIAS (-100 to 100) to token ID's logit (repeatable; OpenAI's logit_bias)")
     p.add_argument("--logprobs", type=int, metavar="N",
                    help=f"with --json: each token's log probability and the N (0-{MAX_TOP}) most likely tokens")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid against this JSON Schema")
+    p.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF (or Lark) grammar")
     add_options(p, ModelOptions)
     add_options(p, SpecOptions)
     add_options(p, SamplingOptions)
@@ -61,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
         return _show_prompt(models, prompt, raw=args.raw, err=err)
     processors = Processors(penalty_processors(**vars(build(PenaltyOptions, args)),
                                                logit_bias=_logit_bias(args.logit_bias)))
-    gp = GenParams(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop),
+    gp = GenParams(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop), grammar=_grammar(args),
                    draft_max=spec.draft_max, draft_min=spec.draft_min, draft_p_min=spec.draft_p_min,
                    draft_policy=spec.draft_policy, spare_guess=spec.spare_guess, processors=processors,
                    logprobs=args.logprobs)
@@ -131,3 +135,19 @@ def _logprob_fields(ev: Token) -> dict[str, object]:
     return {"logprob": ev.logprob.chosen.logprob,
             "top_logprobs": [{"id": t.token, "text": t.bytes.decode("utf-8", errors="replace"), "logprob": t.logprob}
                              for t in ev.logprob.top]}
+
+
+def _grammar(args: argparse.Namespace) -> Grammar | None:
+    """The constraint --json-schema or --grammar names (None: free text)."""
+    if args.json_schema and args.grammar:
+        raise BadInputError("--json-schema and --grammar both constrain the output", "pass only one of them",
+                            param="grammar")
+    name, path = ("json_schema", args.json_schema) if args.json_schema else ("grammar", args.grammar)
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise BadInputError(f"cannot read {path}: {e.strerror}", "pass the path of a readable text file",
+                            param=name) from e
+    return Grammar.json_schema(text, param=name) if name == "json_schema" else Grammar.gbnf(text, param=name)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -199,6 +200,7 @@ class Model:
         self.add_bos: bool = bool(lib.llama_vocab_get_add_bos(self._vocab))
         self._eog = frozenset(t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self._vocab, t))
         self._pieces: list[bytes | None] = [None] * self.n_vocab
+        self._grammar_tokenizer: Any = None  # llguidance's view of the vocabulary, built on first use
         self.name = self.path.stem
 
     # -- facts -------------------------------------------------------------------------------
@@ -264,6 +266,25 @@ class Model:
 
     def is_eog(self, token: int) -> bool:
         return token in self._eog
+
+    @property
+    def eog_tokens(self) -> frozenset[int]:
+        """Every end-of-generation token (EOS, end of turn, ...)."""
+        return self._eog
+
+    def grammar_tokenizer(self) -> Any:
+        """llguidance's tokenizer over this vocabulary, the end-of-generation tokens as its EOS (grammar masks,
+        tandem.spec.grammar). Built on first use (about a second for 50k tokens) and kept."""
+        if self._grammar_tokenizer is None:
+            import warnings
+
+            from llguidance.llamacpp import lltokenizer_from_vocab
+
+            with warnings.catch_warnings():  # it reads token attributes through a name llama-cpp-python deprecated
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._grammar_tokenizer = lltokenizer_from_vocab(self._vocab, n_vocab=self.n_vocab,
+                                                                 eos_token=sorted(self._eog))
+        return self._grammar_tokenizer
 
     def close(self) -> None:
         if getattr(self, "_ptr", None) and not sys.is_finalizing():

@@ -34,6 +34,7 @@ from tandem.server.responses import Builder, Piece, sse
 from tandem.server.schemas import (ChatRequest, Completion, CompletionRequest, Health, LMStudioList, LMStudioModel,
                                    ModelCard, ModelList)
 from tandem.server.templating import template_router
+from tandem.server.structured import grammar_of
 from tandem.server.web import PAGES, web_router
 from tandem.server.worker import SERVING, Engine, EngineStatus, JobHandle, JobSpec, ModelInfo, not_ready_error
 from tandem.spec.generate import Done, GenParams
@@ -113,7 +114,8 @@ def _gen_params(req: ChatRequest | CompletionRequest, max_tokens: int, spec: Spe
         repeat_last_n=DEFAULT_REPEAT_LAST_N if req.repeat_last_n is None else req.repeat_last_n,
         logit_bias=req.logit_bias)
     return GenParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_list, processors=Processors(penalties),
-                     logprobs=req.logprob_count, **knobs)
+                     logprobs=req.logprob_count,
+                     grammar=grammar_of(req.response_format, req.grammar, req.json_schema), **knobs)
 
 
 async def _stream(handle: JobHandle, first: list, builder: Builder, include_usage: bool) -> AsyncIterator[str]:

@@ -188,6 +188,11 @@ class _GenRequest(_Strict):
     draft_policy: str | None = Field(None, min_length=1)
     return_token_sources: bool = False
     cache_prompt: bool | None = None  # llama-server's name: false decodes the whole prompt again
+    # Structured output (tandem.server.structured): OpenAI's response_format; llama-server's grammar (GBNF or
+    # Lark) and json_schema.
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
     # Penalties and biases (tandem.spec.penalties); repeat_penalty and repeat_last_n are llama-server's.
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
@@ -246,8 +251,6 @@ class ChatRequest(_GenRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    response_format: Annotated[dict[str, Any] | None,
-                               _schema({"type": "object", "properties": {"type": {"const": "text"}}})] = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP)
 
@@ -262,8 +265,6 @@ class ChatRequest(_GenRequest):
                              f"{names or 'the tools (none were sent)'}")
         if self.tool_choice == "required" and not names:
             raise ValueError("tool_choice 'required' needs tools; send tools or use 'auto'")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported; use 'text'")
         return self
 
     @field_validator("top_logprobs")
@@ -347,7 +348,7 @@ class CompletionRequest(_GenRequest):
 # -- responses ------------------------------------------------------------------------------------
 class TokenSource(BaseModel):
     text: str
-    source: Literal["draft", "guess", "main"]
+    source: Literal["draft", "grammar", "guess", "main"]
 
 
 class PromptTokensDetails(BaseModel):

@@ -13,6 +13,7 @@ from tandem.engine.llama import Context, SeqRows
 from tandem.errors import BadInputError, ContextOverflowError
 from tandem.spec.drafters import Drafter
 from tandem.spec.logprobs import MAX_TOP, TokenLogprob, token_logprob
+from tandem.spec.grammar import Grammar, GrammarProcessor
 from tandem.spec.costs import CostModel
 from tandem.spec.ngram import NgramDrafter
 from tandem.spec.policy import POLICIES, DraftPolicy, make_policy
@@ -61,6 +62,12 @@ class GenParams:
     logprobs: int | None = None
     """Log probabilities (tandem.spec.logprobs): None, off (nothing is computed); n (0-20), each Token carries
     its own and the n most likely tokens' at its position."""
+    grammar: Grammar | None = None
+    """A constraint the output must satisfy (JSON schema, GBNF, Lark; tandem.spec.grammar): each generation
+    applies it after `processors` through a matcher of its own."""
+    forced_drafts: bool = True
+    """With a grammar: propose the tokens it forces next as draft tokens (verified like any draft, counted as
+    drafted and accepted, token source "grammar"), ahead of the drafter's own. False: only the drafter drafts."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -86,7 +93,8 @@ class Token:
 
     id: int
     text: str
-    source: str  # "main", "draft" (proposed by the drafter, accepted) or "guess" (a plain step's spare-row guess)
+    source: str  # "main", "draft" (proposed by the drafter, accepted), "grammar" (forced by the grammar,
+    # verified) or "guess" (a plain step's spare-row guess)
     logprob: TokenLogprob | None = None  # the main model's log probabilities here, when GenParams.logprobs asks
 
 
@@ -130,7 +138,7 @@ class _Output:
             if self.stats.generated_tokens >= self.gp.max_tokens:
                 self.finish("length")
                 break
-        if n_draft > used and source == "draft":
+        if n_draft > used and source != "guess":
             self.stats.unuse(n_draft - used)
 
     @property
@@ -189,12 +197,12 @@ class _Speculator:
             self.cost.observe_catch_up(backlog, self.draft_seconds - self._step_seconds)
         return proposal if len(proposal.tokens) >= max(self.gp.draft_min, 1) else EMPTY
 
-    def verified(self, n_drafted: int, accepted: int, seconds: float) -> None:
-        """Feed the step's verification time and outcome to the cost model and the policy. A step shared with
-        other sequences teaches acceptance only: its time is the batch's (and the others' drafting), not this
-        sequence's verification."""
+    def verified(self, n_drafted: int, accepted: int, seconds: float, rows: int | None = None) -> None:
+        """Feed the step's verification time (of `rows` rows, n_drafted + 1 when None) and outcome to the cost
+        model and the policy. A step shared with other sequences teaches acceptance only: its time is the batch's
+        (and the others' drafting), not this sequence's verification."""
         if self._load == 1:
-            self.cost.observe_verify(n_drafted + 1, seconds)
+            self.cost.observe_verify(rows or n_drafted + 1, seconds)
         if self.asked > 0:
             self.policy.observe(n_drafted, accepted)
             if self._load > 1:
@@ -233,8 +241,8 @@ class _Speculation:
         self.last = self.parts[-1]
         return self.last.propose(history, max_k, rng)
 
-    def verified(self, n_drafted: int, accepted: int, seconds: float) -> None:
-        self.last.verified(n_drafted, accepted, seconds)
+    def verified(self, n_drafted: int, accepted: int, seconds: float, rows: int | None = None) -> None:
+        self.last.verified(n_drafted, accepted, seconds, rows)
 
 
 def _fresh_costs() -> Callable[[Drafter, str], CostModel]:
@@ -251,6 +259,24 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def _cut(proposal: DraftProposal, n: int) -> DraftProposal:
+    """The proposal's first n tokens."""
+    if n >= len(proposal.tokens):
+        return proposal
+    return DraftProposal(proposal.tokens[:n], proposal.probs[:n] if proposal.probs is not None else None)
+
+
+def _after_forced(forced: Sequence[int], proposal: DraftProposal) -> DraftProposal:
+    """The forced tokens, then the proposal. With draft probabilities, a forced token's distribution is all on
+    itself (it was not sampled): verification accepts it with the main model's probability of it, and samples
+    a rejection's replacement from the rest of that distribution."""
+    if proposal.probs is None:
+        return DraftProposal([*forced, *proposal.tokens])
+    onehot = np.zeros((len(forced), proposal.probs.shape[1]), dtype=proposal.probs.dtype)
+    onehot[np.arange(len(forced)), forced] = 1.0
+    return DraftProposal([*forced, *proposal.tokens], np.concatenate([onehot, proposal.probs]))
 
 
 def _pick(logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator) -> int:
@@ -319,6 +345,9 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
             "shorten the prompt or start with a larger --ctx-size", param="messages", code="context_length_exceeded")
     if gp.processors:  # bind the processors to this generation (where its output starts, the vocabulary)
         gp = dataclasses.replace(gp, processors=gp.processors.start(prompt, main.model.n_vocab))
+    if gp.grammar is not None:  # this generation's own matcher, applied last
+        gp = dataclasses.replace(gp, processors=gp.processors.then(GrammarProcessor(main.model, gp.grammar)),
+                                 grammar=None)
     stats = SpecStats(prompt_tokens=len(prompt), draft_model=drafter.name if drafter else None)
     # The main KV cache may still hold the start of this prompt (the previous turn of a chat): reuse it, but
     # decode at least the last two prompt tokens (the last one's logits choose the first token; two rows take the
@@ -362,9 +391,17 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         if n_past + 1 > n_ctx:
             out.finish("context")
             break
-        # 3. Draft as many tokens as the policy finds worth it (0: a plain step), within max_tokens and the context.
-        k = min(gp.draft_max, out.remaining - 1, n_ctx - n_past - 1)
-        proposal = spec.propose(history, k, draft_rng) if spec is not None else EMPTY
+        # 3. Draft as many tokens as the policy finds worth it (0: a plain step), within max_tokens and the context:
+        # first the tokens a grammar forces, then the drafter's after them, cut at the first token it refuses.
+        room = min(out.remaining - 1, n_ctx - n_past - 1)
+        forced = gp.processors.forced(history)[:room] if gp.forced_drafts and gp.processors and room > 0 else []
+        ahead = [*history, *forced] if forced else history
+        k = min(gp.draft_max, room - len(forced))
+        proposal = spec.propose(ahead, k, draft_rng) if spec is not None else EMPTY
+        if proposal.tokens and gp.processors:
+            proposal = _cut(proposal, gp.processors.admissible(ahead, proposal.tokens))
+        if forced:
+            proposal = _after_forced(forced, proposal)
         if seeded and proposal.probs is not None:
             proposal = DraftProposal(proposal.tokens)  # sample and compare: the plain decoding's draws
         # 3b. Exact mode: a plain step decodes two rows anyway, so let the second be a guess instead of a repeat.
@@ -393,10 +430,18 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         # 6. Record the step; let the cost model and the policy learn from it (a guess step is a plain step).
         new, n_drafted = result.tokens(proposal), 0 if guess else len(proposal.tokens)
         stats.record_step(n_drafted, result.accepted, guessed=len(proposal.tokens) if guess else 0)
+        n_forced = min(len(forced), result.accepted)  # forced tokens accepted; the drafter's come after them
         if spec is not None:
-            spec.verified(n_drafted, 0 if guess else result.accepted, t_verify)
+            spec.verified(n_drafted - len(forced), 0 if guess else result.accepted - n_forced, t_verify,
+                          rows=len(proposal.tokens) + 1)
         # 7. Emit the accepted drafts (or guess) and the main model's own token; stop early if needed.
-        yield from out.emit(new, result.accepted, "guess" if guess else "draft", rows=logits)
+        if n_forced:
+            yield from out.emit(new[:n_forced], n_forced, "grammar", rows=logits)
+        if out.done:
+            stats.unuse(result.accepted - n_forced)
+        else:
+            yield from out.emit(new[n_forced:], result.accepted - n_forced, "guess" if guess else "draft",
+                                rows=logits[n_forced:])
         history.extend(new)
     stats.generation_time = time.perf_counter() - t0 - stats.prompt_time
     yield Done(stats, out.text.flush())

@@ -38,6 +38,17 @@ class PromptBound(Protocol):
         """The processor for a generation from `prompt` with a main model of n_vocab tokens."""
 
 
+class GuidingProcessor(LogitsProcessor, Protocol):
+    """A processor that can also say which tokens come next for sure, and which proposed tokens it allows (a
+    grammar): generation drafts the forced tokens and cuts drafts at the first refused token."""
+
+    def forced(self, history: Sequence[int]) -> list[int]:
+        """Tokens every allowed continuation of `history` starts with (may be empty)."""
+
+    def admissible(self, history: Sequence[int], tokens: Sequence[int]) -> int:
+        """How many of `tokens`, proposed after `history`, are allowed, in order."""
+
+
 @dataclass(frozen=True)
 class Processors:
     """The processors of one generation, applied in order."""
@@ -52,6 +63,25 @@ class Processors:
         """The chain of one generation from `prompt`: PromptBound processors bound to it, others as they are."""
         return Processors(tuple(p.for_prompt(prompt, n_vocab) if isinstance(p, PromptBound) else p
                                 for p in self.chain))
+
+    def then(self, proc: LogitsProcessor) -> Processors:
+        """This chain with `proc` applied last."""
+        return Processors((*self.chain, proc))
+
+    def forced(self, history: Sequence[int]) -> list[int]:
+        """The tokens the first guiding processor forces after `history` ([] when none guides)."""
+        for proc in self.chain:
+            if isinstance(proc, GuidingProcessor):
+                return proc.forced(history)
+        return []
+
+    def admissible(self, history: Sequence[int], tokens: Sequence[int]) -> int:
+        """How many of `tokens` every guiding processor allows after `history` (all when none guides)."""
+        n = len(tokens)
+        for proc in self.chain:
+            if isinstance(proc, GuidingProcessor) and n:
+                n = min(n, proc.admissible(history, tokens[:n]))
+        return n
 
     def row(self, history: Sequence[int], logits: np.ndarray) -> np.ndarray:
         """One processed row: the distribution after `history`."""
