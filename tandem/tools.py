@@ -333,9 +333,11 @@ class OutputConstraint:
 
 
 def _call_schema(function: dict, args_key: str) -> dict:
-    params = function.get("parameters") or {"type": "object"}
+    """One call's schema. No keys beyond the ones named (in the arguments too, unless the tool's schema allows
+    more): an open object lets a model wander in extra keys instead of closing the call."""
+    params = {"additionalProperties": False, **(function.get("parameters") or {"type": "object"})}
     return {"type": "object", "properties": {"name": {"const": function["name"]}, args_key: params},
-            "required": ["name", args_key]}
+            "required": ["name", args_key], "additionalProperties": False}
 
 
 def required_output(req: ToolRequest, fmt: str) -> OutputConstraint | None:
@@ -354,5 +356,5 @@ def required_output(req: ToolRequest, fmt: str) -> OutputConstraint | None:
         return OutputConstraint("[TOOL_CALLS] ", many, "")
     if fmt == "llama3":
         return OutputConstraint("", one, "")
-    return OutputConstraint("", {"type": "object", "properties": {"tool_calls": many}, "required": ["tool_calls"]},
-                            "")
+    return OutputConstraint("", {"type": "object", "properties": {"tool_calls": many}, "required": ["tool_calls"],
+                                 "additionalProperties": False}, "")

@@ -112,6 +112,41 @@ def test_history_with_tool_calls_and_results_is_accepted(oai, tiny):
         assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+DATE = {"type": "function", "function": {"name": "get_date", "parameters": {
+    "type": "object", "properties": {"day": {"type": "integer", "enum": [1, 2]}}, "required": ["day"]}}}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_a_required_or_named_tool_call_always_parses(oai, tiny, choice):
+    """The tiny model writes random tokens: only the grammar makes its answer a valid call, streamed or whole (enum
+    arguments, so that random tokens finish the call within max_tokens)."""
+    kw = dict(model=tiny["main"].stem, messages=[{"role": "user", "content": "Time?"}], tools=[DATE, TIME],
+              tool_choice=choice, parallel_tool_calls=False, max_tokens=120, temperature=0)
+    r = oai.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+    (call,) = r.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    if isinstance(choice, dict):
+        assert call.function.name == "get_time" and args["zone"] in ("UTC", "CET")
+    else:
+        assert call.function.name in ("get_date", "get_time")
+    chunks = list(oai.chat.completions.create(**kw, stream=True))
+    deltas = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    with client_for(oai) as c:  # with response_format too: refused, naming the conflict
+        bad = c.post("/v1/chat/completions", json={**kw, "tools": [DATE, TIME],
+                                                   "response_format": {"type": "json_object"}})
+    assert_openai_error(bad, 400, "tool_choice")
+
+
+def client_for(oai: openai.OpenAI):
+    import httpx
+    return httpx.Client(base_url=str(oai.base_url).removesuffix("/v1/").removesuffix("/v1"),
+                        headers={"Authorization": f"Bearer {TEST_KEY}"}, timeout=60)
+
+
 def test_a_tool_with_a_bad_schema_is_refused_naming_the_field(server):
     bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
     with client(server) as c:

@@ -152,7 +152,8 @@ def test_required_output_is_the_seam_for_a_grammar():
     named = required_output(ToolRequest((WEATHER, TIME), choice="get_weather"), "hermes")
     assert named.prefix == "<tool_call>\n" and named.suffix == "\n</tool_call>"
     assert named.json_schema["properties"]["name"] == {"const": "get_weather"}
-    assert named.json_schema["properties"]["arguments"] == WEATHER["function"]["parameters"]
+    assert named.json_schema["properties"]["arguments"] == {"additionalProperties": False,
+                                                            **WEATHER["function"]["parameters"]}
     required = required_output(ToolRequest((WEATHER, TIME), choice="required", parallel=False), "generic")
     calls = required.json_schema["properties"]["tool_calls"]
     assert calls["maxItems"] == 1 and len(calls["items"]["anyOf"]) == 2

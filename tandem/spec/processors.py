@@ -38,6 +38,7 @@ class PromptBound(Protocol):
         """The processor for a generation from `prompt` with a main model of n_vocab tokens."""
 
 
+@runtime_checkable
 class GuidingProcessor(LogitsProcessor, Protocol):
     """A processor that can also say which tokens come next for sure, and which proposed tokens it allows (a
     grammar): generation drafts the forced tokens and cuts drafts at the first refused token."""
