@@ -35,7 +35,8 @@ class TandemRequest:
     """The prompt as text, in order (chat: each message's role and content; completions: the prompt); empty
     for requests without one. The router sends requests sharing a start of this text to one replica."""
     replica: str | None = field(default=None)
-    """A replica id this request must go to (GET /metrics?replica=ID scrapes one replica); None: any."""
+    """A replica id this request must go to (GET /metrics?replica=ID or /health?replica=ID asks one replica);
+    None: any."""
 
 
 def prompt_text(path: str, body: bytes) -> str:
@@ -70,8 +71,8 @@ def _content(value: object) -> str:
 
 
 def target_replica(path: str, query: bytes) -> str | None:
-    """The replica a /metrics request names with ?replica=ID."""
-    if path != "/metrics" or not query:
+    """The replica a /metrics or /health request names with ?replica=ID."""
+    if path not in ("/metrics", "/health") or not query:
         return None
     from urllib.parse import parse_qs
     values = parse_qs(query.decode("latin-1")).get("replica")

@@ -7,8 +7,9 @@ router itself (the ingress holds the only handle to the replicas), so it costs n
 
 Policy, per request: a request naming a replica (GET /metrics?replica=ID) goes there. A prompt whose start
 (at least 10% of it) was last routed to replica R goes to R unless R has more than `slack` ongoing requests
-over the least-loaded replica (or is full); otherwise, and for prompts seen nowhere, the least-loaded replica
-(ties broken at random). Ray then sends the request to the first replica of the first rank with room.
+over the least-loaded replica (or is full); otherwise, and for prompts seen nowhere, the least-loaded replica,
+ties going to the one that was sent the fewest prompts (so new conversations spread over idle replicas).
+Ray then sends the request to the first replica of the first rank with room.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class PrefixAffinityRouter(RequestRouter):
         self._slack = slack
         self._affinity = affinity
         self._index = PrefixIndex(capacity=capacity)
+        self._prompts: dict[str, int] = {}  # prompts routed to each replica (by unique id)
 
     async def _loads(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
         """Ongoing requests per replica: Ray's queue-length cache, probing the replicas it lacks."""
@@ -69,31 +71,35 @@ class PrefixAffinityRouter(RequestRouter):
         random.shuffle(shuffled)
         if not (self._affinity and req is not None and req.prefix):
             return [shuffled]
-        holder, matched = self._index.match(req.prefix)
-        if holder is None or matched < MIN_MATCH_SHARE * len(req.prefix):
-            return [shuffled]
-        affine = next((r for r in candidate_replicas if r.replica_id.unique_id == holder), None)
-        if affine is None:
-            return [shuffled]
         loads = await self._loads(candidate_replicas)
-        mine = loads.get(affine.replica_id, 0)
-        least = min(loads.values(), default=0)
-        if mine >= affine.max_ongoing_requests or mine > least + self._slack:
-            return [shuffled]
-        return [[affine], [r for r in shuffled if r is not affine]]
+        holder, matched = self._index.match(req.prefix)
+        affine = None
+        if holder is not None and matched >= MIN_MATCH_SHARE * len(req.prefix):
+            affine = next((r for r in candidate_replicas if r.replica_id.unique_id == holder), None)
+        if affine is not None:
+            mine = loads.get(affine.replica_id, 0)
+            least = min(loads.values(), default=0)
+            if mine < affine.max_ongoing_requests and mine <= least + self._slack:
+                return [[affine], [r for r in shuffled if r is not affine]]
+        ranked = sorted(shuffled, key=lambda r: (loads.get(r.replica_id, 0),
+                                                 self._prompts.get(r.replica_id.unique_id, 0)))
+        return [[r] for r in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
         req = _request(pending_request)
         if self._affinity and req is not None and req.prefix:
             self._index.insert(req.prefix, replica_id.unique_id)
+            self._prompts[replica_id.unique_id] = self._prompts.get(replica_id.unique_id, 0) + 1
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._index.forget(replica_id.unique_id)
+        self._prompts.pop(replica_id.unique_id, None)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         gone = set(self.curr_replicas) - {r.replica_id for r in replicas}
         super().update_replicas(replicas)
         for replica_id in gone:
             self._index.forget(replica_id.unique_id)
+            self._prompts.pop(replica_id.unique_id, None)
