@@ -171,3 +171,25 @@ def test_stops_cleanly_with_nothing_left_running(cluster):
     assert rc == 0, "\n".join(cluster.output[-30:])
     assert left == [], f"processes outlived tandem serve: {left}"
     assert "stopped" in cluster.output
+
+
+def test_autoscales_from_one_replica_to_two_under_load(tiny, tmp_path_factory, model):
+    """--min-replicas 1 --max-replicas 2 --target-ongoing-requests 1: Ray adds the second replica once more
+    than one request per replica stays ongoing (docs/scale-out.md, "Autoscaling")."""
+    srv = _serve(tiny, tmp_path_factory, "--min-replicas", "1", "--max-replicas", "2",
+                 "--target-ongoing-requests", "1")
+    try:
+        client = _Client(srv, model)
+        first = {_chat(client, [{"role": "user", "content": f"warm up {i}"}], 2)[0] for i in range(3)}
+        assert len(first) == 1  # it starts with one replica
+        seen: set[str] = set(first)
+        fresh = iter(range(10**6))
+        deadline = time.monotonic() + STARTUP_S  # a bound on waiting, not a measurement
+        while len(seen) < 2 and time.monotonic() < deadline:  # 6 long requests at a time keep it loaded
+            with cf.ThreadPoolExecutor(6) as pool:
+                seen |= set(pool.map(lambda i: _chat(client, _conversation(i), 300)[0],
+                                     [next(fresh) for _ in range(6)]))
+        assert len(seen) == 2, seen
+    finally:
+        rc, left = srv.stop()
+    assert rc == 0 and left == [], (rc, left)
