@@ -153,3 +153,36 @@ def test_ray_options():
                 RayOptions(replicas=2, target_ongoing_requests=0)):
         with pytest.raises(BadInputError):
             bad.check()
+
+
+def test_a_replica_keeps_as_many_conversations_cached_as_it_has_sequences(tiny):
+    """With --parallel 2, two interleaved conversations each find their earlier turn cached: a new one takes
+    the empty sequence rather than the other's, with which it shares only the chat template. (Prefix-affinity
+    routing pays only if a replica keeps several conversations warm.)"""
+    from dataclasses import replace
+
+    from test_server_support import RUNTIME_SPEC, model_options, spec_options
+
+    from tandem.runtime import Runtime
+    from tandem.server import ServerOptions, create_app
+
+    opts = replace(model_options(tiny, draft=None, ctx=4096), parallel=2)
+    a = create_app(ServerOptions(api_key=TEST_KEY), lambda: Runtime(opts, spec=RUNTIME_SPEC, announce=lambda _s: None),
+                   spec_options())
+    a.state.engine.start()
+    try:
+        while a.state.engine.status.state == "loading":
+            time.sleep(0.02)
+        convs = [[{"role": "user", "content": f"Conversation {c}: a question about topic {c} that is long "
+                                              "enough to matter to the cache."}] for c in range(2)]
+        before = [0, 0]
+        for turn in range(3):
+            for c, conv in enumerate(convs):
+                msgs = _messages(a, _req({"messages": conv, "max_tokens": 8, "temperature": 0}))
+                done = json.loads(b"".join(m.get("body", b"") for m in msgs[1:]))
+                if turn:
+                    assert done["usage"]["prompt_tokens_details"]["cached_tokens"] >= before[c] - 2, (turn, c, done)
+                before[c] = done["usage"]["prompt_tokens"]
+                conv += [done["choices"][0]["message"], {"role": "user", "content": f"and {turn}?"}]
+    finally:
+        a.state.engine.stop()

@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
+import httpx
 import psutil
 
 _URL = re.compile(r"Tandem serving on (http://\S+)")
@@ -49,11 +51,23 @@ class ServeProcess:
             found.set()
 
         threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(timeout) or not self.url:
+        deadline = time.monotonic() + timeout
+        if not found.wait(timeout) or not self.url or not self._ready(deadline):
             self.stop()
             raise RuntimeError("tandem serve did not start:\n" + "\n".join(self.output[-40:]))
         self.remember_children()
         return self
+
+    def _ready(self, deadline: float) -> bool:
+        """Wait until GET /health says it serves (a single server loads its models after printing its URL)."""
+        while time.monotonic() < deadline and self._proc is not None and self._proc.poll() is None:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=30).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        return False
 
     def remember_children(self) -> None:
         """Note every process it started so far (stop() checks they are gone)."""
