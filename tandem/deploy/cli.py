@@ -10,7 +10,7 @@ import socket
 import threading
 
 from tandem.deploy.options import RayOptions
-from tandem.errors import BadInputError
+from tandem.errors import BadInputError, LoadFailedError
 from tandem.server.options import ServerOptions
 
 
@@ -48,7 +48,12 @@ def run(args: argparse.Namespace, server: ServerOptions, opts: RayOptions) -> in
                  else f"{opts.replicas} replicas")
         print(f"Ray Serve: {scale}, {opts.replica_cpus:g} CPU each, routing "
               f"{'by prompt prefix' if opts.affinity else 'power-of-two'}; loading...", flush=True)
-        serve.run(deployment_app(vars(args), opts), name=APP_NAME, route_prefix="/", blocking=False)
+        try:
+            serve.run(deployment_app(vars(args), opts), name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError as e:  # Ray: "Deploying application tandem failed: ..." (a replica could not load)
+            raise LoadFailedError(f"the replicas did not start: {str(e).splitlines()[0]}",
+                                  "see the replica's error above (or Ray's logs under /tmp/ray/session_latest/"
+                                  "logs/serve); `tandem serve` without --replicas shows the same cause") from e
         print(f"Tandem serving on {url} through Ray Serve (OpenAI API under {url}/v1, chat page at {url}/)",
               flush=True)
         stop.wait()
