@@ -193,3 +193,16 @@ def test_autoscales_from_one_replica_to_two_under_load(tiny, tmp_path_factory, m
     finally:
         rc, left = srv.stop()
     assert rc == 0 and left == [], (rc, left)
+
+
+def test_serve_run_builder_takes_tandem_serve_options(tiny):
+    """`serve run tandem.deploy.ray:app key=value ...` and Serve config files: `tandem serve` flags without
+    their dashes, checked as the command checks them."""
+    from tandem.deploy.ray import app, to_argv
+
+    assert to_argv({"model": "m.gguf", "threads": 1, "affinity": "false", "exact": "true"}) == [
+        "--model", "m.gguf", "--threads", "1", "--no-affinity", "--exact"]
+    built = app({"model": str(tiny["main"]), "draft": "none", "threads": "1", "replicas": "2"})
+    assert built is not None
+    with pytest.raises(Exception, match="--min-replicas 3 / --max-replicas 2"):
+        app({"model": str(tiny["main"]), "min_replicas": "3", "max_replicas": "2"})
