@@ -117,6 +117,23 @@ def test_both_replicas_serve_and_turns_follow_their_prefix(cluster, model):
             state[i] = (reply, usage.prompt_tokens)
 
 
+def test_each_replicas_gauges_reach_rays_metrics_export(cluster):
+    """`tandem serve --replicas` prints the node's Ray metrics URL; every replica's ray_tandem_* gauges are
+    there, labelled by replica (the earlier tests sent both replicas prompts)."""
+    import re
+
+    url = next(m.group(1) for line in cluster.output if (m := re.search(r"Ray metrics.*(http://\S+)", line)))
+    deadline = time.monotonic() + 120  # Ray exports on its own period; a bound on waiting, not a measurement
+    queries: dict[str, float] = {}
+    while len(queries) < 2 and time.monotonic() < deadline:
+        text = httpx.get(url, timeout=30).text
+        queries = {s.labels["replica"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "ray_tandem_prefix_cache_queries" and "replica" in s.labels}
+        time.sleep(1.0)
+    assert len(queries) == 2 and all(v > 0 for v in queries.values()), queries
+    assert "ray_tandem_kv_cache_usage_ratio" in text and "ray_tandem_requests_waiting" in text
+
+
 def _scrape(url: str, replica: str) -> tuple[str, dict[str, float]]:
     r = httpx.get(f"{url}/metrics", params={"replica": replica}, timeout=60)
     return r.headers[REPLICA_HEADER], {s.name: s.value for f in text_string_to_metric_families(r.text)

@@ -38,8 +38,9 @@ def run(args: argparse.Namespace, server: ServerOptions, opts: RayOptions) -> in
     local = opts.ray_address is None
     most = max(opts.max_replicas or 0, opts.initial_replicas())
     cpus = max(os.cpu_count() or 1, int(most * opts.replica_cpus + 0.999)) if local else None
-    ray.init(address=opts.ray_address, num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    extra = {"_metrics_export_port": opts.metrics_port or _free_port(server.host)} if local else {}
+    ctx = ray.init(address=opts.ray_address, num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                   configure_logging=False, **extra)
     try:
         serve.start(http_options={"host": server.host, "port": port})
         url = f"http://{server.host}:{port}"
@@ -54,6 +55,10 @@ def run(args: argparse.Namespace, server: ServerOptions, opts: RayOptions) -> in
             raise LoadFailedError(f"the replicas did not start: {str(e).splitlines()[0]}",
                                   "see the replica's error above (or Ray's logs under /tmp/ray/session_latest/"
                                   "logs/serve); `tandem serve` without --replicas shows the same cause") from e
+        metrics = ctx.address_info.get("metrics_export_port")
+        if metrics:
+            print(f"  Ray metrics (ray_tandem_* per replica): http://{ctx.address_info.get('node_ip_address')}:"
+                  f"{metrics}/metrics", flush=True)
         print(f"Tandem serving on {url} through Ray Serve (OpenAI API under {url}/v1, chat page at {url}/)",
               flush=True)
         stop.wait()

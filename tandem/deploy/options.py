@@ -24,6 +24,9 @@ class RayOptions:
     """Most requests Ray sends to one replica at once; the rest wait in Ray's router."""
     ray_address: str | None = None
     """Join this Ray cluster (e.g. 'auto' or 'ray://head:10001') instead of starting a local Ray instance."""
+    metrics_port: int = 0
+    """Port of Ray's Prometheus export on this node (a local Ray instance only; 0: a free one, printed at
+    start): every replica's ray_tandem_* gauges, labelled by replica."""
     replica_cpus: float = 1.0
     """Ray CPUs reserved per replica (keep --threads at or below it)."""
     affinity: bool = True
