@@ -19,6 +19,7 @@ import uvicorn
 
 from tandem.cli.options import add_options, build, explicit
 from tandem.config import ModelOptions, RegistryOptions, SpecOptions
+from tandem.deploy.options import RayOptions
 from tandem.errors import BadInputError, TandemError
 from tandem.models.fit import FitPlan, fmt
 from tandem.models.library import Library
@@ -35,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, SpecOptions)
     add_options(p, ServerOptions)
     add_options(p, RegistryOptions)
+    add_options(p, RayOptions)
     # SUPPRESS keeps the dispatcher's global --log-level unless this one is given (same dest, no default).
     p.add_argument("--log-level", default=argparse.SUPPRESS,
                    help="Python log level: INFO shows one line per request, DEBUG per-token detail "
@@ -103,6 +105,10 @@ def main(args: argparse.Namespace) -> int:
     source = ModelSource(lib, build(ModelOptions, args), build(SpecOptions, args), explicit(args))
     models, spec = lib.resolve(source.model_options, source.spec, source.explicit)
     plan = plan_runtime(models, spec, announce=lambda s: print(s, flush=True))  # refuses before binding
+    scale = build(RayOptions, args)
+    if scale.enabled:  # N replicas on Ray Serve, each planning and loading its own models
+        from tandem.deploy.cli import run
+        return run(args, server, scale)
     try:
         sock = bind(server.host, server.port)
     except OSError as e:

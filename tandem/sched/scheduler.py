@@ -59,13 +59,15 @@ class Scheduler:
         return len(self._free)
 
     def add(self, request_id: str, prompt: Seq[int], make: Callable[[int], Steps]) -> int:
-        """Start a request: `make(seq_id)` builds its sequence() generator. Returns the sequence id, the free one
-        whose KV cells hold the longest start of `prompt` (the others' cells are dropped when reused)."""
+        """Start a request: `make(seq_id)` builds its sequence() generator. Returns the sequence id: the free one
+        whose KV cells hold the longest start of `prompt`, if at least half of what it holds is that start (a
+        conversation's next turn); else the free one holding least (so another conversation's cache, sharing only
+        a system prompt or template, is not overwritten while an emptier sequence is free)."""
         if request_id in self.running:
             raise BadInputError(f"request {request_id} is already running", "use a new request id")
         if not self._free:
             raise EngineError(f"all {self.main.params.n_seq_max} sequences are running", "add it after one ends")
-        seq_id = max(self._free, key=lambda s: common_prefix(self.main.held(s), prompt))
+        seq_id = max(self._free, key=lambda s: _slot_fit(self.main.held(s), prompt))
         self._free.remove(seq_id)
         self.running[request_id] = Sequence(request_id, seq_id, make(seq_id))
         return seq_id
@@ -144,3 +146,10 @@ class Scheduler:
                 continue
             for seq, out in zip(batch, logits, strict=True):
                 seq.pending, seq.logits = None, out
+
+
+def _slot_fit(held: Seq[int], prompt: Seq[int]) -> tuple[int, int]:
+    """How well a free sequence holding `held` suits `prompt` (larger is better): the tokens it reuses, counted
+    only when they are at least half of what it holds; then, the fewer tokens held (and lost), the better."""
+    n = common_prefix(held, prompt)
+    return (n if 2 * n >= len(held) else 0), -len(held)
