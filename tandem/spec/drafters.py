@@ -159,8 +159,11 @@ class ModelDrafter:
         for i in range(max_tokens):
             if processors:
                 logits = processors.row([*history, *tokens], logits)
-                if not np.isfinite(logits.max()):
+                allowed = np.count_nonzero(logits > -np.inf)
+                if allowed == 0:
                     break  # every token refused (a finished grammar): nothing to draft
+                if allowed == 1 and tokens:
+                    break  # the grammar forces this token: the next step proposes it without a draft decode
             if p_min > 0 and top_prob(logits) < p_min:
                 break
             if sp.greedy:
