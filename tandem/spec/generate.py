@@ -17,7 +17,7 @@ from tandem.spec.grammar import Grammar, GrammarProcessor
 from tandem.spec.costs import CostModel
 from tandem.spec.ngram import NgramDrafter
 from tandem.spec.policy import POLICIES, DraftPolicy, make_policy
-from tandem.spec.processors import NONE, Processors
+from tandem.spec.processors import NONE, Processors, common_prefix
 from tandem.spec.sampling import SamplingParams, probs, sample
 from tandem.spec.stats import SpecStats
 from tandem.spec.text import TextAssembler
@@ -249,16 +249,6 @@ def _fresh_costs() -> Callable[[Drafter, str], CostModel]:
     """A cost model per key, for one generate() call (the Runtime keeps its own across calls)."""
     costs: dict[str, CostModel] = {}
     return lambda _d, key: costs.setdefault(key, CostModel())
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens a and b share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _cut(proposal: DraftProposal, n: int) -> DraftProposal:

@@ -29,6 +29,7 @@ import numpy as np
 
 from tandem.engine.llama import Model
 from tandem.errors import BadInputError
+from tandem.spec.processors import common_prefix
 
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """How generated JSON is laid out: on one line, with a space after "," and ":" (as Python's json.dumps).
@@ -144,7 +145,7 @@ class GrammarProcessor:
         if len(history) < start:
             raise ValueError(f"history of {len(history)} tokens is shorter than the prompt ({start})")
         n = len(held)
-        same = n if history[start:start + n] == held else _shared(held, history[start:start + n])
+        same = n if history[start:start + n] == held else common_prefix(held, history[start:start + n])
         if same < n:
             self.matcher.rollback(n - same)
             del held[same:]
@@ -206,15 +207,6 @@ class GrammarProcessor:
         if self.off_grammar or not tokens:
             return 0
         return int(self.matcher.validate_tokens(list(tokens)))
-
-
-def _shared(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def json_schema_processor(model: Model, schema: dict | str, *, param: str = "response_format") -> GrammarProcessor:

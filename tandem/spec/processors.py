@@ -106,3 +106,13 @@ class Processors:
 
 
 NONE = Processors()
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share (a KV cache's and a new prompt's, a matcher's and a history)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
