@@ -266,7 +266,7 @@ def test_the_library_carries_tandems_llama_cpp_patch():
 
 
 @pytest.mark.parametrize("n_seqs", [2, 4])
-def test_with_fixed_cells_a_sequences_logits_do_not_depend_on_the_others_bit_for_bit(model, n_seqs):
+def test_with_paged_cells_a_sequences_logits_do_not_depend_on_the_others_bit_for_bit(model, n_seqs):
     found = {}
     for fixed in (False, True):
         ctx = Context(model, dataclasses.replace(EXACT, n_seq_max=4, seq_cells=fixed))
@@ -279,7 +279,7 @@ def test_with_fixed_cells_a_sequences_logits_do_not_depend_on_the_others_bit_for
     assert "do not depend" in found[True].describe()
 
 
-def test_fixed_cells_hold_each_sequences_share_and_refuse_more(tiny):
+def test_paged_cells_hold_each_sequences_share_and_refuse_more(tiny):
     m = Model(tiny["main"], repack=False)
     ctx = Context(m, dataclasses.replace(EXACT, n_ctx=512, n_batch=256, n_seq_max=4, seq_cells=True))
     assert ctx.seq_capacity == 128
@@ -292,3 +292,30 @@ def test_fixed_cells_hold_each_sequences_share_and_refuse_more(tiny):
     assert (ctx.pos_max(0), ctx.pos_max(3)) == (6, 127)
     with pytest.raises(EngineError, match="cannot shift"):
         ctx.shift(10, 20, -10, seq_id=3)
+
+
+def test_paged_cells_keep_a_growing_sequence_exact_among_others_that_grow_roll_back_and_restart(model):
+    """A sequence that grows over several 64-cell pages while others take the pages between its own and start over
+    (freeing pages below its last one) gets the logits it gets alone, bit for bit: its pages stay in position order
+    at the same offsets (a freed lower page taken for its next positions changes its sums)."""
+    params = dataclasses.replace(EXACT, n_ctx=1024, n_batch=128, n_seq_max=4, seq_cells=True)
+    ctx = Context(model, params)
+    assert ctx.seq_capacity == 256
+    toks = exact.probe_tokens(ctx, 260)
+    chunks = [(i, i + 20) for i in range(0, 240, 20)]
+    alone = np.concatenate([ctx.decode(toks[a:b], a, logits="all") for a, b in chunks])
+    ctx.rollback(0)
+    held = {1: 0, 2: 0, 3: 0}
+    got = []
+    for step, (a, b) in enumerate(chunks):
+        for s, every in ((1, 2), (3, 3)):  # these start over now and then, freeing their pages
+            if step % every == every - 1:
+                held[s] = 0
+                ctx.rollback(0, seq_id=s)
+        rows = [SeqRows(0, toks[a:b], a, "all")]  # sequence 0 takes its new pages first
+        for s, k in ((1, 30), (2, 15), (3, 40)):
+            k = min(k, 250 - held[s])
+            rows.append(SeqRows(s, toks[held[s]:held[s] + k], held[s], "last"))
+            held[s] += k
+        got.append(ctx.decode_batch(rows)[0])
+    assert np.array_equal(np.concatenate(got), alone)

@@ -1,7 +1,7 @@
 """Several requests at once through the engine's scheduler (tandem.sched): aggregate tokens per second.
 
 For each concurrency N: N greedy requests (the bench prompts, cycled), --max-tokens each, all started together
-on a main context of N sequences with fixed cells, through Scheduler.step() (one batched main decode per step),
+on a main context of N sequences with paged cells, through Scheduler.step() (one batched main decode per step),
 without a draft and with the draft (each sequence its own draft context). Baseline: the same N requests one
 after another with generate() on a one-sequence context, as Tandem's server runs them today. Engine level: no
 HTTP; what continuous batching can give on this machine.

@@ -37,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"GGML_CPU_TILED_MM={os.environ.get('GGML_CPU_TILED_MM', '0 (Tandem sets it)')}, "
           f"GGML_SGEMM_ONE_ROW={os.environ.get('GGML_SGEMM_ONE_ROW', '0')}, KV cache {args.cache_type}\n")
     print("| main | weights repacked | lone row vs 2-row batch | batches of 3-17 rows vs 2 | a sequence among 4, "
-          "fixed cells (patch) |")
+          "paged cells (patch) |")
     print("|---|---|---:|---:|---:|", flush=True)
     for label, path in models:
         for repack in (False, True):

@@ -21,8 +21,8 @@ Several sequences in one batch (`probe_sequences`): a mixed batch has two or mor
 multi-row kernels; what is left is where a sequence's KV cells sit. Attention sums run over the cells in 16-wide
 SIMD groups, and llama.cpp's unified cache puts a sequence's cells wherever cells are free (after or between
 the other sequences'), which changes the rounding (tiny fixtures: up to 6e-6 on F32, 3e-3 on F16). With
-Tandem's llama.cpp patch each sequence has fixed, 64-aligned cells (ContextParams.seq_cells), and its logits are
-bit for bit those it gets alone (probed on F32, F16 and Q8_0 SmolLM2 and the fixtures).
+Tandem's llama.cpp patch each sequence's cells sit in position order at the same offsets within 64-cell pages
+(ContextParams.seq_cells), and its logits are bit for bit those it gets alone (probed on F32, F16 and Q8_0 SmolLM2 and the fixtures).
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ SEQUENCE_PROBE = 4
 
 
 def probe_model_sequences(model: Model, params: ContextParams, n_seqs: int = SEQUENCE_PROBE) -> SequenceInvariance:
-    """probe_sequences on a small context of its own (n_seqs sequences with fixed cells where the library is
+    """probe_sequences on a small context of its own (n_seqs sequences with paged cells where the library is
     patched, else wherever llama.cpp puts them), created with `params`' threads and cache types and freed after:
     what batching several requests would do to each one's logits with this model and library."""
     per_seq = 128

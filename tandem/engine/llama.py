@@ -144,10 +144,12 @@ class ContextParams:
     """One KV buffer shared by every sequence (n_ctx cells in all). Per-sequence streams (False) make llama.cpp
     split a batch into equal-length pieces per sequence, so a mixed batch would take several decodes."""
     seq_cells: bool = False
-    """Give each sequence fixed KV cells: position p of sequence s at cell s * seq_capacity + p (Tandem's llama.cpp
-    patch). Attention sums run over cells in SIMD groups, so where a sequence's cells sit changes its rounding;
-    fixed, 64-aligned cells make a sequence's logits independent of the others in the cache and in its batch
-    (tandem.engine.exact.probe_sequences). Each sequence then holds at most n_ctx / n_seq_max positions (rounded
+    """Place each sequence's KV cells in 64-cell pages (Tandem's llama.cpp patch): position p in the page for p // 64
+    at offset p % 64, pages taken on demand (the lowest free page after the sequence's previous one). Attention
+    sums run over cells in SIMD groups, so where a sequence's cells sit changes its rounding; pages keep its cells
+    in order at the same offsets whatever the others hold, so its logits do not depend on the other sequences in
+    the cache or its batch (tandem.engine.exact.probe_sequences), and the cells in use stay packed at the front,
+    so attention spans what the sequences hold. Each sequence holds at most n_ctx / n_seq_max positions (rounded
     down to 64), as with llama-server's parallel slots, and its cells cannot shift (no sliding window)."""
     flash_attn: bool = False
     """Flash attention. Off by default: on CPU it makes a batch of k+1 tokens give logits up to 5e-2
@@ -352,7 +354,7 @@ class Context:
         self._mem = lib.llama_get_memory(self._ptr)
         self.n_ctx: int = lib.llama_n_ctx(self._ptr)
         self.seq_capacity: int | None = self.n_ctx // max(1, params.n_seq_max) // 64 * 64 if placed else None
-        """With fixed cells per sequence (ContextParams.seq_cells, on a patched library): the positions each sequence
+        """With paged cells per sequence (ContextParams.seq_cells, on a patched library): the positions each sequence
         can hold. None: cells are placed by llama.cpp wherever they are free."""
         self._batch = lib.llama_batch_init(params.n_batch, 0, 1)
         self.tokens_processed = 0
@@ -370,7 +372,7 @@ class Context:
 
     @property
     def capacity(self) -> int:
-        """Positions one sequence may hold: its fixed cells (seq_capacity), else the whole context."""
+        """Positions one sequence may hold: its share of the cells (seq_capacity), else the whole context."""
         return self.seq_capacity or self.n_ctx
 
     def decode(self, tokens: Sequence[int], pos0: int, *, seq_id: int = 0,
@@ -529,7 +531,7 @@ class Context:
     def shift(self, p0: int, p1: int, delta: int, *, seq_id: int = 0) -> None:
         """Drop cells [p0, p1) of the sequence and add `delta` to the positions of all later cells."""
         if self.params.exact or self.seq_capacity is not None:
-            raise EngineError("this context's cells cannot shift (exact decoding, or fixed cells per sequence)",
+            raise EngineError("this context's cells cannot shift (exact decoding, or paged cells per sequence)",
                               "shift draft contexts only")
         lib = _lib()
         lib.llama_memory_seq_rm(self._mem, seq_id, p0, p1)

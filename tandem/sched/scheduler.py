@@ -6,7 +6,7 @@ drafts, verifies, rolls back and emits on its own, and yields a `Decode` wheneve
 logits. A request that arrives joins at the next step; one that ends frees its sequence at once, and its KV
 cells stay for the next request whose prompt starts the same way (a chat's next turn).
 
-With the main context's fixed cells per sequence (ContextParams.seq_cells) and exact decoding, a sequence's
+With the main context's paged cells per sequence (ContextParams.seq_cells) and exact decoding, a sequence's
 logits do not depend on the others in its batch, so a request's output does not either (tests/test_scheduler).
 """
 
