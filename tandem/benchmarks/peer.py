@@ -66,7 +66,20 @@ class PeerSettings:
         if self.draft is not None or self.spec_type is not None:
             a += ["--spec-draft-n-max", str(self.draft_max), "--spec-draft-n-min", str(self.draft_min),
                   "--spec-draft-p-min", str(self.draft_p_min)]
+        if _has_amx():
+            a += ["--no-repack"]
         return a + list(self.extra)
+
+
+def _has_amx() -> bool:
+    """Whether this CPU has AMX: llama.cpp then puts quantized weights (the Q4_1 draft) in AMX buffers, and
+    llama-server dies with an illegal instruction at the first drafted request (llama.cpp issue 20824). --no-repack
+    keeps them in plain buffers, as Tandem's patch does (GGML_AMX): no type of the default pair is repacked
+    otherwise, but on such a CPU a Q4_0/Q4_K main loses llama.cpp's repacked kernels too."""
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
