@@ -26,9 +26,14 @@ class ModelOptions:
     threads: int = 0
     """CPU threads; 0 means all cores."""
     parallel: int = 1
-    """Requests decoded together, in one batch per step (continuous batching; `tandem serve`). Each holds
-    --ctx-size / parallel positions (rounded down to 64), as llama-server's slots, and its own share of the draft
-    context. 1 decodes one request at a time."""
+    """Requests decoded together, in one batch per step (continuous batching; `tandem serve`, where the default is
+    4). --ctx-size counts the positions of all of them together, as llama-server's -c; see --kv-unified. Each has
+    its own share of the draft context. 1 decodes one request at a time."""
+    kv_unified: bool = True
+    """With --parallel N: every request may use up to --ctx-size positions, all taking KV pages from one pool
+    while the others leave room (llama-server's --kv-unified, its default with automatic slots); a prompt waits
+    for its cells, idle conversations' cached prefixes are dropped first, and a request that finds no room ends
+    with finish_reason length. --no-kv-unified reserves each request --ctx-size / N positions instead."""
     cache_type_k: str = "f16"
     """Main model KV cache type for K: f16, f32, q8_0, q4_0. f16 halves f32's memory, and a verification batch's
     attention then runs through llama.cpp's tinyBLAS, so it slows far less with a long context (default pair,
@@ -59,6 +64,11 @@ class ModelOptions:
     draft_optional: bool = False
     """When the draft cannot be used (missing, not GGUF, incompatible, does not fit, fails to load), run
     without it instead of failing: /health says 'degraded' and every response's stats carry draft_status."""
+
+
+SERVE_PARALLEL = 4
+"""--parallel's default for `tandem serve` (LM Studio's "Max Concurrent Predictions" and llama-server's automatic
+slots are 4 too); one-shot commands decode one request."""
 
 
 @dataclass

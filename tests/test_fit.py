@@ -222,10 +222,13 @@ def test_sequences_share_one_kv_buffer_in_the_plan_as_in_llama_cpp(tiny):
 def test_parallel_requests_share_the_context_and_too_small_a_share_is_refused(tiny):
     o = ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=1024, parallel=4)
     plan = plan_for(o, tiny["main"], tiny["draft_close"])  # the fit search tries small contexts: no refusal there
-    assert plan.main.params.n_seq_max == 4 and plan.main.params.seq_cells
+    assert plan.main.params.n_seq_max == 4 and plan.main.params.seq_cells and plan.main.params.shared_cells
     assert plan.draft.params.n_ctx == 256 and plan.draft.params.n_seq_max == 1  # a draft context per request
+    small = dataclasses.replace(o, ctx_size=512, parallel=8)
+    assert plan_for(small, tiny["main"], tiny["draft_close"]).main.params.n_ctx == 512  # one pool: any share is fine
     with pytest.raises(BadInputError, match="fewer than 128 positions.*at least 1024"):
-        plan_for(dataclasses.replace(o, ctx_size=512, parallel=8), tiny["main"], tiny["draft_close"])
+        plan_for(dataclasses.replace(small, kv_unified=False), tiny["main"], tiny["draft_close"])
+    assert not plan_for(dataclasses.replace(o, kv_unified=False), tiny["main"], tiny["draft_close"]).main.params.shared_cells
     with pytest.raises(BadInputError, match="--parallel 0"):
         plan_for(dataclasses.replace(o, parallel=0), tiny["main"], tiny["draft_close"])
 

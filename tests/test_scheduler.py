@@ -3,6 +3,8 @@ other requests in its batch, with a draft model, with n-gram drafting and withou
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tandem.engine.llama import Context, ContextParams, Model
@@ -17,6 +19,8 @@ from test_ngram import LOOPY
 CELLS = 256
 """Positions each sequence holds."""
 BATCHED = ContextParams(n_ctx=4 * CELLS, n_batch=128, n_threads=2, exact=True, n_seq_max=4, seq_cells=True)
+SHARED = dataclasses.replace(BATCHED, shared_cells=True)
+"""The same cells as one pool: any sequence may hold all of them (llama-server's --kv-unified)."""
 ALONE = ContextParams(n_ctx=CELLS, n_batch=128, n_threads=2, exact=True, seq_cells=True)
 DRAFT = ContextParams(n_ctx=CELLS, n_batch=128, n_threads=2)
 REQUESTS = [("The capital of France is", 14), ("def fizzbuzz(n):\n    for i in range(n):", 40),
@@ -60,11 +64,11 @@ def _alone(models, kind: str, seeded: bool) -> list[list[int]]:
     return out
 
 
-def _batched(models, kind: str, seeded: bool, abort: tuple[int, int] | None = None):
+def _batched(models, kind: str, seeded: bool, abort: tuple[int, int] | None = None, params: ContextParams = BATCHED):
     """Token ids per request, the Done stats per request, and the scheduler (requests arrive at STARTS; `abort`:
     (request, step) to abort one)."""
     main_model, draft_model = _main_model(models, kind), models["draft"]
-    main = Context(main_model, BATCHED)
+    main = Context(main_model, params)
     sched = Scheduler(main)
     ids: dict[str, list[int]] = {str(i): [] for i in range(len(REQUESTS))}
     done: dict[str, Done] = {}
@@ -75,8 +79,8 @@ def _batched(models, kind: str, seeded: bool, abort: tuple[int, int] | None = No
                 text, n = REQUESTS[i]
                 prompt = main_model.tokenize(text)
                 drafter = _drafter(kind, draft_model)
-                sched.add(str(i), prompt, lambda s, p=prompt, n=n, d=drafter: sequence(main, p, _params(n, seeded), d,
-                                                                                       seq_id=s))
+                sched.add(str(i), prompt, lambda s, p=prompt, n=n, d=drafter: sequence(
+                    main, p, _params(n, seeded), d, seq_id=s, room=sched.room_for(s)))
         if abort is not None and step == abort[1]:
             sched.abort(str(abort[0]))
         for rid, events in sched.step().items():
@@ -91,11 +95,12 @@ def _batched(models, kind: str, seeded: bool, abort: tuple[int, int] | None = No
     return ids, done, sched
 
 
+@pytest.mark.parametrize("pool", [BATCHED, SHARED], ids=["reserved", "shared"])
 @pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
 @pytest.mark.parametrize("kind", ["none", "model", "ngram"])
-def test_each_request_gives_what_it_gives_alone_bit_for_bit(models, kind, seeded):
+def test_each_request_gives_what_it_gives_alone_bit_for_bit(models, kind, seeded, pool):
     alone = _alone(models, kind, seeded)
-    ids, done, sched = _batched(models, kind, seeded)
+    ids, done, sched = _batched(models, kind, seeded, params=pool)
     assert [ids[str(i)] for i in range(len(REQUESTS))] == alone
     for d in done.values():
         assert d.stats.identity_holds(), d.stats
@@ -135,3 +140,62 @@ def test_a_request_that_fails_ends_alone_and_a_new_one_reuses_a_freed_sequences_
         for rid, events in sched.step().items():
             out.setdefault(rid, []).extend(events)
     assert seq_id == 0 and out["b"][-1].stats.cached_tokens >= len(first)  # the first turn's sequence, reused
+
+
+def _run(sched: Scheduler, main: Context, prompt: list[int], n: int, rid: str) -> int | None:
+    return sched.add(rid, prompt, lambda s: sequence(main, prompt, _params(n, False), seq_id=s, room=sched.room_for(s)))
+
+
+def _drain(sched: Scheduler, out: dict[str, list]) -> None:
+    while sched.running:
+        for rid, events in sched.step().items():
+            out.setdefault(rid, []).extend(events)
+
+
+def _ids(events: list) -> list[int]:
+    return [e.id for e in events if isinstance(e, Token)]
+
+
+def _alone_in(model: Model, prompt: list[int], n: int) -> list[int]:
+    return _ids(list(generate(Context(model, ALONE), prompt, _params(n, False))))
+
+
+def test_in_a_shared_pool_one_request_may_hold_more_than_its_share_and_a_prompt_waits_for_cells(models):
+    """4 pages of 64 cells for 4 sequences: one request grows past 64 positions (a reserved share), a prompt that
+    needs the pages it holds waits until it ends, and each output is what it is alone."""
+    model = models["main"]
+    main = Context(model, dataclasses.replace(SHARED, n_ctx=256))
+    assert main.shared and main.capacity == 256
+    sched = Scheduler(main)
+    long_prompt = model.tokenize("Once upon a time, " * 6)[:40]
+    other = model.tokenize("The capital of France is a city of " * 8)[:120]
+    assert _run(sched, main, long_prompt, 120, "long") is not None
+    out: dict[str, list] = {}
+    while main.held_length(0) < 140:  # the first request now holds 3 pages: 1 is left
+        for rid, events in sched.step().items():
+            out.setdefault(rid, []).extend(events)
+    assert _run(sched, main, other, 20, "waits") is None and list(sched.running) == ["long"]
+    _drain(sched, out)
+    assert out["long"][-1].stats.stop_reason == "length"
+    assert _run(sched, main, other, 20, "other") is not None  # its cells are free now
+    _drain(sched, out)
+    assert _ids(out["long"]) == _alone_in(model, long_prompt, 120)
+    assert _ids(out["other"]) == _alone_in(model, other, 20)
+    assert sched.evicted == 1  # the idle first request's cached prefix made room
+
+
+def test_in_a_shared_pool_a_request_that_finds_no_room_ends_as_at_its_contexts_end_and_spares_the_others(models):
+    model = models["main"]
+    main = Context(model, dataclasses.replace(SHARED, n_ctx=256))
+    sched = Scheduler(main)
+    a, b = model.tokenize("Once upon a time, " * 6)[:60], model.tokenize("def fizzbuzz(n): " * 6)[:60]
+    _run(sched, main, a, 150, "a")
+    _run(sched, main, b, 150, "b")
+    out: dict[str, list] = {}
+    _drain(sched, out)
+    reasons = sorted(out[r][-1].stats.stop_reason for r in ("a", "b"))
+    assert reasons == ["context", "context"] or reasons == ["context", "length"], reasons
+    for rid, prompt in (("a", a), ("b", b)):  # each a prefix of what it writes alone: cut short, not corrupted
+        got = _ids(out[rid])
+        assert got == _alone_in(model, prompt, 150)[:len(got)] and len(got) > 0
+    assert sum(len(_ids(out[r])) + 60 for r in ("a", "b")) <= 256 + 2 * 64  # no more than the pool's pages

@@ -82,7 +82,7 @@ def test_running_requests_finish_and_the_port_is_free_at_once(tiny, sig):
 
 
 def test_requests_past_the_grace_period_end_with_an_error_naming_the_cause(tiny):
-    server = serve(tiny, "--shutdown-timeout", "0.5")
+    server = serve(tiny, "--shutdown-timeout", "0.5", "--parallel", "1")  # one at a time: the second request queues
     events: list = []
     first = threading.Event()
     client = threading.Thread(target=stream_events, args=(server.url, events, first, 1900))

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_concurrency_arguments(p, positions=512)
     p.add_argument("--llama-server", type=Path, default=None, metavar="PATH",
                    help="also run llama-server -np N at PATH, without and with the draft")
+    p.add_argument("--also-parallel", type=int, default=None, metavar="P",
+                   help="also run Tandem with --parallel P (P x positions in one pool) at every N: a single client "
+                        "at N = 1 shows what serving several clients costs one")
 
 
 def _clients(n: int, send) -> tuple[float, list[float], list[float]]:
@@ -86,6 +89,29 @@ def _stream_chat(url: str, body: dict) -> tuple[int, float]:
     return tokens, first if first is not None else time.perf_counter() - t0
 
 
+def _tandem_rows(args: argparse.Namespace, main_path: Path, draft: Path, texts: list[str], n: int, parallel: int,
+                 suffix: str) -> list[list[int]]:
+    """Print Tandem's rows for n clients, with and without its draft, served with --parallel `parallel`; return
+    the clients' prompt tokens (for the peer: the server frees its runtime when it stops)."""
+    opts = ModelOptions(model=str(main_path), draft=str(draft), ctx_size=args.ctx_size * parallel, parallel=parallel,
+                        threads=args.threads)
+    rt_holder: list[Runtime] = []
+
+    def factory() -> Runtime:
+        rt_holder.append(Runtime(opts, spec=SpecOptions(), announce=lambda _s: None))
+        return rt_holder[-1]
+    with ServerThread(create_app(ServerOptions(), factory, SpecOptions())) as srv:
+        while httpx.get(f"{srv.url}/health").json()["status"] == "loading":
+            time.sleep(0.1)
+        for name, extra in ((f"tandem{suffix}", {}), (f"tandem{suffix} --draft none", {"draft_model": "none"})):
+            def send(i: int, extra=extra) -> tuple[int, float]:
+                return _stream_chat(srv.url, {"messages": [{"role": "user", "content": texts[i % len(texts)]}],
+                                              "temperature": 0, "max_tokens": args.max_tokens,
+                                              "cache_prompt": False, **extra})
+            print(_row(name, n, _clients(n, send)), flush=True)
+        return [rt_holder[-1].prompt(text=texts[i % len(texts)]) for i in range(n)]
+
+
 def main(args: argparse.Namespace) -> int:
     main_path, draft = one_main(args), draft_file(args)
     texts = list(load_prompts(DATA / "bench_prompts.jsonl", None).values())
@@ -94,24 +120,10 @@ def main(args: argparse.Namespace) -> int:
     print("| N | server | aggregate tok/s | p50 latency s | p95 latency s | p50 first token s | p95 first token s |")
     print("|---:|---|---:|---:|---:|---:|---:|", flush=True)
     for n in args.concurrency:
-        opts = ModelOptions(model=str(main_path), draft=str(draft), ctx_size=args.ctx_size * n, parallel=n,
-                            threads=args.threads)
-        rt_holder: list[Runtime] = []
-
-        def factory(opts=opts) -> Runtime:
-            rt_holder.append(Runtime(opts, spec=SpecOptions(), announce=lambda _s: None))
-            return rt_holder[-1]
-        with ServerThread(create_app(ServerOptions(), factory, SpecOptions())) as srv:
-            while httpx.get(f"{srv.url}/health").json()["status"] == "loading":
-                time.sleep(0.1)
-            for name, extra in (("tandem", {}), ("tandem --draft none", {"draft_model": "none"})):
-                def send(i: int, extra=extra) -> tuple[int, float]:
-                    return _stream_chat(srv.url, {"messages": [{"role": "user", "content": texts[i % len(texts)]}],
-                                                  "temperature": 0, "max_tokens": args.max_tokens,
-                                                  "cache_prompt": False, **extra})
-                print(_row(name, n, _clients(n, send)), flush=True)
-            # the peer's prompts, tokenized while the runtime is loaded (the server frees it when it stops)
-            prompts = [rt_holder[-1].prompt(text=texts[i % len(texts)]) for i in range(n)]
+        prompts: list[list[int]] = []
+        for parallel in dict.fromkeys([n] + ([args.also_parallel] if args.also_parallel else [])):
+            suffix = "" if parallel == n else f" --parallel {parallel}"
+            prompts = _tandem_rows(args, main_path, draft, texts, n, parallel, suffix)
         if args.llama_server is None:
             continue
         for name, peer_draft in (("llama-server", None), ("llama-server + draft", draft)):

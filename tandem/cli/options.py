@@ -74,8 +74,10 @@ def explicit(ns: argparse.Namespace) -> frozenset[str]:
     return getattr(ns, _EXPLICIT, frozenset())
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per dataclass field, in a group named after the class."""
+def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                defaults: dict[str, object] | None = None) -> None:
+    """Add one flag per dataclass field, in a group named after the class; `defaults`: this command's own defaults
+    for some fields, instead of the dataclass's."""
     group = parser.add_argument_group(cls.__doc__.strip().rstrip(".") if cls.__doc__ else cls.__name__)
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -84,7 +86,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, 
             continue
         tp = _scalar(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        default = (defaults or {}).get(f.name, f.default)
         help_ = docs.get(f.name, "") + (f" (default: {default})" if default not in (None, "", ()) else "")
         help_ = help_.replace("%", "%%")  # argparse %-formats help strings
         if typing.get_origin(hints[f.name]) is tuple:  # tuple[str, ...]: one or more values

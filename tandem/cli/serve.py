@@ -18,7 +18,7 @@ import sys
 import uvicorn
 
 from tandem.cli.options import add_options, build, explicit
-from tandem.config import ModelOptions, RegistryOptions, SpecOptions
+from tandem.config import SERVE_PARALLEL, ModelOptions, RegistryOptions, SpecOptions
 from tandem.deploy.options import RayOptions
 from tandem.errors import BadInputError, TandemError
 from tandem.models.fit import FitPlan, fmt
@@ -32,7 +32,7 @@ from tandem.server.worker import EngineStatus
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_options(p, ModelOptions)
+    add_options(p, ModelOptions, defaults={"parallel": SERVE_PARALLEL})
     add_options(p, SpecOptions)
     add_options(p, ServerOptions)
     add_options(p, RegistryOptions)

@@ -150,7 +150,12 @@ class ContextParams:
     in order at the same offsets whatever the others hold, so its logits do not depend on the other sequences in
     the cache or its batch (tandem.engine.exact.probe_sequences), and the cells in use stay packed at the front,
     so attention spans what the sequences hold. Each sequence holds at most n_ctx / n_seq_max positions (rounded
-    down to 64), as with llama-server's parallel slots, and its cells cannot shift (no sliding window)."""
+    down to 64), as with llama-server's parallel slots, or up to n_ctx with shared_cells; its cells cannot shift
+    (no sliding window)."""
+    shared_cells: bool = False
+    """With seq_cells: any sequence may hold up to n_ctx positions, all of them taking pages from one pool, as
+    llama-server's --kv-unified (the caller keeps the total within the pool: tandem.sched.Scheduler.room). False:
+    each holds at most its share, n_ctx / n_seq_max, reserved. Needs patch level 3 (Context.pages_after)."""
     flash_attn: bool = False
     """Flash attention. Off by default: on CPU it makes a batch of k+1 tokens give logits up to 5e-2
     away from one-at-a-time decoding, enough to flip greedy tokens (measured on the tiny fixtures)."""
@@ -353,9 +358,14 @@ class Context:
         """What llama.cpp reported allocating for this context: {"kv", "compute", "output": bytes}."""
         self._mem = lib.llama_get_memory(self._ptr)
         self.n_ctx: int = lib.llama_n_ctx(self._ptr)
-        self.seq_capacity: int | None = self.n_ctx // max(1, params.n_seq_max) // 64 * 64 if placed else None
+        self.shared: bool = placed and params.shared_cells and patch_level() >= 3
+        """Whether the sequences take their pages from one pool (ContextParams.shared_cells): each may hold up to
+        n_ctx positions while the others leave room."""
+        share = 1 if self.shared else max(1, params.n_seq_max)
+        self.seq_capacity: int | None = self.n_ctx // share // 64 * 64 if placed else None
         """With paged cells per sequence (ContextParams.seq_cells, on a patched library): the positions each sequence
-        can hold. None: cells are placed by llama.cpp wherever they are free."""
+        can hold (its share, or the whole pool when shared). None: cells are placed by llama.cpp wherever they are
+        free."""
         self._batch = lib.llama_batch_init(params.n_batch, 0, 1)
         self.tokens_processed = 0
         """How many tokens this context has decoded in all: the draft window's cost counter."""
@@ -541,6 +551,21 @@ class Context:
             del held[p0:p1]
         else:
             held.clear()
+
+    def pages_after(self, seq_id: int = 0) -> int | None:
+        """With paged cells (seq_cells): the free 64-cell pages after the last page the sequence holds, which are
+        the pages its next positions can take (its pages stay in position order); all free pages when it holds
+        none. None without pages (patch level < 3, or cells placed by llama.cpp)."""
+        if self.seq_capacity is None or patch_level() < 3:
+            return None
+        fn = _lib().llama_cpp._lib.tandem_kv_pages_after
+        fn.restype, fn.argtypes = ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]
+        n = int(fn(self._ptr, seq_id))
+        return n if n >= 0 else None
+
+    def held_length(self, seq_id: int = 0) -> int:
+        """How many positions the KV cache holds for the sequence (len(held()), without the copy)."""
+        return len(self._tokens.get(seq_id, ()))
 
     def held(self, seq_id: int = 0) -> list[int]:
         """The tokens the KV cache holds for the sequence, by position (UNKNOWN where a decode left a gap): what a

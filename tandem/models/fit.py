@@ -293,7 +293,7 @@ def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
     seqs = 1 if draft else opts.parallel
     return ContextParams(n_ctx=n_ctx, n_batch=min(N_BATCH, n_ctx), n_threads=opts.threads, type_k=type_k,
                          type_v=type_v, exact=bool(opts.exact) and not draft and n_ctx >= 2, n_seq_max=seqs,
-                         seq_cells=seqs > 1)
+                         seq_cells=seqs > 1, shared_cells=seqs > 1 and opts.kv_unified)
 
 
 def plan_model(header: GGUFHeader, params: ContextParams, *, role: str, out_rows: int = 1,
@@ -383,9 +383,10 @@ def plan_for(opts: ModelOptions, main: Path, draft: Path | None, *, draft_max: i
     """
     if not 1 <= opts.parallel <= 64:
         raise BadInputError(f"--parallel {opts.parallel} is not between 1 and 64", "use e.g. --parallel 4")
-    if opts.parallel > 1 and opts.ctx_size // opts.parallel < 128:
-        raise BadInputError(f"--ctx-size {opts.ctx_size} leaves each of --parallel {opts.parallel} requests fewer "
-                            "than 128 positions", f"raise --ctx-size to at least {128 * opts.parallel}")
+    if opts.parallel > 1 and not opts.kv_unified and opts.ctx_size // opts.parallel < 128:
+        raise BadInputError(f"--ctx-size {opts.ctx_size} with --no-kv-unified leaves each of --parallel "
+                            f"{opts.parallel} requests fewer than 128 positions",
+                            f"raise --ctx-size to at least {128 * opts.parallel}, or share it (--kv-unified)")
     memory = memory or available_memory(opts.memory_limit)
     try:
         main_header = read_header(main)

@@ -6,6 +6,10 @@ drafts, verifies, rolls back and emits on its own, and yields a `Decode` wheneve
 logits. A request that arrives joins at the next step; one that ends frees its sequence at once, and its KV
 cells stay for the next request whose prompt starts the same way (a chat's next turn).
 
+In a shared pool of cells (ContextParams.shared_cells, llama-server's --kv-unified) any sequence may grow to the
+whole context while the others leave room: `room()` tells a sequence how far it may grow now, dropping idle
+sequences' cached prefixes (least recently used first) before it says no, and a prompt waits for its cells.
+
 With the main context's paged cells per sequence (ContextParams.seq_cells) and exact decoding, a sequence's
 logits do not depend on the others in its batch, so a request's output does not either (tests/test_scheduler).
 """
@@ -22,6 +26,9 @@ from tandem.errors import BadInputError, EngineError, TandemError
 from tandem.spec.generate import Decode, Done, Steps, Token, common_prefix
 
 Event = Token | Done | TandemError
+
+PAGE = 64
+"""KV cells per page (Tandem's llama.cpp patch): a sequence holding positions 0..L-1 takes ceil(L / PAGE) pages."""
 
 
 @dataclass
@@ -40,6 +47,10 @@ class Sequence:
     """The logits of its last decode, handed over at its next advance."""
     outbox: list[Event] = field(default_factory=list)
     """Tokens, Done or the error it produced since the last step."""
+    prompt_len: int = 0
+    """Its prompt's tokens: the cells it claims in a shared pool before its first decode."""
+    started: bool = False
+    """Whether it has asked for a decode (its prompt's cells are then taken)."""
 
 
 class Scheduler:
@@ -50,26 +61,34 @@ class Scheduler:
         self.main = main
         self.running: dict[str, Sequence] = {}
         self._free = list(range(max(1, main.params.n_seq_max)))
+        self._idle_since = dict.fromkeys(self._free, 0)  # the step each free sequence was last used: LRU eviction
         self.steps = 0
         """Steps taken (one batched decode each, plus a decode per prompt admitted)."""
+        self.evicted = 0
+        """Idle sequences whose cached prefix was dropped to make room in a shared pool."""
 
     @property
     def capacity(self) -> int:
         """Sequences that can be added now."""
         return len(self._free)
 
-    def add(self, request_id: str, prompt: Seq[int], make: Callable[[int], Steps]) -> int:
-        """Start a request: `make(seq_id)` builds its sequence() generator. Returns the sequence id: the free one
-        whose KV cells hold the longest start of `prompt`, if at least half of what it holds is that start (a
-        conversation's next turn); else the free one holding least (so another conversation's cache, sharing only
-        a system prompt or template, is not overwritten while an emptier sequence is free)."""
+    def add(self, request_id: str, prompt: Seq[int], make: Callable[[int], Steps]) -> int | None:
+        """Start a request: `make(seq_id)` builds its sequence() generator (pass it `room_for(seq_id)`). Returns the
+        sequence id: the free one whose KV cells hold the longest start of `prompt`, if at least half of what it
+        holds is that start (a conversation's next turn); else the free one holding least (so another
+        conversation's cache, sharing only a system prompt or template, is not overwritten while an emptier
+        sequence is free). None, and nothing started, when running sequences hold the cells the prompt needs in a
+        shared pool: add it again after a step."""
         if request_id in self.running:
             raise BadInputError(f"request {request_id} is already running", "use a new request id")
         if not self._free:
             raise EngineError(f"all {self.main.params.n_seq_max} sequences are running", "add it after one ends")
         seq_id = max(self._free, key=lambda s: _slot_fit(self.main.held(s), prompt))
+        fits = self.room(seq_id, len(prompt) + 1) >= min(len(prompt) + 1, self.main.capacity)  # drops idle prefixes
+        if not fits and self.running:
+            return None
         self._free.remove(seq_id)
-        self.running[request_id] = Sequence(request_id, seq_id, make(seq_id))
+        self.running[request_id] = Sequence(request_id, seq_id, make(seq_id), prompt_len=len(prompt))
         return seq_id
 
     def abort(self, request_id: str) -> None:
@@ -77,7 +96,42 @@ class Scheduler:
         seq = self.running.pop(request_id, None)
         if seq is not None:
             seq.steps.close()
-            self._free.append(seq.seq_id)
+            self._release(seq.seq_id)
+
+    def room_for(self, seq_id: int) -> Callable[[int], int]:
+        """room() for one sequence: what its sequence() generator asks each step."""
+        return lambda want: self.room(seq_id, want)
+
+    def room(self, seq_id: int, want: int) -> int:
+        """Positions sequence seq_id may hold now: its capacity, or in a shared pool its own pages plus the free pages
+        after its last one (its pages stay in position order, tandem.engine.llama.ContextParams.seq_cells), less
+        those the other sequences' waiting rows may take. While that is less than `want`, idle sequences' cached
+        prefixes are dropped, least recently used first."""
+        cap = self.main.capacity
+        if not self.main.shared:
+            return cap
+        while True:
+            after = self.main.pages_after(seq_id) or 0
+            taking = sum(self._pages_wanted(s) for s in self.running.values() if s.seq_id != seq_id)
+            room = min(cap, (_pages(self.main.held_length(seq_id)) + max(0, after - taking)) * PAGE)
+            idle = [s for s in self._free if s != seq_id and self.main.held_length(s)]
+            if room >= want or not idle:
+                return room
+            victim = min(idle, key=self._idle_since.__getitem__)
+            self.main.rollback(0, seq_id=victim)
+            self.evicted += 1
+
+    def _pages_wanted(self, seq: Sequence) -> int:
+        """Pages a running sequence will take at its next decode: for its waiting rows, or its whole prompt before
+        its first decode."""
+        held = _pages(self.main.held_length(seq.seq_id))
+        if seq.pending is not None:
+            return max(0, _pages(seq.pending.pos0 + len(seq.pending.tokens)) - held)
+        return 0 if seq.started else _pages(seq.prompt_len)
+
+    def _release(self, seq_id: int) -> None:
+        self._free.append(seq_id)
+        self._idle_since[seq_id] = self.steps
 
     def step(self) -> dict[str, list[Event]]:
         """One step of every running sequence; what each produced, by request id (Done or an error ends it)."""
@@ -98,7 +152,7 @@ class Scheduler:
                 out[seq.request_id], seq.outbox = seq.outbox, []
                 if isinstance(out[seq.request_id][-1], (Done, TandemError)):
                     del self.running[seq.request_id]
-                    self._free.append(seq.seq_id)
+                    self._release(seq.seq_id)
         self.steps += 1
         return out
 
@@ -110,7 +164,7 @@ class Scheduler:
                 ev = seq.steps.send(logits)
                 logits = None
                 if isinstance(ev, Decode):
-                    seq.pending = ev.rows
+                    seq.pending, seq.started = ev.rows, True
                     return
                 seq.outbox.append(ev)
         except StopIteration:
@@ -146,6 +200,11 @@ class Scheduler:
                 continue
             for seq, out in zip(batch, logits, strict=True):
                 seq.pending, seq.logits = None, out
+
+
+def _pages(n: int) -> int:
+    """Pages that hold n positions."""
+    return -(-n // PAGE)
 
 
 def _slot_fit(held: Seq[int], prompt: Seq[int]) -> tuple[int, int]:

@@ -87,8 +87,8 @@ class Batcher:
                 backlog.popleft()
                 self._run_alone(rt, choice, job)
                 continue
-            backlog.popleft()
             if job.cancelled.is_set():
+                backlog.popleft()
                 job.put(CancelledError("the client went away before its turn", "nothing to do"))
                 continue
             try:
@@ -100,11 +100,15 @@ class Batcher:
 
                 def make(seq: int, prompt=prompt, params=params, live=live, job=job, choice=choice):
                     steps, live.status = rt.steps(prompt, params, seq, use_draft=choice == CONFIGURED,
-                                                  cancel=self._cancel(job), load=lambda: len(sched.running))
+                                                  cancel=self._cancel(job), load=lambda: len(sched.running),
+                                                  room=sched.room_for(seq))
                     return steps
-                sched.add(job.id, prompt, make)
+                if sched.add(job.id, prompt, make) is None:
+                    return  # running requests hold the cells its prompt needs (a shared pool): after a step
+                backlog.popleft()
                 self._live[job.id] = live
             except TandemError as e:
+                backlog.popleft()
                 job.put(e)
 
     def step(self) -> None:

@@ -320,12 +320,15 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
 def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Drafter | None = None,
              cancel: Callable[[], bool] | None = None,
              costs: Callable[[Drafter, str], CostModel] | None = None,
-             seq_id: int = 0, load: Callable[[], int] | None = None) -> Steps:
+             seq_id: int = 0, load: Callable[[], int] | None = None,
+             room: Callable[[int], int] | None = None) -> Steps:
     """One generation as a sequence of steps: yields Decode for each main-model decode it needs (and expects its
     logits back through send()), Token for each generated token, and Done last. Everything of the sequence
     but the decode itself happens here: drafting, verification, rollback of its own KV cells (sequence
     `seq_id` of `main`), stats, stop conditions. `load()`: how many sequences a scheduler decodes in this
-    sequence's steps (the draft policy prices a step as the whole batch costs; None: 1)."""
+    sequence's steps (the draft policy prices a step as the whole batch costs; None: 1). `room(want)`: how many
+    positions it may hold now, in a pool of cells shared with other sequences (tandem.sched.Scheduler.room; None:
+    its capacity); when that has no room for the next token it ends as at the end of its context."""
     if not prompt:
         raise BadInputError("the prompt is empty", "send at least one token of text")
     n_ctx = main.capacity  # positions this sequence may hold
@@ -374,19 +377,20 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
     yield from out.emit(history[-1:], 0, rows=first_row[None])
     while not out.done:
         n_past = len(history) - 1  # the main KV holds everything but the newest token
-        # 2. Stop when asked to, or when the context has no room for the newest token.
+        # 2. Stop when asked to, or when the context (or a shared pool's room) has no room for the newest token.
         if cancel is not None and cancel():
             out.finish("cancelled")
             break
-        if n_past + 1 > n_ctx:
+        limit = n_ctx if room is None else min(n_ctx, room(n_past + 2 + gp.draft_max))
+        if n_past + 1 > limit:
             out.finish("context")
             break
         # 3. Draft as many tokens as the policy finds worth it (0: a plain step), within max_tokens and the context:
         # first the tokens a grammar forces, then the drafter's after them, cut at the first token it refuses.
-        room = min(out.remaining - 1, n_ctx - n_past - 1)
-        forced = gp.processors.forced(history)[:room] if gp.forced_drafts and gp.processors and room > 0 else []
+        space = min(out.remaining - 1, limit - n_past - 1)
+        forced = gp.processors.forced(history)[:space] if gp.forced_drafts and gp.processors and space > 0 else []
         ahead = [*history, *forced] if forced else history
-        k = min(gp.draft_max, room - len(forced))
+        k = min(gp.draft_max, space - len(forced))
         proposal = spec.propose(ahead, k, draft_rng) if spec is not None else EMPTY
         if proposal.tokens and gp.processors:
             proposal = _cut(proposal, gp.processors.admissible(ahead, proposal.tokens))
@@ -395,7 +399,7 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         if seeded and proposal.probs is not None:
             proposal = DraftProposal(proposal.tokens)  # sample and compare: the plain decoding's draws
         # 3b. Exact mode: a plain step decodes two rows anyway, so let the second be a guess instead of a repeat.
-        guess = not proposal.tokens and guesser is not None and min(out.remaining, n_ctx - n_past) > 1
+        guess = not proposal.tokens and guesser is not None and min(out.remaining, limit - n_past) > 1
         if guess:
             proposal = guesser.propose(history, 1)
         # 4. Verify the newest token and the drafts in ONE llama_decode, then keep the agreed prefix.
