@@ -35,12 +35,28 @@ def test_prefix_index_finds_the_replica_holding_the_longest_prefix():
     assert holder == "b" and n == 24  # only the shared "system: be brief. user: " is still known (to b)
 
 
+def test_a_next_turn_continues_its_conversation_and_a_shared_system_prompt_continues_none():
+    idx = PrefixIndex(block_chars=8)
+    system = "system: you are a helpful assistant who answers briefly. "
+    turn1 = system + "user: tell me about ships"
+    idx.insert(turn1, "a")
+    other = system + "user: what is rain?"
+    assert idx.match(other) == ("a", len(system) // 8 * 8)  # the shared system prompt is known...
+    assert idx.continued(other) == (None, 0)  # ...but continues no earlier prompt: a new conversation
+    idx.insert(other, "b")
+    assert idx.continued(turn1 + " assistant: they float. user: and boats?") == ("a", len(turn1) // 8 * 8)
+    assert idx.continued(other + " assistant: water. user: why?") == ("b", len(other) // 8 * 8)
+    idx.forget("a")
+    assert idx.continued(turn1 + " assistant: they float.") == (None, 0)
+
+
 def test_prefix_index_stays_within_its_capacity():
     idx = PrefixIndex(capacity=10, block_chars=4)
     for i in range(20):
         idx.insert(f"{i:04d}" * 3, str(i))
     assert len(idx) == 10
     assert idx.match("0019" * 3) == ("19", 12) and idx.match("0000" * 3) == (None, 0)
+    assert idx.continued("0019" * 3 + "more") == ("19", 12) and idx.continued("0000" * 3 + "more") == (None, 0)
 
 
 def test_prompt_text_keys_chats_and_completions():

@@ -5,11 +5,16 @@ pyarrow and the rest of ray[llm]; it also keeps its prefix tree in a separate de
 process) and calls it with blocking ray.get from the routing loop. This router keeps a PrefixIndex in the
 router itself (the ingress holds the only handle to the replicas), so it costs no process and no RPC.
 
-Policy, per request: a request naming a replica (GET /metrics?replica=ID) goes there. A prompt whose start
-(at least 10% of it) was last routed to replica R goes to R unless R has more than `slack` ongoing requests
-over the least-loaded replica (or is full); otherwise, and for prompts seen nowhere, the least-loaded replica,
-ties going to the one that was sent the fewest prompts (so new conversations spread over idle replicas).
-Ray then sends the request to the first replica of the first rank with room.
+Policy, per request: a request naming a replica (GET /metrics?replica=ID) goes there. A prompt that continues
+a whole earlier prompt (a conversation's next turn; at least 10% of it) goes to the replica that was sent that
+prompt unless it has more than `slack` ongoing requests over the least-loaded replica (or is full); otherwise,
+and for new conversations, the least-loaded replica, ties going to the one that was sent the fewest prompts.
+A new conversation that only shares a system prompt with earlier ones is spread like any other: sending it where
+the shared prefix was last seen crowded every conversation onto one replica whenever requests came one at a
+time (no load to guard), and a replica keeps only --parallel conversations warm, so they evicted each other
+(turn 8 then reused the 254-token system prompt only, as random routing does); each replica caches the system
+prompt after its first conversation anyway. Ray then sends the request to the first replica of the first rank
+with room.
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ class PrefixAffinityRouter(RequestRouter):
         if not (self._affinity and req is not None and req.prefix):
             return [shuffled]
         loads = await self._loads(candidate_replicas)
-        holder, matched = self._index.match(req.prefix)
+        holder, matched = self._index.continued(req.prefix)
         affine = None
         if holder is not None and matched >= MIN_MATCH_SHARE * len(req.prefix):
             affine = next((r for r in candidate_replicas if r.replica_id.unique_id == holder), None)
