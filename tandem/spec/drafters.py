@@ -17,7 +17,8 @@ from tandem.spec.window import DEFAULT_DISCARD, DEFAULT_KEEP, Window
 
 
 class Drafter(Protocol):
-    """Anything that can guess the next tokens of a sequence."""
+    """Anything that can guess the next tokens of a sequence. A drafter that decodes a model (ModelDrafter) also
+    has propose_steps: propose() yielding its decodes, for a scheduler to batch with other sequences' drafts."""
 
     name: str
 
