@@ -132,8 +132,8 @@ class Runtime:
                 ctx = Context(draft_model, p.draft.params)
                 self._check(p.draft, draft_model, ctx, rss_draft + _rss() - rss0)
                 self.drafter = ModelDrafter(ctx, main_n_ctx=self.main.capacity)
-                # Every sequence's draft context now, as the plan counts them: made on first use, they raised the
-                # process's memory mid-serving (a 14 MiB step in the soak at --parallel 4), past what loading showed.
+                # Every sequence's drafter now, as the plan counts their contexts: made on first use, per-sequence
+                # contexts raised the process's memory mid-serving (a 14 MiB step in the soak at --parallel 4).
                 for seq in range(1, self.main.params.n_seq_max):
                     self.sequence_drafter(seq)
             except TandemError as e:
@@ -269,13 +269,17 @@ class Runtime:
         return CombinedDrafter(ngram, model) if spec_type == "both" else model
 
     def sequence_drafter(self, seq: int) -> ModelDrafter | None:
-        """The draft model's drafter for sequence `seq` of the main context: the loaded one for 0, for the others
-        a context of their own on the same weights, with the same parameters, made on first use."""
+        """The draft model's drafter for sequence `seq` of the main context: the loaded one for 0; for the others,
+        sequence `seq` of the same draft context when it holds a sequence per request (the plan's default: the
+        scheduler then decodes every sequence's draft rows of a draft position as one batch), else a context of
+        their own on the same weights, with the same parameters (a smaller --ctx-size-draft: its window slides)."""
         if self.drafter is None or seq == 0:
             return self.drafter
         if seq not in self._seq_drafters:
-            ctx = Context(self.drafter.ctx.model, self.drafter.ctx.params)
-            self._seq_drafters[seq] = ModelDrafter(ctx, name=self.drafter.name, main_n_ctx=self.main.capacity)
+            shared = self.drafter.ctx.params.n_seq_max > 1
+            ctx = self.drafter.ctx if shared else Context(self.drafter.ctx.model, self.drafter.ctx.params)
+            self._seq_drafters[seq] = ModelDrafter(ctx, name=self.drafter.name, main_n_ctx=self.main.capacity,
+                                                   seq_id=seq if shared else 0)
         return self._seq_drafters[seq]
 
     def cost(self, drafter: Drafter, key: str | None = None) -> CostModel:
@@ -446,7 +450,7 @@ def calibrate_draft(ctx: Context, token: int, *, reps: int = 3, batch: int = 32)
     Without them a new drafter's first request learns its costs by drafting: it probed at a loss where
     drafting cannot pay (F16 main: 0.76x on a first request), and it took a batched catch-up for a tenth
     of a single decode where the Q4_1 draft's is about half of one (141 tokens: 0.73 s)."""
-    if ctx.n_ctx < batch + 2:
+    if ctx.capacity < batch + 2:
         return {}
     med = lambda ts: sorted(ts)[len(ts) // 2]  # noqa: E731
     out: dict[str, list[float]] = {"one": [], "two": [], "batch": []}

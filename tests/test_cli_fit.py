@@ -63,16 +63,20 @@ def test_run_refuses_a_plan_that_does_not_fit_before_loading(capsys, tiny):
     assert code == 3 and "does not fit: main" in err and "smaller or more quantized main model" in err
 
 
-def test_fit_parallel_shows_the_share_per_request_and_a_draft_context_each(capsys, tiny):
+def test_fit_parallel_shows_the_share_per_request_and_the_draft_contexts(capsys, tiny):
     code, out, _ = fit(capsys, tiny, "--draft", str(tiny["draft_small"]), "--ctx-size", "4096", "--parallel", "4")
     assert code == 0
     assert "--parallel 4: --ctx-size is the total, 1024 positions per request" in out
-    assert "1 (4 requests)" in out and "4 (one per request)" in out and "KV cache (each)" in out
-    assert "4096 tokens (4096 KV cells)" in out and "1024 tokens (1024 KV cells)" in out
+    assert out.count("1 (4 requests)") == 2 and "(each)" not in out  # one draft context holds every request
+    assert out.count("4096 tokens (4096 KV cells)") == 2
     assert "process" in out and "4096" in out.split("<- this plan")[0].splitlines()[-1]
     code, out, _ = fit(capsys, tiny, "--draft", str(tiny["draft_small"]), "--ctx-size", "4096", "--parallel", "4",
                        "--json")
     plan = json.loads(out)
     d = plan["draft"]
-    assert d["contexts"] == 4 and d["n_ctx"] == 1024 and plan["main"]["contexts"] == 1
-    assert d["total"] == d["weights"] + d["overhead"] + 4 * (d["kv"] + d["compute"] + d["output"] + d["work"])
+    assert d["contexts"] == 1 and d["n_ctx"] == 4096 and plan["main"]["contexts"] == 1
+    assert d["total"] == d["weights"] + d["overhead"] + d["kv"] + d["compute"] + d["output"] + d["work"]
+    code, out, _ = fit(capsys, tiny, "--draft", str(tiny["draft_small"]), "--ctx-size", "4096", "--parallel", "4",
+                       "--ctx-size-draft", "2048")  # a smaller draft context: one per request, sliding
+    assert code == 0 and "4 (one per request)" in out and "KV cache (each)" in out
+    assert "512 tokens (512 KV cells)" in out

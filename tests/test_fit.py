@@ -223,7 +223,8 @@ def test_parallel_requests_share_the_context_and_too_small_a_share_is_refused(ti
     o = ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=1024, parallel=4)
     plan = plan_for(o, tiny["main"], tiny["draft_close"])  # the fit search tries small contexts: no refusal there
     assert plan.main.params.n_seq_max == 4 and plan.main.params.seq_cells and plan.main.params.shared_cells
-    assert plan.draft.params.n_ctx == 256 and plan.draft.params.n_seq_max == 1  # a draft context per request
+    assert plan.draft.params.n_ctx == 1024 and plan.draft.params.n_seq_max == 4  # one draft context for all
+    assert plan.draft.params.seq_cells and plan.draft.params.shared_cells and plan.draft.contexts == 1
     small = dataclasses.replace(o, ctx_size=512, parallel=8)
     assert plan_for(small, tiny["main"], tiny["draft_close"]).main.params.n_ctx == 512  # one pool: any share is fine
     with pytest.raises(BadInputError, match="fewer than 128 positions.*at least 1024"):
@@ -242,25 +243,37 @@ def test_the_plan_counts_the_process_and_the_work_buffer(tiny):
     assert plan(tiny, None, ctx_size=4096, cache_type_v="f32").main.work == 0
 
 
-def test_parallel_requests_each_get_a_draft_context_in_the_plan(tiny):
+def test_parallel_requests_share_one_draft_context_in_the_plan(tiny):
     one, four = plan(tiny, ctx_size=4096), plan(tiny, ctx_size=4096, parallel=4)
     assert four.main.contexts == 1 and four.main.params.n_ctx == 4096  # --ctx-size: the total, as llama-server's -c
-    d = four.draft
-    assert d.contexts == 4 and d.params.n_ctx == 1024 and d.params.n_seq_max == 1
+    d = four.draft  # one context of a sequence per request (paged cells): one batched draft decode per position
+    assert d.contexts == 1 and d.params.n_ctx == 4096 and d.params.n_seq_max == 4 and d.params.seq_cells
+    assert d.total == d.weights + d.overhead + d.kv + d.compute + d.output + d.work
+    assert d.kv == one.draft.kv and d.weights == one.draft.weights  # the KV of one draft context, weights once
+    assert d.output == 4 * one.draft.output  # a logits row per sequence
+
+
+def test_a_smaller_parallel_draft_context_is_one_context_per_request(tiny):
+    one, four = plan(tiny, ctx_size=4096, ctx_size_draft=2048), plan(tiny, ctx_size=4096, ctx_size_draft=2048,
+                                                                      parallel=4)
+    d = four.draft  # each can slide its window (paged cells cannot shift)
+    assert d.contexts == 4 and d.params.n_ctx == 512 and d.params.n_seq_max == 1 and not d.params.seq_cells
     assert d.total == d.weights + d.overhead + 4 * (d.kv + d.compute + d.output + d.work)
     assert 4 * d.kv == one.draft.kv and d.weights == one.draft.weights  # the KV in all as one draft's; weights once
-    assert four.total > one.total  # 4 compute buffers instead of one
 
 
-def test_every_parallel_draft_context_matches_its_plan(tiny):
-    o = opts(tiny, "draft_close", ctx_size=1024, parallel=4)
+@pytest.mark.parametrize("ctx_size_draft", [0, 512], ids=["shared", "per-request"])
+def test_every_parallel_draft_context_matches_its_plan(tiny, ctx_size_draft):
+    o = opts(tiny, "draft_close", ctx_size=1024, ctx_size_draft=ctx_size_draft, parallel=4)
     rt = Runtime(o, spec=SpecOptions(draft_max=8), announce=lambda _s: None)
     try:
         d = rt.plan.draft
         drafters = [rt.sequence_drafter(s) for s in range(4)]
-        assert len({id(x.ctx) for x in drafters}) == d.contexts == 4
+        assert len({id(x.ctx) for x in drafters}) == d.contexts == (1 if ctx_size_draft == 0 else 4)
+        assert [x.seq_id for x in drafters] == ([0, 1, 2, 3] if d.contexts == 1 else [0, 0, 0, 0])
         for x in drafters:
             assert x.ctx.params == d.params and x.ctx.n_ctx == d.n_cells
+            assert x.window.size >= rt.main.capacity or x.ctx.can_shift  # a window too small for it must slide
             for name, want in (("kv", d.kv), ("compute", d.compute), ("output", d.output_at_load)):
                 assert abs(x.ctx.buffers[name] - want) <= max(want // 100, 64 << 10), (name, x.ctx.buffers)
     finally:

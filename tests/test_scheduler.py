@@ -1,15 +1,20 @@
 """Continuous batching (tandem.sched.scheduler) on the tiny fixtures: a request's output does not depend on the
-other requests in its batch, with a draft model, with n-gram drafting and without, greedy and seeded."""
+other requests in its batch, with a draft model (a draft context per request, or one shared by all, drafting in
+one decode per draft position), with n-gram drafting and without, greedy and seeded."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
+from collections.abc import Callable
 
 import pytest
 
 from tandem.engine.llama import Context, ContextParams, Model
+from tandem.errors import EngineError
 from tandem.spec.drafters import ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token, generate, sequence
+from tandem.spec.steps import Decode
 from tandem.spec.ngram import NgramDrafter
 from tandem.spec.sampling import SamplingParams
 from tandem.sched.scheduler import Scheduler
@@ -23,6 +28,8 @@ SHARED = dataclasses.replace(BATCHED, shared_cells=True)
 """The same cells as one pool: any sequence may hold all of them (llama-server's --kv-unified)."""
 ALONE = ContextParams(n_ctx=CELLS, n_batch=128, n_threads=2, exact=True, seq_cells=True)
 DRAFT = ContextParams(n_ctx=CELLS, n_batch=128, n_threads=2)
+SHARED_DRAFT = ContextParams(n_ctx=4 * CELLS, n_batch=128, n_threads=2, n_seq_max=4, seq_cells=True)
+"""One draft context for every sequence, as the Runtime makes at --parallel 4."""
 REQUESTS = [("The capital of France is", 14), ("def fizzbuzz(n):\n    for i in range(n):", 40),
             ("Once upon a time, in a kingdom by the sea, there lived a", 25), ("1, 2, 3, 4, 5,", 33)]
 STARTS = [0, 0, 3, 6]
@@ -43,49 +50,67 @@ def _main_model(models, kind: str) -> Model:
     return models["loopy" if kind == "ngram" else "main"]
 
 
-def _drafter(kind: str, draft_model: Model):
+def _drafter(kind: str, draft_model: Model, seq: int = 0, shared: Context | None = None):
+    """kind "model": a draft context of its own; "shared": sequence `seq` of the shared draft context."""
+    if kind == "shared":
+        return ModelDrafter(shared, seq_id=seq)
     if kind == "model":
         return ModelDrafter(Context(draft_model, DRAFT))
     return NgramDrafter() if kind == "ngram" else None
 
 
-def _params(max_tokens: int, seeded: bool) -> GenParams:
+def _params(max_tokens: int, seeded: bool | str) -> GenParams:
+    """Greedy (False), seeded sample-and-compare (True), or seeded rejection sampling ("rejection")."""
     sampling = SamplingParams(temperature=0.8, seed=7) if seeded else SamplingParams()
-    return GenParams(max_tokens=max_tokens, sampling=sampling, draft_max=4, draft_policy="fixed")
+    return GenParams(max_tokens=max_tokens, sampling=sampling, draft_max=4, draft_policy="fixed",
+                     seed_matches_plain=seeded != "rejection")
 
 
-def _alone(models, kind: str, seeded: bool) -> list[list[int]]:
-    main_model, draft_model = _main_model(models, kind), models["draft"]
+def _kinds(kind: str | list[str]) -> list[str]:
+    return [kind] * len(REQUESTS) if isinstance(kind, str) else kind
+
+
+def _alone(models, kind: str | list[str], seeded: bool | str) -> list[list[int]]:
+    """Each request's tokens, generated alone (a "shared" draft drafts in a one-sequence context)."""
     out = []
-    for text, n in REQUESTS:
+    for (text, n), k in zip(REQUESTS, _kinds(kind)):
+        main_model = _main_model(models, k)
         ctx = Context(main_model, ALONE)
-        events = list(generate(ctx, main_model.tokenize(text), _params(n, seeded), _drafter(kind, draft_model)))
+        drafter = _drafter("model" if k == "shared" else k, models["draft"])
+        events = list(generate(ctx, main_model.tokenize(text), _params(n, seeded), drafter))
         out.append([e.id for e in events if isinstance(e, Token)])
     return out
 
 
-def _batched(models, kind: str, seeded: bool, abort: tuple[int, int] | None = None, params: ContextParams = BATCHED):
-    """Token ids per request, the Done stats per request, and the scheduler (requests arrive at STARTS; `abort`:
-    (request, step) to abort one)."""
-    main_model, draft_model = _main_model(models, kind), models["draft"]
+def _batched(models, kind: str | list[str], seeded: bool | str, abort: tuple[int, int] | None = None,
+             shared: Context | None = None, errors: bool = False,
+             on_sched: Callable[[Scheduler], None] | None = None, params: ContextParams = BATCHED):
+    """Token ids per request, the Done (or error) per request, and the scheduler (requests arrive at STARTS;
+    `abort`: (request, step) to abort one; `shared`: the draft context of kind "shared", made when None;
+    `errors`: whether a request may end with an error; `on_sched`: called with the scheduler)."""
+    kinds = _kinds(kind)
+    main_model, draft_model = _main_model(models, kinds[0]), models["draft"]
     main = Context(main_model, params)
+    shared = shared if shared is not None else Context(draft_model, SHARED_DRAFT)
     sched = Scheduler(main)
+    if on_sched is not None:
+        on_sched(sched)
     ids: dict[str, list[int]] = {str(i): [] for i in range(len(REQUESTS))}
-    done: dict[str, Done] = {}
+    done: dict[str, Done | Exception] = {}
     step = 0
     while len(done) < len(REQUESTS) - (abort is not None):
         for i, start in enumerate(STARTS):
             if start == step:
                 text, n = REQUESTS[i]
                 prompt = main_model.tokenize(text)
-                drafter = _drafter(kind, draft_model)
-                sched.add(str(i), prompt, lambda s, p=prompt, n=n, d=drafter: sequence(
-                    main, p, _params(n, seeded), d, seq_id=s, room=sched.room_for(s)))
+                sched.add(str(i), prompt, lambda s, p=prompt, n=n, k=kinds[i]: sequence(
+                    main, p, _params(n, seeded), _drafter(k, draft_model, s, shared), seq_id=s,
+                    room=sched.room_for(s)))
         if abort is not None and step == abort[1]:
             sched.abort(str(abort[0]))
         for rid, events in sched.step().items():
             for ev in events:
-                assert not isinstance(ev, Exception), ev
+                assert errors or not isinstance(ev, Exception), ev
                 if isinstance(ev, Token):
                     ids[rid].append(ev.id)
                 else:
@@ -97,23 +122,24 @@ def _batched(models, kind: str, seeded: bool, abort: tuple[int, int] | None = No
 
 @pytest.mark.parametrize("pool", [BATCHED, SHARED], ids=["reserved", "shared"])
 @pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
-@pytest.mark.parametrize("kind", ["none", "model", "ngram"])
+@pytest.mark.parametrize("kind", ["none", "model", "shared", "ngram"])
 def test_each_request_gives_what_it_gives_alone_bit_for_bit(models, kind, seeded, pool):
     alone = _alone(models, kind, seeded)
     ids, done, sched = _batched(models, kind, seeded, params=pool)
     assert [ids[str(i)] for i in range(len(REQUESTS))] == alone
     for d in done.values():
         assert d.stats.identity_holds(), d.stats
-    if kind == "model" or (kind == "ngram" and not seeded):  # (sampled, the loopy model stops looping)
+    if kind in ("model", "shared") or (kind == "ngram" and not seeded):  # (sampled, the loopy model stops looping)
         assert sum(d.stats.drafted for d in done.values()) > 0
     # batched for real: far fewer steps than the requests' steps added up
     assert sched.steps < sum(d.stats.draft_steps + d.stats.plain_steps for d in done.values()) * 0.7
     assert sched.capacity == 4 and not sched.running
 
 
-def test_aborting_one_request_leaves_the_others_unchanged(models):
-    alone = _alone(models, "model", False)
-    ids, done, sched = _batched(models, "model", False, abort=(1, 5))
+@pytest.mark.parametrize("kind", ["model", "shared"])
+def test_aborting_one_request_leaves_the_others_unchanged(models, kind):
+    alone = _alone(models, kind, False)
+    ids, done, sched = _batched(models, kind, False, abort=(1, 5))
     assert sorted(done) == ["0", "2", "3"]
     assert [ids[r] for r in ("0", "2", "3")] == [alone[0], alone[2], alone[3]]
     assert len(ids["1"]) < len(alone[1]) and ids["1"] == alone[1][:len(ids["1"])]  # cut short, not corrupted
@@ -140,6 +166,96 @@ def test_a_request_that_fails_ends_alone_and_a_new_one_reuses_a_freed_sequences_
         for rid, events in sched.step().items():
             out.setdefault(rid, []).extend(events)
     assert seq_id == 0 and out["b"][-1].stats.cached_tokens >= len(first)  # the first turn's sequence, reused
+
+
+def _counting(ctx: Context, sched_steps: Callable[[], int]) -> list[tuple[int, list[int]]]:
+    """Record (scheduler step, sequences) of each of ctx's decodes that asks for logits (a draft decode; not a
+    prompt's catch-up)."""
+    calls: list[tuple[int, list[int]]] = []
+    decode_batch = ctx.decode_batch
+
+    def counted(parts):
+        if any(p.wanted() for p in parts):
+            calls.append((sched_steps(), [p.seq_id for p in parts]))
+        return decode_batch(parts)
+
+    ctx.decode_batch = counted
+    return calls
+
+
+def test_the_scheduler_drafts_for_every_sequence_in_one_decode_per_draft_position(models):
+    shared, box = Context(models["draft"], SHARED_DRAFT), []
+    calls = _counting(shared, lambda: box[0].steps)
+    ids, done, sched = _batched(models, "shared", False, shared=shared, on_sched=box.append)
+    assert [ids[str(i)] for i in range(len(REQUESTS))] == _alone(models, "shared", False)
+    for d in done.values():
+        assert d.stats.identity_holds(), d.stats
+    # at most draft_max (4) draft decodes in a step, however many sequences draft in it, several in one decode
+    per_step = Counter(step for step, _ in calls)
+    assert max(per_step.values()) <= 4 and max(len(seqs) for _, seqs in calls) >= 3
+    per_sequence = sum(len(seqs) for _, seqs in calls)  # what a draft context per sequence would decode
+    assert len(calls) < 0.7 * per_sequence, (len(calls), per_sequence)
+    assert per_sequence >= sum(d.stats.draft_steps for d in done.values())
+
+
+def test_a_rejection_sampled_request_gives_what_it_gives_alone(models):
+    alone = _alone(models, "shared", "rejection")
+    ids, done, _ = _batched(models, "shared", "rejection")
+    assert [ids[str(i)] for i in range(len(REQUESTS))] == alone
+    for d in done.values():
+        assert d.stats.identity_holds(), d.stats
+    assert sum(d.stats.drafted for d in done.values()) > 0 and sum(d.stats.rejected for d in done.values()) > 0
+
+
+def test_a_failing_draft_decode_fails_only_its_sequences(models):
+    kinds = ["shared", "shared", "none", "model"]  # 0 and 1 draft together; 3 in a draft context of its own
+    alone = _alone(models, kinds, False)
+    shared = Context(models["draft"], SHARED_DRAFT)
+    decode_batch, failed = shared.decode_batch, []
+
+    def failing(parts):
+        if len(parts) > 1 and not failed and any(p.pos0 > 20 for p in parts):
+            failed.append([p.seq_id for p in parts])
+            raise EngineError("injected draft failure", "none")
+        return decode_batch(parts)
+
+    shared.decode_batch = failing
+    ids, done, sched = _batched(models, kinds, False, shared=shared, errors=True)
+    assert failed == [[0, 1]]
+    for r in ("0", "1"):
+        assert isinstance(done[r], EngineError) and "injected" in str(done[r])
+        assert ids[r] == alone[int(r)][:len(ids[r])]  # cut short, not corrupted
+    assert [ids["2"], ids["3"]] == alone[2:] and all(isinstance(done[r], Done) for r in ("2", "3"))
+    assert sched.capacity == 4 and not sched.running
+
+
+def test_closing_a_sequence_mid_draft_keeps_its_drafters_record_true(models):
+    """A sequence closed while it waits for a draft decode's logits (the decode ran): the drafter forgets the
+    cells that decode wrote, and the next request on that sequence gives what it gives alone."""
+    main_model = models["main"]
+    main, shared = Context(main_model, BATCHED), Context(models["draft"], SHARED_DRAFT)
+    drafter = ModelDrafter(shared, seq_id=2)
+    text, n = REQUESTS[2]
+    steps = sequence(main, main_model.tokenize(text), _params(n, False), drafter, seq_id=2)
+    ev, drafts = next(steps), 0
+    while True:
+        ctx = ev.ctx or main
+        logits = ctx.decode(ev.rows.tokens, ev.rows.pos0, seq_id=ev.rows.seq_id, logits=ev.rows.logits)
+        drafts += ev.ctx is shared
+        if drafts == 6:  # the second step's second draft decode: its cells are written, its logits not sent
+            break
+        ev = steps.send(logits)
+        while not isinstance(ev, Decode):
+            ev = next(steps)
+    assert len(shared.held(2)) > len(drafter._kv)
+    steps.close()
+    assert shared.held(2) == drafter._kv
+    again = list(generate(Context(main_model, ALONE), main_model.tokenize(text), _params(n, False), drafter))
+    alone = list(generate(Context(main_model, ALONE), main_model.tokenize(text), _params(n, False),
+                          _drafter("model", models["draft"])))
+    assert [e.id for e in again if isinstance(e, Token)] == [e.id for e in alone if isinstance(e, Token)]
+    # the draft's logits are the same too: it drafts and is accepted as alone
+    assert (again[-1].stats.drafted, again[-1].stats.accepted) == (alone[-1].stats.drafted, alone[-1].stats.accepted)
 
 
 def _run(sched: Scheduler, main: Context, prompt: list[int], n: int, rid: str) -> int | None:

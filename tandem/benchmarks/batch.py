@@ -2,9 +2,10 @@
 
 For each concurrency N: N greedy requests (the bench prompts, cycled), --max-tokens each, all started together
 on a main context of N sequences with paged cells, through Scheduler.step() (one batched main decode per step),
-without a draft and with the draft (each sequence its own draft context). Baseline: the same N requests one
-after another with generate() on a one-sequence context, as Tandem's server runs them today. Engine level: no
-HTTP; what continuous batching can give on this machine.
+without a draft and with the draft (one draft context of N sequences with paged cells, as `tandem serve
+--parallel N` makes: one batched draft decode per draft position for every drafting sequence). Baseline: the same
+N requests one after another with generate() on a one-sequence context (with the runtime's one draft context).
+Engine level: no HTTP; what continuous batching can give on this machine.
 """
 
 from __future__ import annotations
@@ -34,15 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _batched(rt: Runtime, main: Context, prompts: list[list[int]], gp: GenParams, drafters: list | None) -> float:
-    """Aggregate tokens/s of the prompts run together through a Scheduler."""
+    """Aggregate tokens/s of the prompts run together through a Scheduler (`drafters`: by sequence id)."""
     sched = Scheduler(main)
     for s in range(main.params.n_seq_max):
         main.rollback(0, seq_id=s)
     t0, tokens = time.perf_counter(), 0
     for i, prompt in enumerate(prompts):
-        d = drafters[i] if drafters else None
-        sched.add(str(i), prompt, lambda s, p=prompt, d=d: sequence(main, p, gp, d, seq_id=s, costs=rt.cost,
-                                                                    load=lambda: len(sched.running)))
+        sched.add(str(i), prompt, lambda s, p=prompt: sequence(main, p, gp, drafters[s] if drafters else None,
+                                                               seq_id=s, costs=rt.cost,
+                                                               load=lambda: len(sched.running)))
     while sched.running:
         for events in sched.step().values():
             tokens += sum(e.stats.generated_tokens for e in events if isinstance(e, Done))
@@ -74,15 +75,17 @@ def main(args: argparse.Namespace) -> int:
             prompts = [rt.prompt(text=texts[i % len(texts)]) for i in range(n)]
             main = Context(rt.main_model, dataclasses.replace(rt.plan.main.params, n_ctx=args.ctx_size * n, n_seq_max=n,
                                                               seq_cells=True))
-            drafters = [ModelDrafter(Context(rt.drafter.ctx.model, params)) for _ in range(n)] if rt.drafter else []
+            shared = (Context(rt.drafter.ctx.model, dataclasses.replace(params, n_ctx=args.ctx_size * n, n_seq_max=n,
+                                                                        seq_cells=True)) if rt.drafter else None)
+            drafters = [ModelDrafter(shared, seq_id=s, main_n_ctx=main.capacity) for s in range(n)] if shared else []
             try:
                 seq_plain = _sequential(rt, prompts, gp, False)
                 bat_plain = _batched(rt, main, prompts, gp, None)
                 seq_draft = _sequential(rt, prompts, gp, True) if drafters else 0.0
                 bat_draft = _batched(rt, main, prompts, gp, drafters) if drafters else 0.0
             finally:
-                for d in drafters:
-                    d.ctx.close()
+                if shared is not None:
+                    shared.close()
                 main.close()
             draft_ratio = f"{bat_draft / seq_draft:.2f}x" if seq_draft else "n/a"
             print(f"| {n} | {seq_plain:.1f} | {bat_plain:.1f} | {bat_plain / seq_plain:.2f}x | {seq_draft:.1f} | "

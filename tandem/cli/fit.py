@@ -46,7 +46,7 @@ def render(plan: FitPlan) -> str:
             ("weights", [fmt(m.weights) for m in models]),
             ("tokenizer, other", [fmt(m.overhead) for m in models])]
     if plan.main.params.n_seq_max > 1:
-        rows.append(("contexts", [f"1 ({m.params.n_seq_max} requests)" if m.role == "main" else
+        rows.append(("contexts", [f"1 ({m.params.n_seq_max} requests)" if m.params.n_seq_max > 1 else
                                   f"{m.contexts} (one per request)" for m in models]))
     each = " (each)" if any(m.contexts > 1 for m in models) else ""
     rows += [(label + each, [fmt(getattr(m, attr)) for m in models]) for label, attr in _ROWS]

@@ -574,8 +574,10 @@ class Context:
 
     @property
     def can_shift(self) -> bool:
-        """Whether shift() is supported: the model has RoPE and llama.cpp's memory can shift positions."""
-        return self.model.can_shift and bool(_lib().llama_memory_can_shift(self._mem))
+        """Whether shift() is supported: the model has RoPE, llama.cpp's memory can shift positions, and the cells
+        are not paged per sequence nor decoded exactly (see shift())."""
+        return (self.model.can_shift and self.seq_capacity is None and not self.params.exact
+                and bool(_lib().llama_memory_can_shift(self._mem)))
 
     def pos_max(self, seq_id: int = 0) -> int:
         """Largest position held for the sequence, -1 when empty."""

@@ -18,8 +18,10 @@ own "buffer size" log lines (`tandem bench fit` checks them against a real load)
 - overhead: the tokenizer's tables and llama.cpp's bookkeeping, about 256 bytes per vocabulary entry.
 
 With --parallel N the main context holds every request (--ctx-size cells in all, ctx/N per request, as
-llama-server's -c and -np), and each request drafts in a draft context of its own (ctx/N cells, or
---ctx-size-draft/N): N draft contexts on one copy of the draft weights. The process itself (Python, the
+llama-server's -c and -np), and so does one draft context of as many sequences (paged cells, ctx/N each), where
+the scheduler drafts for every request with one decode per draft position. A smaller --ctx-size-draft gives each
+request a draft context of its own instead (--ctx-size-draft/N cells, whose window can slide: paged cells cannot):
+N draft contexts on one copy of the draft weights. The process itself (Python, the
 HTTP server, the modules Tandem imports, the allocator's retained heap) is one more line, PROCESS_BASELINE.
 """
 
@@ -272,7 +274,10 @@ def _row(type_: str, n: int) -> int:
 def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
     """The context parameters the options ask for (checked): the plan's, and so llama.cpp's, only source."""
     n_ctx = (opts.ctx_size_draft or opts.ctx_size) if draft else opts.ctx_size
-    if draft and opts.parallel > 1:  # one draft context per request, together as large as one
+    # --parallel N: a draft as large as the main context holds every request's sequence (one batched draft decode
+    # per draft position); a smaller one is a context per request, together as large as one
+    shared = not draft or n_ctx >= opts.ctx_size
+    if not shared and opts.parallel > 1:
         n_ctx = max(128, n_ctx // opts.parallel)
     if opts.ctx_size < 1 or opts.ctx_size_draft < 0:
         raise BadInputError(f"--ctx-size {opts.ctx_size} / --ctx-size-draft {opts.ctx_size_draft} is not a "
@@ -290,7 +295,7 @@ def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
         raise BadInputError(f"--cache-type-v{suffix} {type_v}: llama.cpp quantizes the V cache only with flash "
                             "attention, which Tandem keeps off (it changes batched logits)",
                             f"use --cache-type-v{suffix} f16, and quantize K instead (--cache-type-k{suffix} q8_0)")
-    seqs = 1 if draft else opts.parallel
+    seqs = opts.parallel if shared else 1
     return ContextParams(n_ctx=n_ctx, n_batch=min(N_BATCH, n_ctx), n_threads=opts.threads, type_k=type_k,
                          type_v=type_v, exact=bool(opts.exact) and not draft and n_ctx >= 2, n_seq_max=seqs,
                          seq_cells=seqs > 1, shared_cells=seqs > 1 and opts.kv_unified)
@@ -319,8 +324,10 @@ def plan_model(header: GGUFHeader, params: ContextParams, *, role: str, out_rows
 
 
 def draft_plan(header: GGUFHeader, opts: ModelOptions) -> ModelPlan:
-    """The draft's memory: one copy of its weights, and a context per parallel request."""
-    return plan_model(header, context_params(opts, draft=True), role="draft", contexts=opts.parallel)
+    """The draft's memory: one copy of its weights, and one context holding every parallel request's sequence, or
+    (a smaller --ctx-size-draft) a context per request."""
+    params = context_params(opts, draft=True)
+    return plan_model(header, params, role="draft", contexts=1 if params.n_seq_max > 1 else max(1, opts.parallel))
 
 
 # -- planning the pair ------------------------------------------------------------------------------------------

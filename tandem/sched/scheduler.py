@@ -1,10 +1,14 @@
-"""Continuous batching: the steps of several sequences in one main-model decode.
+"""Continuous batching: the steps of several sequences in one main-model decode, their drafts in one draft decode
+per draft position.
 
 Each request is a `tandem.spec.generate.sequence` generator bound to one sequence id of the main context: it
-drafts, verifies, rolls back and emits on its own, and yields a `Decode` whenever it needs the main model.
-`Scheduler.step()` advances every running sequence to its next Decode, runs them together, and hands each its
-logits. A request that arrives joins at the next step; one that ends frees its sequence at once, and its KV
-cells stay for the next request whose prompt starts the same way (a chat's next turn).
+drafts, verifies, rolls back and emits on its own, and yields a `Decode` whenever it needs a decode: of the main
+model, or of its draft model while it drafts (Decode.ctx; the Runtime's drafters share one draft context of as
+many sequences). `Scheduler.step()` advances every running sequence to its next Decode; while some wait on a draft
+decode, it runs those of each draft context together and advances them again (one decode per draft position for
+all of them); then it runs the main decodes together, and hands each its logits. A request that arrives joins at
+the next step; one that ends frees its sequence at once, and its KV cells stay for the next request whose prompt
+starts the same way (a chat's next turn).
 
 In a shared pool of cells (ContextParams.shared_cells, llama-server's --kv-unified) any sequence may grow to the
 whole context while the others leave room: `room()` tells a sequence how far it may grow now, dropping idle
@@ -12,6 +16,8 @@ sequences' cached prefixes (least recently used first) before it says no, and a 
 
 With the main context's paged cells per sequence (ContextParams.seq_cells) and exact decoding, a sequence's
 logits do not depend on the others in its batch, so a request's output does not either (tests/test_scheduler).
+Greedy and sample-and-compare output never depend on the draft's logits; a rejection-sampled draft, whose
+probabilities do, asks for its draft decodes alone (Decode.alone).
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tandem.engine.llama import Context, SeqRows
+from tandem.engine.llama import Context
 from tandem.errors import BadInputError, EngineError, TandemError
-from tandem.spec.generate import Decode, Done, Steps, Token, common_prefix
+from tandem.spec.generate import Done, Steps, Token, common_prefix
+from tandem.spec.steps import Decode, decode
 
 Event = Token | Done | TandemError
 
@@ -41,8 +48,8 @@ class Sequence:
     """Its sequence in the main context (its KV cells)."""
     steps: Steps
     """The generation itself (tandem.spec.generate.sequence)."""
-    pending: SeqRows | None = None
-    """The rows it waits to have decoded."""
+    pending: Decode | None = None
+    """The decode it waits for (Decode.ctx None: the main model's)."""
     logits: np.ndarray | None = None
     """The logits of its last decode, handed over at its next advance."""
     outbox: list[Event] = field(default_factory=list)
@@ -54,14 +61,16 @@ class Sequence:
 
 
 class Scheduler:
-    """Runs up to n_seq_max sequences of one main context, one batched decode per step. Not thread-safe: the
-    engine thread owns it (drain requests -> add/abort -> step -> route)."""
+    """Runs up to n_seq_max sequences of one main context, one batched main decode per step (and one batched
+    decode per draft position of each draft context). Not thread-safe: the engine thread owns it (drain requests
+    -> add/abort -> step -> route)."""
 
     def __init__(self, main: Context):
         self.main = main
         self.running: dict[str, Sequence] = {}
         self._free = list(range(max(1, main.params.n_seq_max)))
         self._idle_since = dict.fromkeys(self._free, 0)  # the step each free sequence was last used: LRU eviction
+        self._claims: dict[int, int] = {}  # positions each sequence was last given room for (held while it drafts)
         self.steps = 0
         """Steps taken (one batched decode each, plus a decode per prompt admitted)."""
         self.evicted = 0
@@ -116,18 +125,22 @@ class Scheduler:
             room = min(cap, (_pages(self.main.held_length(seq_id)) + max(0, after - taking)) * PAGE)
             idle = [s for s in self._free if s != seq_id and self.main.held_length(s)]
             if room >= want or not idle:
+                self._claims[seq_id] = min(room, want)
                 return room
             victim = min(idle, key=self._idle_since.__getitem__)
             self.main.rollback(0, seq_id=victim)
             self.evicted += 1
 
     def _pages_wanted(self, seq: Sequence) -> int:
-        """Pages a running sequence will take at its next decode: for its waiting rows, or its whole prompt before
-        its first decode."""
+        """Pages a running sequence will take at its next main decode: for its waiting rows, for the positions it
+        was last given room for (while it drafts), or its whole prompt before its first decode."""
         held = _pages(self.main.held_length(seq.seq_id))
-        if seq.pending is not None:
-            return max(0, _pages(seq.pending.pos0 + len(seq.pending.tokens)) - held)
-        return 0 if seq.started else _pages(seq.prompt_len)
+        if not seq.started:
+            return _pages(seq.prompt_len)
+        if seq.pending is not None and seq.pending.ctx is None:
+            rows = seq.pending.rows
+            return max(0, _pages(rows.pos0 + len(rows.tokens)) - held)
+        return max(0, _pages(self._claims.get(seq.seq_id, 0)) - held)
 
     def _release(self, seq_id: int) -> None:
         self._free.append(seq_id)
@@ -135,17 +148,20 @@ class Scheduler:
 
     def step(self) -> dict[str, list[Event]]:
         """One step of every running sequence; what each produced, by request id (Done or an error ends it)."""
-        # 1. Advance each sequence to its next decode: it verifies the last one, emits, drafts the next.
+        # 1. Advance each sequence to its next decode: it verifies the last one, emits, starts its next draft.
         for seq in list(self.running.values()):
             self._advance(seq)
-        # 2. Decode: a long prompt alone (it may exceed a batch), every other sequence's rows together.
-        waiting = [s for s in self.running.values() if s.pending is not None]
-        alone = [s for s in waiting if len(s.pending.tokens) > self.main.params.n_batch // 4]
-        for seq in alone:
-            r = seq.pending
-            self._decode([seq], lambda r=r: [self.main.decode(r.tokens, r.pos0, seq_id=r.seq_id, logits=r.logits)])
-        self._decode([s for s in waiting if s not in alone], None)
-        # 3. Route what each sequence produced; a finished one frees its sequence.
+        # 2. Draft: while sequences wait on a draft decode, decode each draft context's waiting rows together (one
+        # decode per draft position for all of them) and advance those sequences to their next decode.
+        while drafting := [s for s in self.running.values() if s.pending is not None and s.pending.ctx is not None]:
+            for ctx, group in _by_context(drafting):
+                self._decode(ctx, group)
+            for seq in drafting:
+                if seq.logits is not None:  # (a failed decode already ended it)
+                    self._advance(seq)
+        # 3. Decode the main model's rows of every sequence together (a long prompt alone: it may exceed a batch).
+        self._decode(self.main, [s for s in self.running.values() if s.pending is not None])
+        # 4. Route what each sequence produced; a finished one frees its sequence.
         out = {}
         for seq in list(self.running.values()):
             if seq.outbox:
@@ -164,7 +180,7 @@ class Scheduler:
                 ev = seq.steps.send(logits)
                 logits = None
                 if isinstance(ev, Decode):
-                    seq.pending, seq.started = ev.rows, True
+                    seq.pending, seq.started = ev, True
                     return
                 seq.outbox.append(ev)
         except StopIteration:
@@ -173,21 +189,13 @@ class Scheduler:
             seq.pending = None
             seq.outbox.append(e)
 
-    def _decode(self, seqs: list[Sequence], run: Callable[[], list[np.ndarray]] | None) -> None:
-        """Decode the sequences' pending rows (in batches of at most n_batch rows, or with `run`), store each one's
-        logits; a failed decode is thrown into each of its sequences, which roll back and end with the error."""
-        batches: list[list[Sequence]] = []
-        rows = 0
-        for seq in seqs:
-            n = len(seq.pending.tokens)
-            if not batches or rows + n > self.main.params.n_batch:
-                batches.append([])
-                rows = 0
-            batches[-1].append(seq)
-            rows += n
-        for batch in batches:
+    def _decode(self, ctx: Context, seqs: list[Sequence]) -> None:
+        """Decode the sequences' pending rows in `ctx` (see _batches), store each one's logits; a failed decode is
+        thrown into each of its sequences, which roll back and end with the error."""
+        for batch in _batches(seqs, ctx.params.n_batch):
             try:
-                logits = run() if run is not None else self.main.decode_batch([s.pending for s in batch])
+                logits = (ctx.decode_batch([s.pending.rows for s in batch]) if len(batch) > 1
+                          else [decode(ctx, batch[0].pending.rows)])
             except TandemError as e:
                 for seq in batch:
                     seq.pending = None
@@ -200,6 +208,30 @@ class Scheduler:
                 continue
             for seq, out in zip(batch, logits, strict=True):
                 seq.pending, seq.logits = None, out
+
+
+def _by_context(seqs: list[Sequence]) -> list[tuple[Context, list[Sequence]]]:
+    """The sequences grouped by the context their pending decode is for, in order of first appearance."""
+    groups: dict[int, tuple[Context, list[Sequence]]] = {}
+    for seq in seqs:
+        groups.setdefault(id(seq.pending.ctx), (seq.pending.ctx, []))[1].append(seq)
+    return list(groups.values())
+
+
+def _batches(seqs: list[Sequence], n_batch: int) -> list[list[Sequence]]:
+    """The sequences in groups to decode together, at most n_batch rows each. A long prompt (over n_batch / 4
+    rows: it may take several decodes) and a decode asked for alone (Decode.alone) form groups of their own."""
+    alone = [s for s in seqs if s.pending.alone or len(s.pending.rows.tokens) > n_batch // 4]
+    batches: list[list[Sequence]] = [[s] for s in alone]
+    rows = n_batch  # (starts a new group)
+    for seq in (s for s in seqs if s not in alone):
+        n = len(seq.pending.rows.tokens)
+        if rows + n > n_batch:
+            batches.append([])
+            rows = 0
+        batches[-1].append(seq)
+        rows += n
+    return batches
 
 
 def _pages(n: int) -> int:

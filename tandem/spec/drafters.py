@@ -7,16 +7,18 @@ from typing import Protocol
 
 import numpy as np
 
-from tandem.engine.llama import Context
+from tandem.engine.llama import Context, SeqRows
 from tandem.errors import BadInputError
 from tandem.spec.processors import NONE, Processors
 from tandem.spec.sampling import SamplingParams, probs, sample, top_prob
+from tandem.spec.steps import Decode, Steps, run
 from tandem.spec.verify import EMPTY, DraftProposal
 from tandem.spec.window import DEFAULT_DISCARD, DEFAULT_KEEP, Window
 
 
 class Drafter(Protocol):
-    """Anything that can guess the next tokens of a sequence."""
+    """Anything that can guess the next tokens of a sequence. A drafter that decodes a model (ModelDrafter) also
+    has propose_steps: propose() yielding its decodes, for a scheduler to batch with other sequences' drafts."""
 
     name: str
 
@@ -47,16 +49,23 @@ class ModelDrafter:
     prefix the history still agrees with, slides the window if the step would not fit (one KV shift drops
     a whole chunk), feeds the newly accepted tokens in one batch, then drafts one token per decode.
     The prompt is evaluated once; each accepted token is decoded once; slid-out tokens are never re-read.
+
+    Several drafters can share one context of several sequences (ContextParams.n_seq_max, paged cells), each
+    drafting in sequence `seq_id`: a scheduler then decodes all their draft rows of a draft position as one batch
+    (propose_steps). Paged cells cannot shift, so such a drafter's window must cover the main context's sequence.
     """
 
     def __init__(self, ctx: Context, *, p_min: float = 0.0, name: str | None = None,
-                 main_n_ctx: int | None = None, keep: int = DEFAULT_KEEP, discard: float = DEFAULT_DISCARD):
-        """`main_n_ctx`: the main context's size; a draft context smaller than it must be able to shift.
+                 main_n_ctx: int | None = None, keep: int = DEFAULT_KEEP, discard: float = DEFAULT_DISCARD,
+                 seq_id: int = 0):
+        """`main_n_ctx`: the positions a sequence of the main context holds; a draft window smaller than that must
+        be able to shift. `seq_id`: the sequence of `ctx` this drafter's KV cells are.
 
         The window is the *requested* draft context (ContextParams.n_ctx; llama.cpp rounds small contexts
         up to 256 cells), unless the real context already holds the whole main context.
         """
         self.ctx = ctx
+        self.seq_id = seq_id
         self.p_min = p_min
         self.name = name or ctx.model.name
         size = window_size(ctx, main_n_ctx)
@@ -67,6 +76,7 @@ class ModelDrafter:
         self._committed = 0       # prefix of _kv known to equal the history (through the window mapping)
         if main_n_ctx is not None and size < main_n_ctx:
             self._require_shift()
+        self.ctx.rollback(0, seq_id=seq_id)  # its record starts empty: so does its sequence
 
     def reset(self, history: Sequence[int] | None = None) -> None:
         if history is not None and self.window.dropped == 0:  # the KV mirrors the history one to one: keep a prefix
@@ -76,7 +86,7 @@ class ModelDrafter:
         self._kv.clear()
         self._committed = 0
         self.window.reset()
-        self.ctx.rollback(0)
+        self.ctx.rollback(0, seq_id=self.seq_id)
 
     def _require_shift(self) -> None:
         """Refuse a draft whose KV positions cannot be shifted (no RoPE, or memory that cannot shift)."""
@@ -99,7 +109,7 @@ class ModelDrafter:
         while n < limit and self._kv[n] == history[w.index(n)]:
             n += 1
         if n < len(self._kv):
-            self.ctx.rollback(n)
+            self.ctx.rollback(n, seq_id=self.seq_id)
             del self._kv[n:]
         return n
 
@@ -112,10 +122,10 @@ class ModelDrafter:
         cut = min(drop, held)
         if 0 < cut < held:
             self._require_shift()
-            self.ctx.shift(w.keep, w.keep + cut, -cut)
+            self.ctx.shift(w.keep, w.keep + cut, -cut, seq_id=self.seq_id)
             self.shifts += 1
         elif cut > 0:  # every unpinned cell goes: nothing to shift
-            self.ctx.rollback(w.keep)
+            self.ctx.rollback(w.keep, seq_id=self.seq_id)
         if cut > 0:
             del self._kv[w.keep:w.keep + cut]
         w.dropped += drop
@@ -132,28 +142,34 @@ class ModelDrafter:
         self._slide(self.window.overflow(len(history), 1))
         pending = self.window.view(history, len(self._kv))[:-1]
         if pending:
-            self.ctx.decode(pending, len(self._kv), logits="none")
+            self.ctx.decode(pending, len(self._kv), seq_id=self.seq_id, logits="none")
             self._kv.extend(pending)
             self._committed = len(self._kv)
 
     def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
                 rng: np.random.Generator, p_min: float | None = None,
                 processors: Processors = NONE) -> DraftProposal:
+        return run(self.propose_steps(history, max_tokens, sp, rng, p_min, processors))
+
+    def propose_steps(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
+                      rng: np.random.Generator, p_min: float | None = None, processors: Processors = NONE, *,
+                      alone: bool = False) -> Steps[DraftProposal]:
+        """propose() one draft decode at a time: yields a Decode (this drafter's context and sequence) for each
+        decode and gets its logits through send(), so that a scheduler can decode every sequence's draft rows of
+        a draft position as one batch. `alone`: ask for each decode in a batch of its own (a draft whose
+        probabilities steer the output must not get other logits from other sequences' rows beside it)."""
         p_min = self.p_min if p_min is None else p_min
         max_tokens = min(max_tokens, self.window.max_draft)
         if max_tokens <= 0 or not history:
             return EMPTY
+        # 1. Rewind to what the history still agrees with; slide the window if the step would not fit.
         self._sync(history)
         self._slide(self.window.overflow(len(history), max_tokens))
+        # 2. Feed the tokens the KV cache lacks (the newest at least) in one decode: the first draft's logits.
         pending = self.window.view(history, len(self._kv))
-        logits = self.ctx.decode(pending, len(self._kv), logits="last")[0]
-        self._kv.extend(pending)
+        logits = yield from self._decode(pending, alone)
         self._committed = len(self._kv)
-        return self._draft(history, logits, max_tokens, sp, rng, p_min, processors)
-
-    def _draft(self, history: Sequence[int], logits: np.ndarray, max_tokens: int, sp: SamplingParams,
-               rng: np.random.Generator, p_min: float, processors: Processors) -> DraftProposal:
-        """Draft up to max_tokens tokens, one decode each, starting from the logits after the history."""
+        # 3. Draft up to max_tokens tokens, one decode each.
         tokens: list[int] = []
         rows: list[np.ndarray] = []
         for i in range(max_tokens):
@@ -174,13 +190,25 @@ class ModelDrafter:
                 rows.append(q)
             tokens.append(tok)
             if i + 1 < max_tokens:
-                logits = self.ctx.decode([tok], len(self._kv), logits="last")[0]
-                self._kv.append(tok)
+                logits = yield from self._decode([tok], alone)
         return DraftProposal(tokens, np.stack(rows) if rows else None)
+
+    def _decode(self, tokens: list[int], alone: bool) -> Steps[np.ndarray]:
+        """Ask for `tokens` to be decoded after what the KV cache holds; the last one's logits. On an error (or
+        an abort) before the logits come back, forget whatever the decode may have written: the drafter's
+        record of its KV cells stays true."""
+        try:
+            logits = yield Decode(SeqRows(self.seq_id, tokens, len(self._kv), "last"), self.ctx, alone)
+        except BaseException:
+            self.ctx.rollback(len(self._kv), seq_id=self.seq_id)
+            raise
+        self._kv.extend(tokens)
+        return logits[0]
 
 
 def window_size(ctx: Context, main_n_ctx: int | None = None) -> int:
-    """Cells the draft window may use: the requested context, or all of it when it covers the main context."""
-    if main_n_ctx is not None and ctx.n_ctx >= main_n_ctx:
-        return ctx.n_ctx
-    return min(ctx.params.n_ctx, ctx.n_ctx)
+    """Cells the draft window may use: the requested context, or all a sequence may hold when it covers the main
+    context's sequence (`main_n_ctx`); a sequence of a context of several holds its share (Context.capacity)."""
+    if main_n_ctx is not None and ctx.capacity >= main_n_ctx:
+        return ctx.capacity
+    return min(ctx.params.n_ctx, ctx.capacity)

@@ -20,6 +20,7 @@ from tandem.spec.policy import POLICIES, DraftPolicy, make_policy
 from tandem.spec.processors import NONE, Processors, common_prefix
 from tandem.spec.sampling import SamplingParams, probs, sample
 from tandem.spec.stats import SpecStats
+from tandem.spec.steps import Decode, Steps as DraftSteps, decode
 from tandem.spec.text import TextAssembler
 from tandem.spec.verify import EMPTY, DraftProposal, uniforms_needed, verify
 
@@ -158,6 +159,9 @@ class _Speculator:
         # fixed length made a seeded request with a draft the tiny models cannot predict 12x slower).
         rejection = gp.sampling.seed is not None and not gp.sampling.greedy and not gp.seed_matches_plain
         name = "fixed" if rejection else gp.draft_policy
+        # The draft's probabilities steer a rejection-sampled run too: each of its draft decodes runs in a batch of
+        # its own, so that the rows of other sequences cannot change them (and the same seed gives the same text).
+        self.alone = rejection
         self.policy: DraftPolicy = make_policy(name, cost, gp.draft_max, draft_min=gp.draft_min)
         self.asked = 0
         self.draft_seconds = 0.0  # the last propose() call's wall time
@@ -176,8 +180,9 @@ class _Speculator:
         self.cost.observe_catch_up(len(history) - 1 - self._seen, time.perf_counter() - t0)
         self._seen, self._drafted_last_step = len(history) - 1, True
 
-    def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator) -> DraftProposal:
-        """The policy's number of draft tokens (at most max_k), or EMPTY for a plain step."""
+    def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator) -> DraftSteps[DraftProposal]:
+        """The policy's number of draft tokens (at most max_k), or EMPTY for a plain step; a drafter with
+        propose_steps (a draft model) yields its draft decodes for the caller to run."""
         backlog = len(history) - self._seen  # tokens the drafter has not seen (the prompt at first)
         self.cost.locate(len(history) - 1, self.drafter.kv_cells(len(history)))  # costs grow with the KV cache
         self._load = max(1, self.load())
@@ -186,13 +191,18 @@ class _Speculator:
         if self.asked == 0:
             return EMPTY
         t0 = time.perf_counter()
-        proposal = self.drafter.propose(history, self.asked, self.gp.sampling, rng, p_min=self.gp.draft_p_min,
-                                       processors=self.gp.processors)
+        args = (history, self.asked, self.gp.sampling, rng)
+        kw = {"p_min": self.gp.draft_p_min, "processors": self.gp.processors}
+        steps = getattr(self.drafter, "propose_steps", None)
+        proposal = ((yield from steps(*args, **kw, alone=self.alone)) if steps is not None
+                    else self.drafter.propose(*args, **kw))
         self.draft_seconds = self._step_seconds = time.perf_counter() - t0
         self._seen = len(history)
-        if typical:  # after plain steps or the prompt, the drafter's catch-up would inflate the per-step cost
+        # Under load the wall time between its draft decodes ran the other sequences' work too: no draft cost then.
+        # Alone, after plain steps or the prompt, the drafter's catch-up would inflate the per-step cost.
+        if self._load == 1 and typical:
             self.cost.observe_draft(len(proposal.tokens), self.draft_seconds)
-        elif self.cost.draft.known and backlog > 2:
+        elif self._load == 1 and self.cost.draft.known and backlog > 2:
             self._step_seconds = min(self.draft_seconds, self.cost.draft_cost(len(proposal.tokens)))
             self.cost.observe_catch_up(backlog, self.draft_seconds - self._step_seconds)
         return proposal if len(proposal.tokens) >= max(self.gp.draft_min, 1) else EMPTY
@@ -232,14 +242,14 @@ class _Speculation:
         for part in self.parts:
             part.prefill(history, max_k)
 
-    def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator) -> DraftProposal:
+    def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator) -> DraftSteps[DraftProposal]:
         if len(self.parts) > 1 and self.drafter.matches(history):
             self.last = self.parts[0]
-            proposal = self.last.propose(history, max_k, rng)
+            proposal = yield from self.last.propose(history, max_k, rng)
             if proposal.tokens:
                 return proposal
         self.last = self.parts[-1]
-        return self.last.propose(history, max_k, rng)
+        return (yield from self.last.propose(history, max_k, rng))
 
     def verified(self, n_drafted: int, accepted: int, seconds: float, rows: int | None = None) -> None:
         self.last.verified(n_drafted, accepted, seconds, rows)
@@ -273,16 +283,9 @@ def _pick(logits: np.ndarray, sp: SamplingParams, rng: np.random.Generator) -> i
     return int(logits.argmax()) if sp.greedy else sample(probs(logits, sp), rng.random())
 
 
-@dataclass(frozen=True)
-class Decode:
-    """A sequence's rows for the next main-model decode (sequence() yields it): answer with send(logits), the
-    logits the rows ask for, or throw() the decode's error into the sequence (it rolls back and re-raises)."""
-
-    rows: SeqRows
-
-
 Steps = Generator[Decode | Token | Done, np.ndarray | None, None]
-"""What sequence() returns: a generation one decode at a time."""
+"""What sequence() returns: a generation one decode at a time (tandem.spec.steps.Decode: of the main model, or of
+a draft model while it drafts)."""
 
 
 def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Drafter | None = None,
@@ -304,10 +307,9 @@ def generate(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
             except StopIteration:
                 return
             logits = None
-            if isinstance(ev, Decode):
-                r = ev.rows
+            if isinstance(ev, Decode):  # the main model's, or a draft decode (ev.ctx)
                 try:
-                    logits = main.decode(r.tokens, r.pos0, seq_id=r.seq_id, logits=r.logits)
+                    logits = decode(ev.ctx or main, ev.rows)
                 except BaseException as e:
                     steps.throw(e)  # the sequence rolls back its step and re-raises
                     raise
@@ -322,13 +324,15 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
              costs: Callable[[Drafter, str], CostModel] | None = None,
              seq_id: int = 0, load: Callable[[], int] | None = None,
              room: Callable[[int], int] | None = None) -> Steps:
-    """One generation as a sequence of steps: yields Decode for each main-model decode it needs (and expects its
-    logits back through send()), Token for each generated token, and Done last. Everything of the sequence
-    but the decode itself happens here: drafting, verification, rollback of its own KV cells (sequence
-    `seq_id` of `main`), stats, stop conditions. `load()`: how many sequences a scheduler decodes in this
-    sequence's steps (the draft policy prices a step as the whole batch costs; None: 1). `room(want)`: how many
-    positions it may hold now, in a pool of cells shared with other sequences (tandem.sched.Scheduler.room; None:
-    its capacity); when that has no room for the next token it ends as at the end of its context."""
+    """One generation as a sequence of steps: yields Decode for each decode it needs (and expects its logits back
+    through send()), Token for each generated token, and Done last. Everything of the sequence but the decodes
+    themselves happens here: drafting, verification, rollback of its own KV cells (sequence `seq_id` of `main`),
+    stats, stop conditions. A draft model's decodes (Decode.ctx set) come one draft position at a time, so a
+    scheduler can run every sequence's draft rows of a position as one batch. `load()`: how many sequences a
+    scheduler decodes in this sequence's steps (the draft policy prices a step as the whole batch costs; None: 1).
+    `room(want)`: how many positions it may hold now, in a pool of cells shared with other sequences
+    (tandem.sched.Scheduler.room; None: its capacity); when that has no room for the next token it ends as at the
+    end of its context."""
     if not prompt:
         raise BadInputError("the prompt is empty", "send at least one token of text")
     n_ctx = main.capacity  # positions this sequence may hold
@@ -391,7 +395,7 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         forced = gp.processors.forced(history)[:space] if gp.forced_drafts and gp.processors and space > 0 else []
         ahead = [*history, *forced] if forced else history
         k = min(gp.draft_max, space - len(forced))
-        proposal = spec.propose(ahead, k, draft_rng) if spec is not None else EMPTY
+        proposal = (yield from spec.propose(ahead, k, draft_rng)) if spec is not None else EMPTY
         if proposal.tokens and gp.processors:
             proposal = _cut(proposal, gp.processors.admissible(ahead, proposal.tokens))
         if forced:
