@@ -207,7 +207,9 @@ def test_a_rejection_sampled_request_gives_what_it_gives_alone(models):
     assert sum(d.stats.drafted for d in done.values()) > 0 and sum(d.stats.rejected for d in done.values()) > 0
 
 
-def test_a_failing_draft_decode_fails_only_its_sequences(models):
+def test_a_failing_draft_decode_costs_its_sequences_drafts_not_their_output(models):
+    """Drafts are optional: a draft decode that fails (a shared draft pool out of pages, say) makes its sequences'
+    drafters start over, and every request still gives what it gives alone, to the end."""
     kinds = ["shared", "shared", "none", "model"]  # 0 and 1 draft together; 3 in a draft context of its own
     alone = _alone(models, kinds, False)
     shared = Context(models["draft"], SHARED_DRAFT)
@@ -220,12 +222,10 @@ def test_a_failing_draft_decode_fails_only_its_sequences(models):
         return decode_batch(parts)
 
     shared.decode_batch = failing
-    ids, done, sched = _batched(models, kinds, False, shared=shared, errors=True)
+    ids, done, sched = _batched(models, kinds, False, shared=shared)
     assert failed == [[0, 1]]
-    for r in ("0", "1"):
-        assert isinstance(done[r], EngineError) and "injected" in str(done[r])
-        assert ids[r] == alone[int(r)][:len(ids[r])]  # cut short, not corrupted
-    assert [ids["2"], ids["3"]] == alone[2:] and all(isinstance(done[r], Done) for r in ("2", "3"))
+    assert [ids[str(i)] for i in range(4)] == alone and all(isinstance(d, Done) for d in done.values())
+    assert all(done[r].stats.identity_holds() and done[r].stats.drafted > 0 for r in ("0", "1"))
     assert sched.capacity == 4 and not sched.running
 
 

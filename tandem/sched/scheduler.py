@@ -65,8 +65,11 @@ class Scheduler:
     decode per draft position of each draft context). Not thread-safe: the engine thread owns it (drain requests
     -> add/abort -> step -> route)."""
 
-    def __init__(self, main: Context):
+    def __init__(self, main: Context, on_evict: Callable[[int], None] | None = None):
+        """`on_evict(seq_id)`: an idle sequence's cached prefix was dropped from the main context (to make room in a
+        shared pool): drop what else holds it (its drafter's cells in a shared draft pool)."""
         self.main = main
+        self._on_evict = on_evict
         self.running: dict[str, Sequence] = {}
         self._free = list(range(max(1, main.params.n_seq_max)))
         self._idle_since = dict.fromkeys(self._free, 0)  # the step each free sequence was last used: LRU eviction
@@ -130,6 +133,8 @@ class Scheduler:
             victim = min(idle, key=self._idle_since.__getitem__)
             self.main.rollback(0, seq_id=victim)
             self.evicted += 1
+            if self._on_evict is not None:
+                self._on_evict(victim)
 
     def _pages_wanted(self, seq: Sequence) -> int:
         """Pages a running sequence will take at its next main decode: for its waiting rows, for the positions it
@@ -172,17 +177,16 @@ class Scheduler:
         self.steps += 1
         return out
 
-    def _advance(self, seq: Sequence) -> None:
-        """Run the sequence until it asks for a decode (or ends), collecting its tokens."""
+    def _advance(self, seq: Sequence, error: TandemError | None = None) -> None:
+        """Run the sequence until it asks for a decode (or ends), collecting its tokens; with `error`, its decode
+        failed: the sequence rolls back, then ends with the error, or goes on (a draft decode: it drafts less)."""
         logits, seq.logits = seq.logits, None
         try:
-            while True:
-                ev = seq.steps.send(logits)
-                logits = None
-                if isinstance(ev, Decode):
-                    seq.pending, seq.started = ev, True
-                    return
+            ev = seq.steps.throw(error) if error is not None else seq.steps.send(logits)
+            while not isinstance(ev, Decode):
                 seq.outbox.append(ev)
+                ev = seq.steps.send(None)
+            seq.pending, seq.started = ev, True
         except StopIteration:
             seq.pending = None
         except TandemError as e:
@@ -191,7 +195,8 @@ class Scheduler:
 
     def _decode(self, ctx: Context, seqs: list[Sequence]) -> None:
         """Decode the sequences' pending rows in `ctx` (see _batches), store each one's logits; a failed decode is
-        thrown into each of its sequences, which roll back and end with the error."""
+        thrown into each of its sequences, which roll back and end with the error (a main decode) or draft less (a
+        draft decode: drafts are optional)."""
         for batch in _batches(seqs, ctx.params.n_batch):
             try:
                 logits = (ctx.decode_batch([s.pending.rows for s in batch]) if len(batch) > 1
@@ -199,12 +204,7 @@ class Scheduler:
             except TandemError as e:
                 for seq in batch:
                     seq.pending = None
-                    try:
-                        seq.steps.throw(e)
-                    except TandemError as err:
-                        seq.outbox.append(err)
-                    except StopIteration:
-                        pass
+                    self._advance(seq, e)
                 continue
             for seq, out in zip(batch, logits, strict=True):
                 seq.pending, seq.logits = None, out

@@ -72,7 +72,7 @@ class Batcher:
         whole model) is free."""
         key = id(rt)
         if key not in self._scheds:
-            self._scheds[key] = (rt, Scheduler(rt.main))
+            self._scheds[key] = (rt, Scheduler(rt.main, on_evict=rt.forget_prefix))
         self._backlog.setdefault(key, deque()).append((job, choice))
         self._admit(key)
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
 from tandem.engine.llama import Context, SeqRows
-from tandem.errors import BadInputError
+from tandem.errors import BadInputError, EngineError
 from tandem.spec.processors import NONE, Processors
 from tandem.spec.sampling import SamplingParams, probs, sample, top_prob
 from tandem.spec.steps import Decode, Steps, run
 from tandem.spec.verify import EMPTY, DraftProposal
 from tandem.spec.window import DEFAULT_DISCARD, DEFAULT_KEEP, Window
+
+
+log = logging.getLogger("tandem.draft")
 
 
 class Drafter(Protocol):
@@ -167,7 +171,11 @@ class ModelDrafter:
         self._slide(self.window.overflow(len(history), max_tokens))
         # 2. Feed the tokens the KV cache lacks (the newest at least) in one decode: the first draft's logits.
         pending = self.window.view(history, len(self._kv))
-        logits = yield from self._decode(pending, alone)
+        try:
+            logits = yield from self._decode(pending, alone)
+        except EngineError as e:
+            self._lost(e)
+            return EMPTY
         self._committed = len(self._kv)
         # 3. Draft up to max_tokens tokens, one decode each.
         tokens: list[int] = []
@@ -190,8 +198,19 @@ class ModelDrafter:
                 rows.append(q)
             tokens.append(tok)
             if i + 1 < max_tokens:
-                logits = yield from self._decode([tok], alone)
+                try:
+                    logits = yield from self._decode([tok], alone)
+                except EngineError as e:
+                    self._lost(e)
+                    break
         return DraftProposal(tokens, np.stack(rows) if rows else None)
+
+    def _lost(self, e: EngineError) -> None:
+        """A draft decode failed (a shared draft pool with no page left for this sequence, say): drafts are
+        optional, so the step goes on with what was drafted, and the drafter starts over from an empty cache (which
+        frees its cells; its next draft catches up on the history)."""
+        log.warning("draft model %s, sequence %d: %s; drafting starts over", self.name, self.seq_id, e.cause)
+        self.reset()
 
     def _decode(self, tokens: list[int], alone: bool) -> Steps[np.ndarray]:
         """Ask for `tokens` to be decoded after what the KV cache holds; the last one's logits. On an error (or
