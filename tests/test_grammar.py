@@ -157,6 +157,77 @@ def test_t1_outcome_frequencies_agree_with_and_without_draft(main, drafters):
     assert 0.5 * np.abs(a - b).sum() < bound
 
 
+class _CountingNgram(NgramDrafter):
+    """An n-gram drafter that counts the tokens it proposes (all instances together)."""
+
+    proposed = 0
+
+    def propose(self, history, max_tokens, *args, **kwargs):
+        proposal = super().propose(history, max_tokens, *args, **kwargs)
+        _CountingNgram.proposed += len(proposal.tokens)
+        return proposal
+
+
+@pytest.fixture
+def counting_ngram(monkeypatch):
+    """The n-gram drafter generate() puts in front of a draft model under a grammar, counting its proposals."""
+    import tandem.spec.generate as gen
+    monkeypatch.setattr(gen, "NgramDrafter", _CountingNgram)
+    _CountingNgram.proposed = 0
+    return _CountingNgram
+
+
+def test_grammar_with_a_draft_model_drafts_ngram_matches_first_and_stays_lossless(main, drafters, counting_ngram):
+    """Extraction copies the prompt: under a grammar a draft model is preceded by n-gram drafting over the prompt
+    and output (GenParams.grammar_ngram). Its drafts are verified like any: greedy output is plain greedy's."""
+    grammar = Grammar.json_schema(_strict(Person))
+    prompt = main.model.tokenize('Copy: {"name": "Ann", "age": 31, "tags": ["tea", "cat"]}\n'
+                                 'Copy: {"name": "Ann", "age": 31, "tags": ["tea", "cat"]}\nCopy: ')
+    plain, _, out = _run(main, prompt, GenParams(max_tokens=120, sampling=GREEDY, grammar=grammar,
+                                                 forced_drafts=False))
+    Person.model_validate_json(out)
+    for policy in ("fixed", "adaptive"):
+        counting_ngram.proposed = 0
+        gp = GenParams(max_tokens=120, sampling=GREEDY, grammar=grammar, draft_max=6, draft_policy=policy,
+                       spare_guess=False)
+        spec, done, _ = _run(main, prompt, gp, drafters["model"])
+        assert [t.id for t in spec] == [t.id for t in plain], policy
+        assert counting_ngram.proposed > 0, policy
+        assert done.stats.draft_model == drafters["model"].name
+    counting_ngram.proposed = 0
+    gp = GenParams(max_tokens=120, sampling=GREEDY, grammar=grammar, draft_max=6, draft_policy="fixed",
+                   spare_guess=False, grammar_ngram=False)
+    assert [t.id for t in _run(main, prompt, gp, drafters["model"])[0]] == [t.id for t in plain]
+    assert counting_ngram.proposed == 0  # the draft model alone
+
+
+def test_t1_frequencies_agree_with_ngram_drafts_under_a_grammar(main, drafters, counting_ngram):
+    """At T = 1, n-gram drafts (no draft probabilities: sample and compare) ahead of the draft model under a
+    grammar do not change the distribution of the output."""
+    grammar = Grammar.gbnf('root ::= ("yes" | "no" | "maybe") ", " ("red" | "green" | "tea") "."')
+    # Lines start as the output does (no space before the word): the n-gram matches at the choice of a colour.
+    prompt = main.model.tokenize("maybe, green.\nyes, tea.\nno, green.\n")
+    n = 400
+    counts: dict[str, dict[str, int]] = {}
+    for arm, drafter in (("plain", None), ("draft", drafters["model"])):
+        seen: dict[str, int] = {}
+        for seed in range(n):
+            gp = GenParams(max_tokens=12, draft_max=3, draft_policy="fixed", grammar=grammar, spare_guess=False,
+                           forced_drafts=arm == "draft", seed_matches_plain=False,
+                           sampling=SamplingParams(temperature=1.0, top_k=8, seed=seed))
+            out = _run(main, prompt, gp, drafter)[2]
+            seen[out] = seen.get(out, 0) + 1
+        counts[arm] = seen
+    assert counting_ngram.proposed > n // 2
+    keys = sorted(set(counts["plain"]) | set(counts["draft"]))
+    assert len(keys) > 4
+    a = np.array([counts["plain"].get(k, 0) for k in keys]) / n
+    b = np.array([counts["draft"].get(k, 0) for k in keys]) / n
+    pooled = (a + b) / 2
+    bound = 0.5 * 4 * np.sqrt(2 * pooled * (1 - pooled) / n).sum()  # 4 sigma per cell, two samples
+    assert 0.5 * np.abs(a - b).sum() < bound
+
+
 def test_processor_follows_any_history_forward_and_back(main):
     """After random forward steps and rollbacks, the mask is the one a fresh matcher gives for that history."""
     schema = _strict(Person)
@@ -253,6 +324,7 @@ def test_bench_grammar_runs_every_configuration_and_finds_them_equal(tiny, tmp_p
                         "--threads", "1"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ")}
-    assert set(rows) >= {"free", "json", "json+forced", "json+draft"}
+    assert set(rows) >= {"free", "json", "json+forced", "json+ngram", "json+model", "json+draft"}
     assert "| 1/1 |" in rows["json"]  # the constrained output is valid JSON with every required property
-    assert "constrained outputs equal across json, json+forced and json+draft: yes" in r.stdout
+    assert ("constrained outputs equal across json, json+forced, json+ngram, json+model, json+draft: yes"
+            in r.stdout)

@@ -7,7 +7,10 @@ noise falls on all alike:
   free          no grammar, no draft (plain decoding)
   json          the schema as a grammar, no draft, no forced drafts (constrained plain decoding)
   json+forced   the schema, the tokens it forces proposed as drafts, no draft model
-  json+draft    the schema, forced drafts and the configured speculation (the draft model)
+  json+ngram    the schema, forced drafts, then n-gram (prompt lookup) drafts; no draft model (--spec-type ngram)
+  json+model    the schema, forced drafts, then the draft model's (GenParams.grammar_ngram off)
+  json+draft    the schema and the configured speculation (the default: forced drafts, then the n-gram
+                continuation of a match in the prompt and output, else the draft model's)
 
 Prints a Markdown table: median tokens/s, median per-(prompt, repetition) ratio to `json` and to `free`, the
 share of outputs that parse as JSON with every required property, forced and drafted tokens accepted; and
@@ -34,7 +37,9 @@ from tandem.spec.sampling import SamplingParams
 HELP = "JSON-schema extraction: constrained with and without speculation vs free text"
 """One line for `tandem bench --help`."""
 
-CONFIGS = ("free", "json", "json+forced", "json+draft")
+CONFIGS = ("free", "json", "json+forced", "json+ngram", "json+model", "json+draft")
+_DRAFTED = {"json+ngram": "ngram", "json+model": None, "json+draft": None}
+"""The configurations that speculate, and the spec_type each uses (None: the configured one)."""
 PROMPT = ("Extract the information in the text below into a JSON object that matches this JSON schema. "
           "Answer with the JSON object only.\n\nSchema: {schema}\n\nText: {text}")
 
@@ -52,7 +57,7 @@ class _Tally:
     forced: int = 0
     """Tokens forced by the grammar and accepted."""
     drafted: int = 0
-    """Tokens the draft model proposed and the main model accepted."""
+    """Tokens the drafter (n-gram or draft model) proposed and the main model accepted."""
     texts: list[str] = field(default_factory=list)
     """Each output, in run order."""
 
@@ -84,10 +89,11 @@ def _valid(text: str, schema: dict) -> bool:
     return isinstance(obj, dict) and set(schema.get("required", ())) <= obj.keys()
 
 
-def _run(rt: Runtime, prompt: list[int], gp: GenParams, use_draft: bool) -> tuple[str, Done, dict[str, int]]:
+def _run(rt: Runtime, prompt: list[int], gp: GenParams, use_draft: bool,
+         spec_type: str | None = None) -> tuple[str, Done, dict[str, int]]:
     """One generation: its text, its Done, and its tokens counted by source."""
     text, done, sources = "", None, {}
-    for ev in rt.generate(prompt, gp, use_draft=use_draft):
+    for ev in rt.generate(prompt, gp, use_draft=use_draft, spec_type=spec_type):
         if isinstance(ev, Token):
             text += ev.text
             sources[ev.source] = sources.get(ev.source, 0) + 1
@@ -111,8 +117,10 @@ def main(args: argparse.Namespace) -> int:
                 shift = (rep * len(rows) + i) % len(CONFIGS)
                 for name in CONFIGS[shift:] + CONFIGS[:shift]:
                     gp = base if name == "free" else GenParams(**{**vars(base), "grammar": grammar,
-                                                                  "forced_drafts": name != "json"})
-                    text, done, sources = _run(rt, prompt, gp, use_draft=name == "json+draft")
+                                                                  "forced_drafts": name != "json",
+                                                                  "grammar_ngram": name != "json+model"})
+                    text, done, sources = _run(rt, prompt, gp, use_draft=name in _DRAFTED,
+                                               spec_type=_DRAFTED.get(name))
                     t, s = tally[name], done.stats
                     t.tps.append(s.tokens_per_second)
                     t.valid += _valid(text, row["schema"])
@@ -123,8 +131,15 @@ def main(args: argparse.Namespace) -> int:
     finally:
         rt.close()
     print(table(tally, len(rows) * args.reps))
-    same = tally["json"].texts == tally["json+forced"].texts == tally["json+draft"].texts
-    print(f"\nconstrained outputs equal across json, json+forced and json+draft: {'yes' if same else 'NO'}")
+    constrained = [name for name in CONFIGS if name != "free"]
+    same = all(tally[name].texts == tally["json"].texts for name in constrained)
+    print(f"\nconstrained outputs equal across {', '.join(constrained)}: {'yes' if same else 'NO'}")
+    for name in constrained:  # where not: which generation, and where it left json's text
+        for j, (a, b) in enumerate(zip(tally["json"].texts, tally[name].texts)):
+            if a != b:
+                at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                print(f"  {name}, {rows[j % len(rows)]['id']} (rep {j // len(rows) + 1}): from character {at}, "
+                      f"json {a[max(0, at - 20):at + 20]!r}, {name} {b[max(0, at - 20):at + 20]!r}")
     return 0
 
 

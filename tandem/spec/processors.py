@@ -69,6 +69,11 @@ class Processors:
         """This chain with `proc` applied last."""
         return Processors((*self.chain, proc))
 
+    @property
+    def guided(self) -> bool:
+        """Whether a processor of the chain guides (a grammar)."""
+        return any(isinstance(proc, GuidingProcessor) for proc in self.chain)
+
     def forced(self, history: Sequence[int]) -> list[int]:
         """The tokens the first guiding processor forces after `history` ([] when none guides)."""
         for proc in self.chain:
