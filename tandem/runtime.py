@@ -282,7 +282,7 @@ class Runtime:
                                                    seq_id=seq if shared else 0)
         return self._seq_drafters[seq]
 
-    def forget_prefix(self, seq: int) -> None:
+    def evicted(self, seq: int) -> None:
         """Sequence `seq`'s cached prefix left the main context (a shared pool made room): its drafter lets go of
         its cells too (in a shared draft pool they would stay taken until the sequence's next request)."""
         drafter = self.drafter if seq == 0 else self._seq_drafters.get(seq)

@@ -43,7 +43,7 @@ def _serve(tiny, tmp_path_factory, *extra: str) -> ServeProcess:
 @pytest.fixture(scope="module")
 def cluster(tiny, tmp_path_factory):
     """Two replicas; a large --affinity-slack so prefix affinity holds however requests queue."""
-    srv = _serve(tiny, tmp_path_factory, "--replicas", "2", "--affinity-slack", "100")
+    srv = _serve(tiny, tmp_path_factory, "--replicas", "2", "--affinity-slack", "100", "--parallel", "1")
     yield srv
     srv.stop()
 
@@ -161,11 +161,13 @@ def test_killed_replica_restarts_and_loses_no_request_that_had_not_begun(cluster
 
     with cf.ThreadPoolExecutor(queued) as pool:
         later = [pool.submit(follow, i) for i in range(queued)]
+        deadline = time.monotonic() + STARTUP_S  # a bound on waiting, not a measurement
         while True:  # until they wait behind the long one on the victim (its own gauges, asked by id)
             served_by, m = _scrape(cluster.url, victim)
             assert served_by == victim
             if m["tandem_queue_depth"] >= queued:
                 break
+            assert time.monotonic() < deadline, f"the requests never queued on the victim: {m}"
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(openai.APIError, match="replica serving this request stopped"):
             for _ in stream:

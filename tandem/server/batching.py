@@ -72,7 +72,7 @@ class Batcher:
         whole model) is free."""
         key = id(rt)
         if key not in self._scheds:
-            self._scheds[key] = (rt, Scheduler(rt.main, on_evict=rt.forget_prefix))
+            self._scheds[key] = (rt, Scheduler(rt.main, on_evict=rt.evicted))
         self._backlog.setdefault(key, deque()).append((job, choice))
         self._admit(key)
 
@@ -110,6 +110,10 @@ class Batcher:
             except TandemError as e:
                 backlog.popleft()
                 job.put(e)
+            except Exception as e:  # noqa: BLE001 - a failure to start one request fails it, not the engine thread
+                log.exception("starting a batched request failed")
+                backlog.popleft()
+                job.put(EngineError(f"generation failed: {type(e).__name__}: {e}", "see the server log; retry"))
 
     def step(self) -> None:
         """One step of every model with running sequences; route what each sequence produced."""
