@@ -148,13 +148,7 @@ def test_t1_outcome_frequencies_agree_with_and_without_draft(main, drafters):
             rejected += done.stats.rejected if drafter else 0
         counts[arm] = seen
     assert accepted > n // 4 and rejected > n // 20
-    keys = sorted(set(counts["plain"]) | set(counts["draft"]))
-    assert len(keys) > 4
-    a = np.array([counts["plain"].get(k, 0) for k in keys]) / n
-    b = np.array([counts["draft"].get(k, 0) for k in keys]) / n
-    pooled = (a + b) / 2
-    bound = 0.5 * 4 * np.sqrt(2 * pooled * (1 - pooled) / n).sum()  # 4 sigma per cell, two samples
-    assert 0.5 * np.abs(a - b).sum() < bound
+    _assert_same_distribution(counts["plain"], counts["draft"], n)
 
 
 class _CountingNgram(NgramDrafter):
@@ -219,13 +213,7 @@ def test_t1_frequencies_agree_with_ngram_drafts_under_a_grammar(main, drafters, 
             seen[out] = seen.get(out, 0) + 1
         counts[arm] = seen
     assert counting_ngram.proposed > n // 2
-    keys = sorted(set(counts["plain"]) | set(counts["draft"]))
-    assert len(keys) > 4
-    a = np.array([counts["plain"].get(k, 0) for k in keys]) / n
-    b = np.array([counts["draft"].get(k, 0) for k in keys]) / n
-    pooled = (a + b) / 2
-    bound = 0.5 * 4 * np.sqrt(2 * pooled * (1 - pooled) / n).sum()  # 4 sigma per cell, two samples
-    assert 0.5 * np.abs(a - b).sum() < bound
+    _assert_same_distribution(counts["plain"], counts["draft"], n)
 
 
 def test_processor_follows_any_history_forward_and_back(main):
@@ -328,3 +316,14 @@ def test_bench_grammar_runs_every_configuration_and_finds_them_equal(tiny, tmp_p
     assert "| 1/1 |" in rows["json"]  # the constrained output is valid JSON with every required property
     assert ("constrained outputs equal across json, json+forced, json+ngram, json+model, json+draft: yes"
             in r.stdout)
+
+
+def _assert_same_distribution(plain: dict, draft: dict, n: int) -> None:
+    """The two arms' output counts (n samples each) agree: total variation within 4 sigma per cell."""
+    keys = sorted(set(plain) | set(draft))
+    assert len(keys) > 4
+    a = np.array([plain.get(k, 0) for k in keys]) / n
+    b = np.array([draft.get(k, 0) for k in keys]) / n
+    pooled = (a + b) / 2
+    bound = 0.5 * 4 * np.sqrt(2 * pooled * (1 - pooled) / n).sum()  # 4 sigma per cell, two samples
+    assert 0.5 * np.abs(a - b).sum() < bound
