@@ -1,7 +1,7 @@
 """Several clients at once against the HTTP server: aggregate tokens per second and request latency.
 
-For each concurrency N: a `tandem serve` (in this process, on loopback) with --parallel N and N × --ctx-size
-positions, and N clients that each send one chat request (the bench prompts, cycled; --max-tokens greedy tokens)
+For each concurrency N: `tandem serve` in a process of its own (as a user runs it, and as the peer runs: the
+clients' threads do not share its interpreter), on loopback, with --parallel N and N × --ctx-size positions, and N clients that each send one chat request (the bench prompts, cycled; --max-tokens greedy tokens)
 at the same moment; with the draft (the configured speculation) and with draft_model "none". With --llama-server
 PATH, llama-server -np N with the same model, context and threads, without and with the draft, takes the same
 prompts (as token ids). Aggregate tok/s is every generated token over the wall time from the first request to the
@@ -22,11 +22,10 @@ import httpx
 from tandem.benchmarks.common import (add_concurrency_arguments, add_model_arguments, draft_file, load_prompts,
                                       one_main)
 from tandem.benchmarks.peer import LlamaServerPeer, PeerSettings
-from tandem.config import ModelOptions, SpecOptions
+from tandem.engine.llama import Model
 from tandem.prompts import DATA
-from tandem.runtime import Runtime
-from tandem.server import ServerOptions, create_app
-from tandem.server.serving import ServerThread
+from tandem.runtime import tokenize_prompt
+from tandem.testing.serve_process import ServeProcess
 
 HELP = "several clients at once over HTTP: aggregate tok/s and latency by concurrency, vs llama-server -np N"
 """One line for `tandem bench --help`."""
@@ -90,26 +89,26 @@ def _stream_chat(url: str, body: dict) -> tuple[int, float]:
 
 
 def _tandem_rows(args: argparse.Namespace, main_path: Path, draft: Path, texts: list[str], n: int, parallel: int,
-                 suffix: str) -> list[list[int]]:
+                 suffix: str) -> list[str]:
     """Print Tandem's rows for n clients, with and without its draft, served with --parallel `parallel`; return
-    the clients' prompt tokens (for the peer: the server frees its runtime when it stops)."""
-    opts = ModelOptions(model=str(main_path), draft=str(draft), ctx_size=args.ctx_size * parallel, parallel=parallel,
-                        threads=args.threads)
-    rt_holder: list[Runtime] = []
-
-    def factory() -> Runtime:
-        rt_holder.append(Runtime(opts, spec=SpecOptions(), announce=lambda _s: None))
-        return rt_holder[-1]
-    with ServerThread(create_app(ServerOptions(), factory, SpecOptions())) as srv:
-        while httpx.get(f"{srv.url}/health").json()["status"] == "loading":
+    the clients' prompts as the server renders them (for the peer, which takes token ids)."""
+    server = ServeProcess(["--model", str(main_path), "--draft", str(draft), "--threads", str(args.threads),
+                           "--ctx-size", str(args.ctx_size * parallel), "--parallel", str(parallel),
+                           "--port", "0"]).start()
+    try:
+        while httpx.get(f"{server.url}/health").json()["status"] == "loading":
             time.sleep(0.1)
         for name, extra in ((f"tandem{suffix}", {}), (f"tandem{suffix} --draft none", {"draft_model": "none"})):
             def send(i: int, extra=extra) -> tuple[int, float]:
-                return _stream_chat(srv.url, {"messages": [{"role": "user", "content": texts[i % len(texts)]}],
-                                              "temperature": 0, "max_tokens": args.max_tokens,
-                                              "cache_prompt": False, **extra})
+                return _stream_chat(server.url, {"messages": [{"role": "user", "content": texts[i % len(texts)]}],
+                                                 "temperature": 0, "max_tokens": args.max_tokens,
+                                                 "cache_prompt": False, **extra})
             print(_row(name, n, _clients(n, send)), flush=True)
-        return [rt_holder[-1].prompt(text=texts[i % len(texts)]) for i in range(n)]
+        return [httpx.post(f"{server.url}/apply-template", timeout=60,
+                           json={"messages": [{"role": "user", "content": texts[i % len(texts)]}]}).json()["prompt"]
+                for i in range(n)]
+    finally:
+        server.stop()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -119,13 +118,16 @@ def main(args: argparse.Namespace) -> int:
           "each\n")
     print("| N | server | aggregate tok/s | p50 latency s | p95 latency s | p50 first token s | p95 first token s |")
     print("|---:|---|---:|---:|---:|---:|---:|", flush=True)
+    vocab: Model | None = None  # the main model's tokenizer, for the peer's token ids
     for n in args.concurrency:
-        prompts: list[list[int]] = []
+        rendered: list[str] = []
         for parallel in dict.fromkeys([n] + ([args.also_parallel] if args.also_parallel else [])):
             suffix = "" if parallel == n else f" --parallel {parallel}"
-            prompts = _tandem_rows(args, main_path, draft, texts, n, parallel, suffix)
+            rendered = _tandem_rows(args, main_path, draft, texts, n, parallel, suffix)
         if args.llama_server is None:
             continue
+        vocab = vocab or Model(main_path)
+        prompts = [tokenize_prompt(vocab, text) for text in rendered]
         for name, peer_draft in (("llama-server", None), ("llama-server + draft", draft)):
             peer = LlamaServerPeer(args.llama_server, PeerSettings(
                 main=main_path, draft=peer_draft, ctx_size=args.ctx_size * n, threads=args.threads or 2,
