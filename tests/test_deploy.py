@@ -5,7 +5,9 @@ scale-out options."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import json
+import threading
 import time
 from types import SimpleNamespace
 
@@ -14,7 +16,7 @@ from test_server_support import HELLO, TEST_KEY, tiny_app
 
 from tandem.deploy.options import RayOptions
 from tandem.deploy.prefix import PrefixIndex
-from tandem.deploy.replica import Watchdog, exchange, health_problem
+from tandem.deploy.replica import Watchdog, exchange, health_problem, inject_fault
 from tandem.deploy.request import TandemRequest, prompt_text, target_replica
 from tandem.errors import BadInputError
 from tandem.server.metrics import Metrics
@@ -157,6 +159,27 @@ def test_watchdog_flags_work_without_progress_only():
     assert not dog.hung(idle, metrics, now=100.0)  # nothing to do is not a hang
     assert not dog.hung(busy, metrics, now=105.0)
     assert dog.hung(busy, metrics, now=111.0)
+
+
+def test_a_stalled_engine_is_hung_once_work_waits_behind_it(app):
+    """Engine.stall, the fault inject_fault uses for `x-tandem-fault: hang`: the engine thread stops; idle that
+    is no hang, but a request queued behind it with no progress for the watchdog's timeout is."""
+    engine, metrics = app.state.engine, app.state.metrics
+    assert not inject_fault(engine, _req({"messages": HELLO}))  # only the header asks for it
+    dog, release = Watchdog(timeout=0.3), threading.Event()
+    engine.stall(release)
+    with cf.ThreadPoolExecutor(1) as pool:
+        try:
+            assert health_problem(engine, metrics, dog) is None
+            answer = pool.submit(_messages, app, _req({"messages": HELLO, "max_tokens": 2}))
+            deadline = time.monotonic() + 30  # a bound on waiting, not a measurement
+            while (problem := health_problem(engine, metrics, dog)) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            release.set()
+        assert problem is not None and problem.startswith("engine hung: 0 running, 1 waiting"), problem
+        assert answer.result(timeout=60)[0]["status"] == 200  # released, it serves the request
+    assert health_problem(engine, metrics, dog) is None
 
 
 def test_ray_options():

@@ -1,15 +1,18 @@
 """Tandem on Ray Serve, end to end: `tandem serve --replicas 2` starts a local Ray instance with two Tandem
 replicas (tiny models, one thread each), serves the OpenAI API through Ray's proxy, routes a conversation's
-turns to the replica holding its prefix, survives one replica being killed, and stops with nothing left
-running. Skipped where Ray Serve is not installed (pip install 'tandem[ray]')."""
+turns to the replica holding its prefix, survives one replica being killed and one whose engine hangs, and
+stops with nothing left running. Skipped where Ray Serve is not installed (pip install 'tandem[ray]')."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import re
 import signal
 import socket
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,11 +21,15 @@ from prometheus_client.parser import text_string_to_metric_families
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'tandem[ray]' runs these tests")
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'tandem[test]')")
 
+from tandem.deploy.replica import FAULT_HEADER, FAULTS_ENV  # noqa: E402
 from tandem.deploy.request import PID_HEADER, REPLICA_HEADER  # noqa: E402
 from tandem.testing.serve_process import ServeProcess, child_env  # noqa: E402
 
 pytestmark = pytest.mark.ray
 STARTUP_S = 300.0
+HANG_TIMEOUT_S = 10.0
+"""The cluster's --hang-timeout: short enough for a hung replica to be replaced within its test, longer than any
+generation the tests ask for (with --parallel 1 the engine shows progress as each generation ends)."""
 
 
 def _port() -> int:
@@ -31,10 +38,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(tiny, tmp_path_factory, *extra: str) -> ServeProcess:
+def _serve(tiny, tmp_path_factory, *extra: str, **env_extra: str) -> ServeProcess:
     home = tmp_path_factory.mktemp("ray-user")
     env = child_env(TANDEM_MODELS_DIR=str(home / "models"), TANDEM_CONFIG=str(home / "models.toml"),
-                    RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+                    RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", **env_extra)
     args = ["--model", str(tiny["main"]), "--draft", str(tiny["draft_same"]), "--threads", "1",
             "--replica-cpus", "1", "--port", str(_port()), *extra]
     return ServeProcess(args, env).start(STARTUP_S)
@@ -42,8 +49,10 @@ def _serve(tiny, tmp_path_factory, *extra: str) -> ServeProcess:
 
 @pytest.fixture(scope="module")
 def cluster(tiny, tmp_path_factory):
-    """Two replicas; a large --affinity-slack so prefix affinity holds however requests queue."""
-    srv = _serve(tiny, tmp_path_factory, "--replicas", "2", "--affinity-slack", "100", "--parallel", "1")
+    """Two replicas; a large --affinity-slack so prefix affinity holds however requests queue; a short
+    --hang-timeout and the test-only fault injection (tandem.deploy.replica.inject_fault) for the hang test."""
+    srv = _serve(tiny, tmp_path_factory, "--replicas", "2", "--affinity-slack", "100", "--parallel", "1",
+                 "--hang-timeout", f"{HANG_TIMEOUT_S:g}", **{FAULTS_ENV: "1"})
     yield srv
     srv.stop()
 
@@ -183,6 +192,74 @@ def test_killed_replica_restarts_and_loses_no_request_that_had_not_begun(cluster
             seen |= set(pool.map(lambda i: _chat(client, _conversation(i), 2)[0], [next(fresh) for _ in range(4)]))
         time.sleep(1.0)
     assert victim not in seen and len(seen) == 2, seen
+
+
+def _controller_log(srv: ServeProcess) -> str:
+    """The text of the Serve controller's log of this `tandem serve` (it prints where Ray's Serve logs are)."""
+    folder = next(m.group(1) for line in srv.output if (m := re.search(r"Ray Serve logs.*: (/\S+)", line)))
+    return "".join(p.read_text(errors="replace") for p in sorted(Path(folder).glob("controller_*.log")))
+
+
+def _served_by(client: _Client, messages: list[dict]) -> tuple[str, int]:
+    """(replica id, pid) that answered a two-token chat completion, checked to be whole."""
+    raw = client.chat.completions.with_raw_response.create(model=client.model, messages=messages, max_tokens=2,
+                                                           temperature=0)
+    assert raw.parse().usage.completion_tokens == 2
+    return raw.headers[REPLICA_HEADER], int(raw.headers[PID_HEADER])
+
+
+def test_hung_replica_is_reported_unhealthy_and_replaced_while_the_other_serves(cluster, model):
+    """`x-tandem-fault: hang` (the cluster runs with TANDEM_TEST_FAULTS=1) stops one replica's engine thread for
+    good. A request that waits there shows no progress for --hang-timeout: the replica's check_health fails,
+    Ray stops it and starts another, and the waiting request goes to another replica. Every request sent
+    meanwhile is answered; afterwards two replicas serve, the hung one not among them."""
+    client = _Client(cluster, model)
+    prompt = "The opening of a conversation whose next turn goes back to the replica about to hang."
+    first = client.completions.with_raw_response.create(model=client.model, prompt=prompt, max_tokens=2)
+    victim, pid = first.headers[REPLICA_HEADER], int(first.headers[PID_HEADER])
+    hang = httpx.get(f"{cluster.url}/health", params={"replica": victim}, headers={FAULT_HEADER: "hang"}, timeout=60)
+    assert hang.status_code == 200 and hang.headers[REPLICA_HEADER] == victim
+    done = threading.Event()
+    fresh = iter(range(1000, 10**6))  # new conversations: no prefix ties them to a replica
+
+    def meanwhile() -> list[tuple[str, int]]:
+        """Requests one after another until told to stop: (replica, pid) of each; raises if one fails."""
+        served = []
+        while not done.is_set():
+            served.append(_served_by(client, _conversation(next(fresh))))
+            time.sleep(0.5)
+        return served
+
+    with cf.ThreadPoolExecutor(2) as pool:
+        try:
+            stuck = pool.submit(lambda: client.completions.with_raw_response.create(
+                model=client.model, prompt=prompt + " The next turn.", max_tokens=2))
+            deadline = time.monotonic() + 60  # a bound on waiting, not a measurement
+            while _scrape(cluster.url, victim)[1]["tandem_queue_depth"] < 1:  # it waits behind the hang
+                assert time.monotonic() < deadline and not stuck.done(), "the next turn did not wait on the victim"
+                time.sleep(0.2)
+            others = pool.submit(meanwhile)
+            # hung after --hang-timeout, three failed checks 2 s apart, a 5 s graceful stop: then resent
+            finished, _ = cf.wait([stuck], timeout=HANG_TIMEOUT_S + 90)
+            assert finished, f"the hung replica was not replaced within {HANG_TIMEOUT_S + 90:g} s"
+            raw = stuck.result()
+            assert raw.headers[REPLICA_HEADER] != victim and raw.parse().usage.completion_tokens == 2
+            seen: dict[str, int] = {}
+            deadline = time.monotonic() + STARTUP_S  # a bound on waiting, not a measurement
+            while len(seen) < 2 and time.monotonic() < deadline:  # the replacement serves: two live ones again
+                with cf.ThreadPoolExecutor(4) as burst:
+                    seen.update(burst.map(lambda i: _served_by(client, _conversation(i)),
+                                          [next(fresh) for _ in range(4)]))
+                time.sleep(1.0)
+        finally:
+            done.set()
+        served = others.result(timeout=120)
+    assert len(seen) == 2 and victim not in seen and pid not in seen.values(), seen
+    assert served and all(r != victim for r, _ in served), served  # all answered, none by the hung replica
+    log = _controller_log(cluster)
+    assert re.search(rf"Replica\(id='{victim}'.*failed the health check \d+ times in a row", log), log[-3000:]
+    assert re.search(r"engine hung: \d+ running, [1-9]\d* waiting", log), log[-3000:]
+    cluster.remember_children()  # the replacement too must be gone once it stops
 
 
 def test_stops_cleanly_with_nothing_left_running(cluster):

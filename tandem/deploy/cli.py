@@ -59,6 +59,10 @@ def run(args: argparse.Namespace, server: ServerOptions, opts: RayOptions) -> in
         if metrics:
             print(f"  Ray metrics (ray_tandem_* per replica): http://{ctx.address_info.get('node_ip_address')}:"
                   f"{metrics}/metrics", flush=True)
+        session = ctx.address_info.get("session_dir")
+        if local and session:
+            print(f"  Ray Serve logs (the controller's health checks, each replica's log): {session}/logs/serve",
+                  flush=True)
         print(f"Tandem serving on {url} through Ray Serve (OpenAI API under {url}/v1, chat page at {url}/)",
               flush=True)
         stop.wait()

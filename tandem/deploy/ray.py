@@ -30,7 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics as ray_metrics
 
 from tandem.deploy.options import RayOptions
-from tandem.deploy.replica import Watchdog, build_app, exchange, health_problem
+from tandem.deploy.replica import FAULTS_ENV, Watchdog, build_app, exchange, health_problem, inject_fault
 from tandem.deploy.request import PID_HEADER, REPLICA_HEADER, TandemRequest, prompt_text, target_replica
 
 REPLICA_DEPLOYMENT = "TandemReplica"
@@ -55,6 +55,7 @@ class TandemReplica:
             raise RuntimeError(f"Tandem replica could not load its models: {st.reason}")
         self._id = serve.get_replica_context().replica_id.unique_id
         self._watchdog = Watchdog(hang_timeout)
+        self._faults = os.environ.get(FAULTS_ENV) == "1"
         tags = ("replica",)
         self._gauges = {name: ray_metrics.Gauge(f"tandem_{name}", desc, tag_keys=tags) for name, desc in (
             ("requests_running", "Requests generating on a replica (vLLM num_requests_running)"),
@@ -65,6 +66,8 @@ class TandemReplica:
 
     async def __call__(self, req: TandemRequest) -> AsyncIterator[dict]:
         """The ASGI messages answering `req`, its response start carrying this replica's id and pid."""
+        if self._faults:
+            inject_fault(self._engine, req)
         async for message in exchange(self._app, req):
             if message["type"] == "http.response.start":
                 message = dict(message, headers=[*message.get("headers", []),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,6 +23,22 @@ log = logging.getLogger("tandem.deploy")
 PROGRESS_SAMPLES = frozenset({"tandem_generations_total", "tandem_step_sequences_count",
                               "tandem_time_to_first_token_seconds_count"})
 """Samples that move whenever the engine gets something done (a first token, a batched step, a finish)."""
+FAULTS_ENV = "TANDEM_TEST_FAULTS"
+"""Set to 1 in a replica's environment when it starts to enable inject_fault (tests only)."""
+FAULT_HEADER = "x-tandem-fault"
+
+
+def inject_fault(engine: Engine, req: TandemRequest) -> bool:
+    """A test-only fault, so that a hang can be tested end to end (tests/test_ray_serve.py): a replica that
+    started with TANDEM_TEST_FAULTS=1 (nothing in Tandem sets it) calls this for every request, and one with
+    the header `x-tandem-fault: hang` (e.g. GET /health?replica=ID, which answers at once) blocks its engine
+    thread for good before the next job, as a stuck llama.cpp call would; the requests queued after it make
+    the Watchdog report the replica hung. Whether it stalled the engine."""
+    if (FAULT_HEADER.encode(), b"hang") not in (tuple(h) for h in req.headers):
+        return False
+    log.warning("%s: hang: the engine thread stops for good (%s=1)", FAULT_HEADER, FAULTS_ENV)
+    engine.stall(threading.Event())  # never set
+    return True
 
 
 def build_app(ns: dict) -> FastAPI:

@@ -49,6 +49,13 @@ _WAKE = object()
 
 
 @dataclass(frozen=True)
+class _Stall:
+    """Queued by Engine.stall(): the engine thread blocks here until `release` is set."""
+
+    release: threading.Event
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What handlers may know about the loaded models (plain values, safe to read from any thread)."""
 
@@ -261,6 +268,11 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
+    def stall(self, release: threading.Event) -> None:
+        """Block the engine thread before its next job until `release` is set, as a stuck llama.cpp call
+        would block it. A fault for tests (tandem.deploy.replica.inject_fault); nothing else calls it."""
+        self._jobs.put(_Stall(release))
+
     def drain(self) -> None:
         """Refuse new jobs (503, code shutting_down) and keep running the ones already submitted."""
         st = self._status
@@ -339,6 +351,9 @@ class Engine:
             if self._abort.error is not None:
                 self._refuse_parked(self._abort.error)
             if item is _WAKE:
+                continue
+            if isinstance(item, _Stall):
+                item.release.wait()
                 continue
             if isinstance(item, Loaded):
                 self._loaded(item)
