@@ -19,7 +19,6 @@ from tandem.deploy.prefix import PrefixIndex
 from tandem.deploy.replica import Watchdog, exchange, health_problem, inject_fault
 from tandem.deploy.request import TandemRequest, prompt_text, target_replica
 from tandem.errors import BadInputError
-from tandem.server.metrics import Metrics
 
 
 def test_prefix_index_finds_the_replica_holding_the_longest_prefix():
@@ -140,46 +139,60 @@ def test_health_reports_a_failed_engine(tiny):
     engine.start()
     while engine.status.state == "loading":
         time.sleep(0.02)
-    problem = health_problem(engine, a.state.metrics, Watchdog(60.0))
+    problem = health_problem(engine, Watchdog(60.0))
     engine.stop()
     assert problem is not None and "engine failed" in problem and "GPU fell off" in problem
 
 
 def test_watchdog_flags_work_without_progress_only():
-    metrics = Metrics()
     dog = Watchdog(timeout=10.0)
-    busy = SimpleNamespace(running=1, waiting=2)
-    idle = SimpleNamespace(running=0, waiting=0)
-    assert not dog.hung(busy, metrics, now=0.0)
-    assert not dog.hung(busy, metrics, now=5.0)
-    assert dog.hung(busy, metrics, now=11.0)  # busy and stuck
-    metrics.generations.labels("length").inc()  # progress resets the clock
-    assert not dog.hung(busy, metrics, now=12.0)
-    assert not dog.hung(busy, metrics, now=20.0)
-    assert not dog.hung(idle, metrics, now=100.0)  # nothing to do is not a hang
-    assert not dog.hung(busy, metrics, now=105.0)
-    assert dog.hung(busy, metrics, now=111.0)
+    busy = SimpleNamespace(running=1, waiting=2, progress=0)
+    assert not dog.hung(busy, now=0.0)
+    assert not dog.hung(busy, now=5.0)
+    assert dog.hung(busy, now=11.0)  # busy and stuck
+    busy.progress += 1  # a token or a step resets the clock
+    assert not dog.hung(busy, now=12.0)
+    assert not dog.hung(busy, now=20.0)
+    assert not dog.hung(SimpleNamespace(running=0, waiting=0, progress=1), now=100.0)  # nothing to do: no hang
+    assert not dog.hung(busy, now=105.0)
+    assert dog.hung(busy, now=111.0)
+
+
+def test_one_long_generation_is_progress_not_a_hang(app):
+    """A lone generation (--parallel 1) longer than the watchdog's timeout: its tokens are progress."""
+    engine = app.state.engine
+    dog = Watchdog(timeout=0.1)
+    with cf.ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        answer = pool.submit(_messages, app, _req({"messages": HELLO, "max_tokens": 200, "ignore_eos": True}))
+        seen = []
+        while not answer.done():
+            seen.append(health_problem(engine, dog))
+            time.sleep(0.02)
+    assert answer.result()[0]["status"] == 200
+    assert time.monotonic() - t0 > 5 * dog.timeout  # (the premise: the generation outlasts the timeout)
+    assert seen == [None] * len(seen)
 
 
 def test_a_stalled_engine_is_hung_once_work_waits_behind_it(app):
     """Engine.stall, the fault inject_fault uses for `x-tandem-fault: hang`: the engine thread stops; idle that
     is no hang, but a request queued behind it with no progress for the watchdog's timeout is."""
-    engine, metrics = app.state.engine, app.state.metrics
+    engine = app.state.engine
     assert not inject_fault(engine, _req({"messages": HELLO}))  # only the header asks for it
     dog, release = Watchdog(timeout=0.3), threading.Event()
     engine.stall(release)
     with cf.ThreadPoolExecutor(1) as pool:
         try:
-            assert health_problem(engine, metrics, dog) is None
+            assert health_problem(engine, dog) is None
             answer = pool.submit(_messages, app, _req({"messages": HELLO, "max_tokens": 2}))
             deadline = time.monotonic() + 30  # a bound on waiting, not a measurement
-            while (problem := health_problem(engine, metrics, dog)) is None and time.monotonic() < deadline:
+            while (problem := health_problem(engine, dog)) is None and time.monotonic() < deadline:
                 time.sleep(0.05)
         finally:
             release.set()
         assert problem is not None and problem.startswith("engine hung: 0 running, 1 waiting"), problem
         assert answer.result(timeout=60)[0]["status"] == 200  # released, it serves the request
-    assert health_problem(engine, metrics, dog) is None
+    assert health_problem(engine, dog) is None
 
 
 def test_ray_options():

@@ -77,7 +77,7 @@ class TandemReplica:
 
     def check_health(self) -> None:
         """Ray calls this every health_check_period_s; raising makes Ray replace this replica."""
-        problem = health_problem(self._engine, self._metrics, self._watchdog)
+        problem = health_problem(self._engine, self._watchdog)
         if problem is not None:
             raise RuntimeError(problem)
 

@@ -15,14 +15,10 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 
 from tandem.deploy.request import TandemRequest
-from tandem.server.metrics import Metrics
 from tandem.server.worker import Engine
 
 log = logging.getLogger("tandem.deploy")
 
-PROGRESS_SAMPLES = frozenset({"tandem_generations_total", "tandem_step_sequences_count",
-                              "tandem_time_to_first_token_seconds_count"})
-"""Samples that move whenever the engine gets something done (a first token, a batched step, a finish)."""
 FAULTS_ENV = "TANDEM_TEST_FAULTS"
 """Set to 1 in a replica's environment when it starts to enable inject_fault (tests only)."""
 FAULT_HEADER = "x-tandem-fault"
@@ -61,37 +57,34 @@ def build_app(ns: dict) -> FastAPI:
                       lambda: Runtime(models, spec=spec, plan=plan, announce=log.info), spec, source=source)
 
 
-def progress(metrics: Metrics) -> float:
-    """A number that grows whenever the engine makes progress."""
-    return sum(s.value for m in metrics.registry.collect() for s in m.samples if s.name in PROGRESS_SAMPLES)
-
-
 @dataclass
 class Watchdog:
     """Says an engine hangs: it has requests but made no progress for `timeout` seconds."""
 
     timeout: float
     """Seconds without progress, while busy, that count as hung."""
-    _last: float = -1.0
+    _last: int = -1
     _since: float = field(default_factory=time.monotonic)
 
-    def hung(self, engine: Engine, metrics: Metrics, now: float | None = None) -> bool:
+    def hung(self, engine: Engine, now: float | None = None) -> bool:
+        """Whether the engine has had work and no progress (Engine.progress: a token or a batched step) for
+        longer than the timeout."""
         now = time.monotonic() if now is None else now
-        value = progress(metrics)
+        value = engine.progress
         if value != self._last or engine.running + engine.waiting == 0:
             self._last, self._since = value, now
             return False
         return now - self._since > self.timeout
 
 
-def health_problem(engine: Engine, metrics: Metrics, watchdog: Watchdog) -> str | None:
+def health_problem(engine: Engine, watchdog: Watchdog) -> str | None:
     """Why this replica should be restarted, or None while it is healthy (loading counts as healthy)."""
     st = engine.status
     if st.state == "failed":
         return f"engine failed: {st.reason}"
     if st.state == "stopped":
         return "engine stopped"
-    if watchdog.hung(engine, metrics):
+    if watchdog.hung(engine):
         return (f"engine hung: {engine.running} running, {engine.waiting} waiting and no progress for "
                 f"{watchdog.timeout:g} s")
     return None

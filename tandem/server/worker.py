@@ -243,6 +243,9 @@ class Engine:
                                 done=_log_done)
         self._waiting = 0  # jobs submitted and not yet taken by the engine thread (guarded by _count_lock)
         self._count_lock = threading.Lock()
+        self.progress = 0
+        """Grows with every token the engine thread hands out and every batched step it takes (written by that
+        thread only): a hang watchdog's signal that it is working, even through one long generation."""
 
     # -- client interface (event-loop side) ---------------------------------------------------------------
     @property
@@ -340,6 +343,7 @@ class Engine:
             except queue.Empty:
                 if busy:
                     self._batcher.step()
+                    self.progress += 1
                 self._expire()
                 continue
             if isinstance(item, _Job):
@@ -512,6 +516,7 @@ class Engine:
                     self._metrics.record_generation(ev.stats, first)
                     _log_done(job, ev.stats)
                 job.put(ev)
+                self.progress += 1
         except TandemError as e:
             job.put(e)
         except Exception as e:  # noqa: BLE001 - an engine failure becomes a 500 for this request only
