@@ -244,3 +244,13 @@ def test_serve_measures_concurrent_clients_over_http(tiny):
         ("1", "tandem --parallel 2 --draft none"), ("2", "tandem"), ("2", "tandem --draft none")]
     assert all(float(row[2]) > 0 and 0 < float(row[3]) <= float(row[4]) for row in rows)
     assert all(0 < float(row[5]) <= float(row[6]) and float(row[5]) <= float(row[3]) for row in rows)  # first token
+
+
+def test_disconnect_times_the_next_request_after_a_dropped_stream(tiny):
+    r = bench("disconnect", "--model", str(tiny["main"]), "--draft", str(tiny["draft_same"]), "--parallel", "1", "2",
+              "--reps", "2", "--long-tokens", "120", "--read-tokens", "3", "--ctx-size", "256", *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    rows = [row for row in table_rows(r.stdout, "") if row[0].isdigit()]
+    assert [(row[0], row[1]) for row in rows] == [("1", "tandem"), ("1", "tandem --draft none"), ("2", "tandem"),
+                                                  ("2", "tandem --draft none")]
+    assert all(0 < float(row[2]) <= float(row[3]) for row in rows)
