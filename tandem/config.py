@@ -32,7 +32,8 @@ class ModelOptions:
     kv_unified: bool = True
     """With --parallel N: every request may use up to --ctx-size positions, all taking KV pages from one pool
     while the others leave room (llama-server's --kv-unified, its default with automatic slots); a prompt waits
-    for its cells, idle conversations' cached prefixes are dropped first, and a request that finds no room ends
+    for its cells, idle conversations' cached prefixes are dropped first, a request with free pages only below its
+    own moves into them (its positions decoded again), and a request that finds no room in the whole pool ends
     with finish_reason length. --no-kv-unified reserves each request --ctx-size / N positions instead."""
     cache_type_k: str = "f16"
     """Main model KV cache type for K: f16, f32, q8_0, q4_0. f16 halves f32's memory, and a verification batch's

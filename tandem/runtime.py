@@ -363,14 +363,17 @@ class Runtime:
     def steps(self, prompt: Sequence[int], gp: GenParams, seq: int, *, use_draft: bool = True,
               cancel: Callable[[], bool] | None = None,
               load: Callable[[], int] | None = None,
-              room: Callable[[int], int] | None = None) -> tuple[Steps, str | None]:
+              room: Callable[[int], int] | None = None,
+              room_relocated: Callable[[int], int] | None = None) -> tuple[Steps, str | None]:
         """One generation as sequence `seq` of the main context, for a Scheduler: its sequence() generator (with
         this sequence's own drafter state, as configured), and the draft status its Done should carry (why the
         draft is not drafting, or None). `load()`: the sequences the scheduler runs (the draft policy's price);
-        `room(want)`: the positions it may hold now (Scheduler.room_for)."""
+        `room(want)`: the positions it may hold now (Scheduler.room_for); `room_relocated(want)`: those it could
+        hold with its cells taken afresh (Scheduler.room_relocated_for)."""
         drafter = self.speculator(seq=seq) if use_draft else None
         paused = use_draft and drafter is None and self.draft_paused
-        return (sequence(self.main, prompt, gp, drafter, cancel, costs=self.cost, seq_id=seq, load=load, room=room),
+        return (sequence(self.main, prompt, gp, drafter, cancel, costs=self.cost, seq_id=seq, load=load, room=room,
+                         room_relocated=room_relocated),
                 self.draft_status or (paused or None))
 
     def _pairing(self, events: Iterator[Token | Done], pairs: bool) -> Iterator[Token | Done]:

@@ -258,8 +258,12 @@ def test_closing_a_sequence_mid_draft_keeps_its_drafters_record_true(models):
     assert (again[-1].stats.drafted, again[-1].stats.accepted) == (alone[-1].stats.drafted, alone[-1].stats.accepted)
 
 
-def _run(sched: Scheduler, main: Context, prompt: list[int], n: int, rid: str) -> int | None:
-    return sched.add(rid, prompt, lambda s: sequence(main, prompt, _params(n, False), seq_id=s, room=sched.room_for(s)))
+def _run(sched: Scheduler, main: Context, prompt: list[int], n: int, rid: str,
+         drafter: Callable[[int], object] = lambda s: None) -> int | None:
+    """Add a greedy request as the server does (room and room if relocated); `drafter(seq_id)`: its drafter."""
+    return sched.add(rid, prompt, lambda s: sequence(main, prompt, _params(n, False), drafter(s), seq_id=s,
+                                                     room=sched.room_for(s),
+                                                     room_relocated=sched.room_relocated_for(s)))
 
 
 def _drain(sched: Scheduler, out: dict[str, list]) -> None:
@@ -315,3 +319,49 @@ def test_in_a_shared_pool_a_request_that_finds_no_room_ends_as_at_its_contexts_e
         got = _ids(out[rid])
         assert got == _alone_in(model, prompt, 150)[:len(got)] and len(got) > 0
     assert sum(len(_ids(out[r])) + 60 for r in ("a", "b")) <= 256 + 2 * 64  # no more than the pool's pages
+
+
+@pytest.mark.parametrize("kind", ["none", "shared"])
+def test_in_a_shared_pool_a_request_with_free_pages_only_below_its_last_relocates_and_gives_what_it_gives_alone(
+        models, kind):
+    """4 pages: a short request takes page 0 and ends, a long one takes pages 1-3; when the long one needs a fourth,
+    page 0 (the short one's, dropped) is free but below its last page. It relocates (drops its cells, decodes its
+    192 positions again into pages 0-2, its drafter starts over) and ends as it does alone, not with "context"."""
+    model = models["main"]
+    main, shared = Context(model, dataclasses.replace(SHARED, n_ctx=256)), Context(models["draft"], SHARED_DRAFT)
+    sched = Scheduler(main)
+    short, long = model.tokenize("Once upon a time, " * 6)[:60], model.tokenize("def fizzbuzz(n): " * 6)[:60]
+    _run(sched, main, short, 10, "short")
+    _run(sched, main, long, 150, "long", lambda s: _drafter(kind, models["draft"], s, shared))
+    out: dict[str, list] = {}
+    _drain(sched, out)
+    stats = out["long"][-1].stats
+    alone = _alone_in(model, long, 150)
+    assert len(alone) == 150 and _ids(out["long"]) == alone  # alone it ends with "length"
+    assert stats.stop_reason == "length" and stats.relocations == 1, stats
+    assert out["short"][-1].stats.relocations == 0 and sched.evicted == 1
+    if kind == "shared":
+        assert stats.drafted > 0 and stats.identity_holds(), stats
+
+
+def test_in_a_shared_pool_a_request_that_cannot_fit_even_relocated_ends_as_at_its_contexts_end(models):
+    """Two long requests share the 4 pages: the first with no page after its last cannot relocate either (the other
+    holds the rest of the pool) and ends with "context"; the other then relocates into its pages and ends as it
+    does alone. A request longer than the whole pool relocates, then ends with "context" where it does alone."""
+    model = models["main"]
+    a, b = model.tokenize("Once upon a time, " * 6)[:60], model.tokenize("def fizzbuzz(n): " * 6)[:60]
+    for n_a, n_b in ((150, 150), (10, 250)):
+        main = Context(model, dataclasses.replace(SHARED, n_ctx=256))
+        sched = Scheduler(main)
+        _run(sched, main, a, n_a, "a")
+        _run(sched, main, b, n_b, "b")
+        out: dict[str, list] = {}
+        _drain(sched, out)
+        alone_a, alone_b = _alone_in(model, a, n_a), _alone_in(model, b, n_b)
+        done_a, done_b = out["a"][-1].stats, out["b"][-1].stats
+        assert (done_a.stop_reason, done_a.relocations) == ("length", n_a // 150), done_a
+        assert _ids(out["a"]) == alone_a
+        assert done_b.stop_reason == "context" and done_b.relocations == n_b // 250, done_b
+        got = _ids(out["b"])
+        assert got == alone_b[:len(got)] and (n_b == 150 or got == alone_b)  # cut short where it cannot fit
+        assert main.held_length(0) + main.held_length(1) <= 256

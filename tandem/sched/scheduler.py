@@ -12,7 +12,11 @@ starts the same way (a chat's next turn).
 
 In a shared pool of cells (ContextParams.shared_cells, llama-server's --kv-unified) any sequence may grow to the
 whole context while the others leave room: `room()` tells a sequence how far it may grow now, dropping idle
-sequences' cached prefixes (least recently used first) before it says no, and a prompt waits for its cells.
+sequences' cached prefixes (least recently used first) before it says no, and a prompt waits for its cells. A
+sequence's pages stay in position order, so it grows only into free pages after its last one; when those run out
+while free pages lie below, `room_relocated()` tells it how far it could grow if it gave up its cells and decoded
+its positions again into the lowest free pages (preemption by recompute, for relocation: sequence() step 2b; its
+Done's stats count the relocations).
 
 With the main context's paged cells per sequence (ContextParams.seq_cells) and exact decoding, a sequence's
 logits do not depend on the others in its batch, so a request's output does not either (tests/test_scheduler).
@@ -114,18 +118,36 @@ class Scheduler:
         """room() for one sequence: what its sequence() generator asks each step."""
         return lambda want: self.room(seq_id, want)
 
+    def room_relocated_for(self, seq_id: int) -> Callable[[int], int]:
+        """room_relocated() for one sequence: what its sequence() generator asks when room() is too small."""
+        return lambda want: self.room_relocated(seq_id, want)
+
+    def room_relocated(self, seq_id: int, want: int) -> int:
+        """Positions sequence seq_id could hold if it relocated: dropped its cells and decoded its positions again,
+        which then take the lowest free pages, wherever they are (a shared pool; else its capacity). That is every
+        free page and its own, less those the other sequences' waiting rows may take; idle sequences' cached
+        prefixes are dropped as in room()."""
+        return self._room(seq_id, want, relocated=True)
+
     def room(self, seq_id: int, want: int) -> int:
         """Positions sequence seq_id may hold now: its capacity, or in a shared pool its own pages plus the free pages
         after its last one (its pages stay in position order, tandem.engine.llama.ContextParams.seq_cells), less
         those the other sequences' waiting rows may take. While that is less than `want`, idle sequences' cached
         prefixes are dropped, least recently used first."""
+        return self._room(seq_id, want, relocated=False)
+
+    def _room(self, seq_id: int, want: int, *, relocated: bool) -> int:
+        """room() where the sequence is (its own pages and the free ones after them), or relocated (all free pages)."""
         cap = self.main.capacity
         if not self.main.shared:
             return cap
         while True:
-            after = self.main.pages_after(seq_id) or 0
+            own = _pages(self.main.held_length(seq_id))
             taking = sum(self._pages_wanted(s) for s in self.running.values() if s.seq_id != seq_id)
-            room = min(cap, (_pages(self.main.held_length(seq_id)) + max(0, after - taking)) * PAGE)
+            if relocated:
+                room = min(cap, max(0, self._free_pages() + own - taking) * PAGE)
+            else:
+                room = min(cap, (own + max(0, (self.main.pages_after(seq_id) or 0) - taking)) * PAGE)
             idle = [s for s in self._free if s != seq_id and self.main.held_length(s)]
             if room >= want or not idle:
                 self._claims[seq_id] = min(room, want)
@@ -135,6 +157,11 @@ class Scheduler:
             self.evicted += 1
             if self._on_evict is not None:
                 self._on_evict(victim)
+
+    def _free_pages(self) -> int:
+        """Pages no sequence holds: a sequence holding positions 0..L-1 holds ceil(L / PAGE) of them."""
+        held = sum(_pages(self.main.held_length(s)) for s in range(max(1, self.main.params.n_seq_max)))
+        return self.main.capacity // PAGE - held
 
     def _pages_wanted(self, seq: Sequence) -> int:
         """Pages a running sequence will take at its next main decode: for its waiting rows, for the positions it

@@ -101,7 +101,8 @@ class Batcher:
                 def make(seq: int, prompt=prompt, params=params, live=live, job=job, choice=choice):
                     steps, live.status = rt.steps(prompt, params, seq, use_draft=choice == CONFIGURED,
                                                   cancel=self._cancel(job), load=lambda: len(sched.running),
-                                                  room=sched.room_for(seq))
+                                                  room=sched.room_for(seq),
+                                                  room_relocated=sched.room_relocated_for(seq))
                     return steps
                 if sched.add(job.id, prompt, make) is None:
                     return  # running requests hold the cells its prompt needs (a shared pool): after a step

@@ -1,4 +1,8 @@
-"""The speculative decode loop: draft, verify in one batch, roll back, emit."""
+"""The speculative decode loop: draft, verify in one batch, roll back, emit.
+
+In a shared pool of KV cells (tandem.sched.Scheduler.room) a sequence that has no room left after its last page,
+while the pool's free pages below it could hold it, relocates: it drops its cells and decodes everything it held
+again, into the lowest free pages, and goes on (sequence() step 2b; SpecStats.relocations counts it)."""
 
 from __future__ import annotations
 
@@ -213,6 +217,10 @@ class _Speculator:
             self.cost.observe_catch_up(backlog, self.draft_seconds - self._step_seconds)
         return proposal if len(proposal.tokens) >= max(self.gp.draft_min, 1) else EMPTY
 
+    def restart(self) -> None:
+        """The drafter starts over from an empty cache: its next draft catches up on the whole history."""
+        self._seen, self._drafted_last_step = 0, False
+
     def verified(self, n_drafted: int, accepted: int, seconds: float, rows: int | None = None) -> None:
         """Feed the step's verification time (of `rows` rows, n_drafted + 1 when None) and outcome to the cost
         model and the policy. A step shared with other sequences teaches acceptance only: its time is the batch's
@@ -259,6 +267,13 @@ class _Speculation:
 
     def verified(self, n_drafted: int, accepted: int, seconds: float, rows: int | None = None) -> None:
         self.last.verified(n_drafted, accepted, seconds, rows)
+
+    def restart(self) -> None:
+        """Drop what the drafter holds (its draft model's cells), as when its sequence's prefix is evicted
+        (tandem.runtime.Runtime.evicted); it catches up at its next draft."""
+        self.drafter.reset()
+        for part in self.parts:
+            part.restart()
 
 
 GRAMMAR_MIN_MATCH = 2
@@ -346,7 +361,8 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
              cancel: Callable[[], bool] | None = None,
              costs: Callable[[Drafter, str], CostModel] | None = None,
              seq_id: int = 0, load: Callable[[], int] | None = None,
-             room: Callable[[int], int] | None = None) -> Steps:
+             room: Callable[[int], int] | None = None,
+             room_relocated: Callable[[int], int] | None = None) -> Steps:
     """One generation as a sequence of steps: yields Decode for each decode it needs (and expects its logits back
     through send()), Token for each generated token, and Done last. Everything of the sequence but the decodes
     themselves happens here: drafting, verification, rollback of its own KV cells (sequence `seq_id` of `main`),
@@ -354,8 +370,9 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
     scheduler can run every sequence's draft rows of a position as one batch. `load()`: how many sequences a
     scheduler decodes in this sequence's steps (the draft policy prices a step as the whole batch costs; None: 1).
     `room(want)`: how many positions it may hold now, in a pool of cells shared with other sequences
-    (tandem.sched.Scheduler.room; None: its capacity); when that has no room for the next token it ends as at the
-    end of its context."""
+    (tandem.sched.Scheduler.room; None: its capacity); when that has no room for the next token it relocates if
+    `room_relocated(want)` (Scheduler.room_relocated: the room it would have with its cells taken afresh from the
+    lowest free pages; None: it never relocates) has room, else it ends as at the end of its context."""
     if not prompt:
         raise BadInputError("the prompt is empty", "send at least one token of text")
     n_ctx = main.capacity  # positions this sequence may hold
@@ -410,7 +427,24 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         if cancel is not None and cancel():
             out.finish("cancelled")
             break
-        limit = n_ctx if room is None else min(n_ctx, room(n_past + 2 + gp.draft_max))
+        want = n_past + 2 + gp.draft_max
+        limit = n_ctx if room is None else min(n_ctx, room(want))
+        if n_past + 1 > limit and room_relocated is not None and min(n_ctx, room_relocated(want)) > n_past:
+            # 2b. Relocate: no free page is left after this sequence's last one, but the pool's free pages (below it)
+            # can hold it. Drop its cells and decode everything it held again from position 0, as a prompt is
+            # decoded: the new cells take the lowest free pages, and the rows' values do not depend on the batch
+            # they are computed in (exact decoding), so the output stays what it is alone. The drafter lets go of
+            # its cells too (a shared draft pool fragments the same way) and catches up at its next draft.
+            main.rollback(0, seq_id=seq_id)
+            if spec is not None:
+                spec.restart()
+            stats.relocations += 1
+            try:
+                yield Decode(SeqRows(seq_id, history[:-1], 0, "last"))
+            except BaseException:
+                main.rollback(0, seq_id=seq_id)
+                raise
+            continue
         if n_past + 1 > limit:
             out.finish("context")
             break

@@ -37,6 +37,9 @@ class SpecStats:
     not decoded again."""
     generated_tokens: int = 0
     """Tokens produced (emitted to the caller; the end-of-generation token is not counted)."""
+    relocations: int = 0
+    """Times the sequence dropped its KV cells and decoded its history again into the lowest free pages of a shared
+    pool, where it had no room after its last page (tandem.spec.generate.sequence, step 2b)."""
     prompt_time: float = 0.0
     """Seconds to evaluate the prompt and sample the first token."""
     generation_time: float = 0.0
@@ -129,6 +132,7 @@ class SpecStats:
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "generated_tokens": self.generated_tokens,
+            **({"relocations": self.relocations} if self.relocations else {}),
             **({"draft_status": self.draft_status} if self.draft_status else {}),
         }
 
