@@ -198,6 +198,25 @@ def test_the_scheduler_drafts_for_every_sequence_in_one_decode_per_draft_positio
     assert per_sequence >= sum(d.stats.draft_steps for d in done.values())
 
 
+def test_a_token_reaches_its_client_in_the_step_whose_decode_gave_it(models):
+    """The first token comes out of the step that decodes the prompt, and every later step's tokens out of that
+    step: nobody waits for the next step's drafts and decode before seeing a verified token."""
+    main, shared = Context(models["main"], BATCHED), Context(models["draft"], SHARED_DRAFT)
+    sched = Scheduler(main)
+    prompt = models["main"].tokenize(REQUESTS[1][0])
+    calls = []
+    sched.add("a", prompt, lambda s: sequence(main, prompt, _params(12, False), ModelDrafter(shared, seq_id=s),
+                                              seq_id=s))
+    decodes = main.decode_calls
+    out = sched.step()
+    assert main.decode_calls == decodes + 1  # the prompt's decode only
+    assert [type(e) for e in out["a"]] == [Token]
+    while sched.running:
+        out = sched.step()
+        calls.append(len(out.get("a", [])))
+    assert all(n >= 1 for n in calls)  # every step's verification emitted at least one token
+
+
 def test_a_rejection_sampled_request_gives_what_it_gives_alone(models):
     alone = _alone(models, "shared", "rejection")
     ids, done, _ = _batched(models, "shared", "rejection")

@@ -4,9 +4,11 @@ per draft position.
 Each request is a `tandem.spec.generate.sequence` generator bound to one sequence id of the main context: it
 drafts, verifies, rolls back and emits on its own, and yields a `Decode` whenever it needs a decode: of the main
 model, or of its draft model while it drafts (Decode.ctx; the Runtime's drafters share one draft context of as
-many sequences). `Scheduler.step()` advances every running sequence to its next Decode; while some wait on a draft
-decode, it runs those of each draft context together and advances them again (one decode per draft position for
-all of them); then it runs the main decodes together, and hands each its logits. A request that arrives joins at
+many sequences). A sequence runs to its first Decode when it is added. `Scheduler.step()`: while some sequences
+wait on a draft decode, it runs those of each draft context together and advances them again (one decode per draft
+position for all of them); then it runs the main decodes together, hands each sequence its logits and advances it
+to its next Decode (it verifies, emits and starts its next draft), and returns the tokens emitted, so a token
+reaches its client as soon as it is verified, not after the next step's decodes. A request that arrives joins at
 the next step; one that ends frees its sequence at once, and its KV cells stay for the next request whose prompt
 starts the same way (a chat's next turn).
 
@@ -104,7 +106,8 @@ class Scheduler:
         if not fits and self.running:
             return None
         self._free.remove(seq_id)
-        self.running[request_id] = Sequence(request_id, seq_id, make(seq_id), prompt_len=len(prompt))
+        self.running[request_id] = seq = Sequence(request_id, seq_id, make(seq_id), prompt_len=len(prompt))
+        self._advance(seq)  # to its prompt's decode (or its error, routed at the next step)
         return seq_id
 
     def abort(self, request_id: str) -> None:
@@ -180,10 +183,7 @@ class Scheduler:
 
     def step(self) -> dict[str, list[Event]]:
         """One step of every running sequence; what each produced, by request id (Done or an error ends it)."""
-        # 1. Advance each sequence to its next decode: it verifies the last one, emits, starts its next draft.
-        for seq in list(self.running.values()):
-            self._advance(seq)
-        # 2. Draft: while sequences wait on a draft decode, decode each draft context's waiting rows together (one
+        # 1. Draft: while sequences wait on a draft decode, decode each draft context's waiting rows together (one
         # decode per draft position for all of them) and advance those sequences to their next decode.
         while drafting := [s for s in self.running.values() if s.pending is not None and s.pending.ctx is not None]:
             for ctx, group in _by_context(drafting):
@@ -191,9 +191,14 @@ class Scheduler:
             for seq in drafting:
                 if seq.logits is not None:  # (a failed decode already ended it)
                     self._advance(seq)
-        # 3. Decode the main model's rows of every sequence together (a long prompt alone: it may exceed a batch).
+        # 2. Decode the main model's rows of every sequence together (a long prompt alone: it may exceed a batch).
         self._decode(self.main, [s for s in self.running.values() if s.pending is not None])
-        # 4. Route what each sequence produced; a finished one frees its sequence.
+        # 3. Advance each sequence to its next decode: it verifies this one, emits, starts its next draft.
+        for seq in list(self.running.values()):
+            if seq.logits is not None:
+                self._advance(seq)
+        # 4. Route what each sequence produced (this step's tokens, before the next step drafts); a finished one
+        # frees its sequence.
         out = {}
         for seq in list(self.running.values()):
             if seq.outbox:
