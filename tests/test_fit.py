@@ -159,6 +159,7 @@ CASES = {
     "main + draft, q8_0 draft K, draft ctx 1024": dict(draft="draft_small", ctx_size=4096, ctx_size_draft=1024,
                                                          cache_type_k_draft="q8_0"),
     "main ctx 32 (padded)": dict(draft="draft_small", ctx_size=32),
+    "main + draft, 4 sequences in one pool of 4096": dict(draft="draft_close", ctx_size=4096, parallel=4),
 }
 
 
@@ -241,6 +242,17 @@ def test_the_plan_counts_the_process_and_the_work_buffer(tiny):
     # the f16 V cache: ggml converts each micro-batch's attention scores to f16 (u x cells x heads x 2 bytes)
     assert p.main.work == 2 * 512 * 4096 * max(h.n_head)
     assert plan(tiny, None, ctx_size=4096, cache_type_v="f32").main.work == 0
+
+
+def test_a_pool_of_n_sequences_decodes_n_times_fewer_rows_at_once_and_plans_that_much_less_compute(tiny):
+    """The attention's scores take n_batch x cells: a pool of 4 sequences' cells decodes 128 rows at once, so its
+    compute buffer is that of llama-server's 4 streams of a quarter of the cells each, not 4 times it."""
+    one, four, eight = (plan(tiny, ctx_size=8192, parallel=n) for n in (1, 4, 8))
+    assert one.main.params.n_batch == 512 and four.main.params.n_batch == 128 and four.draft.params.n_batch == 128
+    assert eight.main.params.n_batch == 8 * 17  # never fewer rows than a step of 8 sequences verifying 16 drafts
+    assert four.main.compute < one.main.compute / 3 and four.main.work == one.main.work // 4
+    per_request = plan(tiny, ctx_size=8192, ctx_size_draft=2048, parallel=4).draft  # 4 contexts of one sequence
+    assert per_request.contexts == 4 and per_request.params.n_batch == 512
 
 
 def test_parallel_requests_share_one_draft_context_in_the_plan(tiny):

@@ -45,7 +45,9 @@ GIB = 1 << 30
 KV_PAD = 256
 """llama.cpp rounds the context up to a multiple of this many cells."""
 N_BATCH = 512
-"""Tokens per llama_decode (and per micro-batch): Tandem's fixed batch size."""
+"""Tokens per llama_decode (and per micro-batch) of a context of one sequence."""
+STEP_ROWS = 17
+"""Rows one sequence adds to a batched step at most: a verification of draft_max (16) drafts and the newest token."""
 OVERHEAD_PER_TOKEN = 256
 """Host bytes per vocabulary entry beyond the weights (tokenizer tables), measured on SmolLM2's 49k vocabulary."""
 OVERHEAD_FIXED = 1 * MIB
@@ -296,9 +298,17 @@ def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
                             "attention, which Tandem keeps off (it changes batched logits)",
                             f"use --cache-type-v{suffix} f16, and quantize K instead (--cache-type-k{suffix} q8_0)")
     seqs = opts.parallel if shared else 1
-    return ContextParams(n_ctx=n_ctx, n_batch=min(N_BATCH, n_ctx), n_threads=opts.threads, type_k=type_k,
+    return ContextParams(n_ctx=n_ctx, n_batch=min(n_batch(seqs), n_ctx), n_threads=opts.threads, type_k=type_k,
                          type_v=type_v, exact=bool(opts.exact) and not draft and n_ctx >= 2, n_seq_max=seqs,
                          seq_cells=seqs > 1, shared_cells=seqs > 1 and opts.kv_unified)
+
+
+def n_batch(seqs: int) -> int:
+    """Rows per llama_decode (and llama.cpp's micro-batch) of a context holding `seqs` sequences. The attention's
+    scores take n_batch x n_ctx floats in the compute buffer, so N sequences' cells in one pool decode N_BATCH / N
+    rows at once: the scores of llama-server's N streams of n_ctx / N cells each (its -np N), and a long prompt
+    still goes in chunks of a few hundred tokens. Never fewer than one batched step of every sequence needs."""
+    return max(N_BATCH // max(1, seqs), STEP_ROWS * seqs)
 
 
 def plan_model(header: GGUFHeader, params: ContextParams, *, role: str, out_rows: int = 1,
