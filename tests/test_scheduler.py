@@ -248,6 +248,34 @@ def test_a_failing_draft_decode_costs_its_sequences_drafts_not_their_output(mode
     assert sched.capacity == 4 and not sched.running
 
 
+def test_a_request_cancelled_while_it_drafts_stops_drafting_at_once_and_ends_in_that_step(models):
+    """A client that leaves mid-draft (a draft of up to 8 tokens, one decode each): its sequence drafts no further
+    decode after the cancel, verifies what it has, and ends "cancelled" in the same step, so the step does not hold
+    up the other requests (and a new one's first token) with drafts nobody will read."""
+    main_model = models["main"]
+    main, shared = Context(main_model, BATCHED), Context(models["draft"], SHARED_DRAFT)
+    prompt = main_model.tokenize(REQUESTS[1][0])
+    gone, draft_decodes = [], []
+    decode_batch = shared.decode_batch
+
+    def counted(parts):
+        draft_decodes.append(len(parts))
+        if len(draft_decodes) == 3:
+            gone.append(True)  # the client leaves while this decode runs
+        return decode_batch(parts)
+
+    shared.decode_batch = counted
+    gp = dataclasses.replace(_params(40, False), draft_max=8)
+    sched = Scheduler(main)
+    sched.add("a", prompt, lambda s: sequence(main, prompt, gp, ModelDrafter(shared, seq_id=s), seq_id=s,
+                                              cancel=lambda: bool(gone)))
+    while sched.running and not gone:
+        last = sched.step().get("a", [])
+    assert len(draft_decodes) == 3  # not one draft decode after the one during which the client left
+    assert isinstance(last[-1], Done) and last[-1].stats.stop_reason == "cancelled" and not sched.running
+    assert last[-1].stats.identity_holds()
+
+
 def test_closing_a_sequence_mid_draft_keeps_its_drafters_record_true(models):
     """A sequence closed while it waits for a draft decode's logits (the decode ran): the drafter forgets the
     cells that decode wrote, and the next request on that sequence gives what it gives alone."""

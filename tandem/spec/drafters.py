@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -157,11 +157,13 @@ class ModelDrafter:
 
     def propose_steps(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
                       rng: np.random.Generator, p_min: float | None = None, processors: Processors = NONE, *,
-                      alone: bool = False) -> Steps[DraftProposal]:
+                      alone: bool = False, stop: Callable[[], bool] | None = None) -> Steps[DraftProposal]:
         """propose() one draft decode at a time: yields a Decode (this drafter's context and sequence) for each
         decode and gets its logits through send(), so that a scheduler can decode every sequence's draft rows of
         a draft position as one batch. `alone`: ask for each decode in a batch of its own (a draft whose
-        probabilities steer the output must not get other logits from other sequences' rows beside it)."""
+        probabilities steer the output must not get other logits from other sequences' rows beside it). `stop()`:
+        checked before each further decode; when it says so (a cancelled request) the draft ends there, so the
+        step does not hold up the others with drafts nobody will read."""
         p_min = self.p_min if p_min is None else p_min
         max_tokens = min(max_tokens, self.window.max_draft)
         if max_tokens <= 0 or not history:
@@ -197,12 +199,13 @@ class ModelDrafter:
                 tok = sample(q, rng.random())
                 rows.append(q)
             tokens.append(tok)
-            if i + 1 < max_tokens:
-                try:
-                    logits = yield from self._decode([tok], alone)
-                except EngineError as e:
-                    self._lost(e)
-                    break
+            if i + 1 == max_tokens or (stop is not None and stop()):
+                break
+            try:
+                logits = yield from self._decode([tok], alone)
+            except EngineError as e:
+                self._lost(e)
+                break
         return DraftProposal(tokens, np.stack(rows) if rows else None)
 
     def _lost(self, e: EngineError) -> None:

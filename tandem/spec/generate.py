@@ -190,9 +190,11 @@ class _Speculator:
         self.cost.observe_catch_up(len(history) - 1 - self._seen, time.perf_counter() - t0)
         self._seen, self._drafted_last_step = len(history) - 1, True
 
-    def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator) -> DraftSteps[DraftProposal]:
+    def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator,
+                stop: Callable[[], bool] | None = None) -> DraftSteps[DraftProposal]:
         """The policy's number of draft tokens (at most max_k), or EMPTY for a plain step; a drafter with
-        propose_steps (a draft model) yields its draft decodes for the caller to run."""
+        propose_steps (a draft model) yields its draft decodes for the caller to run, and ends early when
+        `stop()` says so (the request was cancelled)."""
         backlog = len(history) - self._seen  # tokens the drafter has not seen (the prompt at first)
         self.cost.locate(len(history) - 1, self.drafter.kv_cells(len(history)))  # costs grow with the KV cache
         self._load = max(1, self.load())
@@ -204,7 +206,7 @@ class _Speculator:
         args = (history, self.asked, self.gp.sampling, rng)
         kw = {"p_min": self.gp.draft_p_min, "processors": self.gp.processors}
         steps = getattr(self.drafter, "propose_steps", None)
-        proposal = ((yield from steps(*args, **kw, alone=self.alone)) if steps is not None
+        proposal = ((yield from steps(*args, **kw, alone=self.alone, stop=stop)) if steps is not None
                     else self.drafter.propose(*args, **kw))
         self.draft_seconds = self._step_seconds = time.perf_counter() - t0
         self._seen = len(history)
@@ -256,14 +258,15 @@ class _Speculation:
         for part in self.parts:
             part.prefill(history, max_k)
 
-    def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator) -> DraftSteps[DraftProposal]:
+    def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator,
+                stop: Callable[[], bool] | None = None) -> DraftSteps[DraftProposal]:
         if len(self.parts) > 1 and self.drafter.matches(history):
             self.last = self.parts[0]
-            proposal = yield from self.last.propose(history, max_k, rng)
+            proposal = yield from self.last.propose(history, max_k, rng, stop)
             if proposal.tokens:
                 return proposal
         self.last = self.parts[-1]
-        return (yield from self.last.propose(history, max_k, rng))
+        return (yield from self.last.propose(history, max_k, rng, stop))
 
     def verified(self, n_drafted: int, accepted: int, seconds: float, rows: int | None = None) -> None:
         self.last.verified(n_drafted, accepted, seconds, rows)
@@ -454,7 +457,7 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         forced = gp.processors.forced(history)[:space] if gp.forced_drafts and gp.processors and space > 0 else []
         ahead = [*history, *forced] if forced else history
         k = min(gp.draft_max, space - len(forced))
-        proposal = (yield from spec.propose(ahead, k, draft_rng)) if spec is not None else EMPTY
+        proposal = (yield from spec.propose(ahead, k, draft_rng, cancel)) if spec is not None else EMPTY
         if proposal.tokens and gp.processors:
             proposal = _cut(proposal, gp.processors.admissible(ahead, proposal.tokens))
         if forced:
