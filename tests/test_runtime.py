@@ -47,25 +47,29 @@ def test_a_new_draft_models_cost_model_holds_its_calibrated_draft_and_catch_up_c
     assert not rt.cost(rt.ngram).draft.known  # the n-gram drafter is not a model: learnt online
 
 
-def _draft_tokens_at_first_token(rt: Runtime, prompt: list[int], gp: GenParams) -> int:
-    """Tokens the draft model had processed when the first token came out (then the generation finishes)."""
+def _draft_tokens_at(rt: Runtime, prompt: list[int], gp: GenParams) -> tuple[int, int]:
+    """Tokens the draft model had processed when the first token came out, and when the second did."""
     rt.cost(rt.drafter)  # calibrate first: its decodes are not the catch-up
     before = rt.drafter.ctx.tokens_processed
     events = rt.generate(prompt, gp)
     first = next(ev for ev in events if isinstance(ev, Token))
-    seen = rt.drafter.ctx.tokens_processed - before
+    at_first = rt.drafter.ctx.tokens_processed - before
+    next(ev for ev in events if isinstance(ev, Token))
+    at_second = rt.drafter.ctx.tokens_processed - before
     list(events)
     assert first.source == "main"
-    return seen
+    return at_first, at_second
 
 
-def test_the_draft_catches_up_on_the_prompt_before_the_first_token_when_it_will_draft(tiny):
+def test_the_draft_catches_up_on_the_prompt_right_after_the_first_token_when_it_will_draft(tiny):
     spec = SpecOptions(pause_slow_draft=False)  # the same-size tiny draft cannot pay: it would be paused
     rt = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_same"]), ctx_size=256),
                  spec=spec, announce=lambda _s: None)
     prompt = rt.prompt(text="The capital of France is", raw=True)
-    # A fixed policy always drafts at the first step: the prompt is evaluated before the first token.
-    assert _draft_tokens_at_first_token(rt, prompt, GenParams(max_tokens=8, draft_policy="fixed")) == len(prompt)
+    # A fixed policy always drafts at the first step: the draft reads the prompt once the first token is out
+    # (a quantized draft reads a prompt slower than the main model), before the first draft.
+    at_first, at_second = _draft_tokens_at(rt, prompt, GenParams(max_tokens=8, draft_policy="fixed"))
+    assert at_first == 0 and at_second >= len(prompt)
     # An adaptive policy that will not draft at once (here: a draft measured as too slow to pay) pays no
     # catch-up up front.
     rt2 = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_same"]), ctx_size=256),
@@ -74,7 +78,7 @@ def test_the_draft_catches_up_on_the_prompt_before_the_first_token_when_it_will_
     for _ in range(4 * cost.draft.trusted):
         cost.observe_draft(1, 10.0)
         cost.observe_draft(8, 80.0)
-    assert _draft_tokens_at_first_token(rt2, prompt, GenParams(max_tokens=8)) == 0
+    assert _draft_tokens_at(rt2, prompt, GenParams(max_tokens=8)) == (0, 0)
 
 
 def test_a_draft_model_is_calibrated_once_for_all_its_cost_models(tiny):

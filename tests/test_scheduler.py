@@ -191,15 +191,17 @@ def test_the_scheduler_drafts_for_every_sequence_in_one_decode_per_draft_positio
     for d in done.values():
         assert d.stats.identity_holds(), d.stats
     # at most draft_max (4) draft decodes in a step, however many sequences draft in it, several in one decode
+    # (one more in the step after a prompt: the new sequence's catch-up on it comes first)
     per_step = Counter(step for step, _ in calls)
-    assert max(per_step.values()) <= 4 and max(len(seqs) for _, seqs in calls) >= 3
+    assert max(per_step.values()) <= 4 + 1 and max(len(seqs) for _, seqs in calls) >= 3
     per_sequence = sum(len(seqs) for _, seqs in calls)  # what a draft context per sequence would decode
     assert len(calls) < 0.7 * per_sequence, (len(calls), per_sequence)
     assert per_sequence >= sum(d.stats.draft_steps for d in done.values())
 
 
 def test_a_token_reaches_its_client_in_the_step_whose_decode_gave_it(models):
-    """The first token comes out of the step that decodes the prompt, and every later step's tokens out of that
+    """The first token comes out of the step that decodes the prompt (before the draft model reads the prompt: its
+    quantized weights read a prompt slower than the main model's), and every later step's tokens out of that
     step: nobody waits for the next step's drafts and decode before seeing a verified token."""
     main, shared = Context(models["main"], BATCHED), Context(models["draft"], SHARED_DRAFT)
     sched = Scheduler(main)
@@ -207,9 +209,10 @@ def test_a_token_reaches_its_client_in_the_step_whose_decode_gave_it(models):
     calls = []
     sched.add("a", prompt, lambda s: sequence(main, prompt, _params(12, False), ModelDrafter(shared, seq_id=s),
                                               seq_id=s))
-    decodes = main.decode_calls
+    decodes, draft_decodes = main.decode_calls, shared.decode_calls
     out = sched.step()
     assert main.decode_calls == decodes + 1  # the prompt's decode only
+    assert shared.decode_calls == draft_decodes  # the draft catches up on the prompt after the first token
     assert [type(e) for e in out["a"]] == [Token]
     while sched.running:
         out = sched.step()

@@ -5,7 +5,7 @@ conversation, so turn n's prompt holds every earlier turn. Conversations: Tandem
 prefix its KV cache still holds is reused), the same with cache_prompt false (every prompt decoded cold),
 Tandem without a draft, and with --llama-server PATH, llama-server with its prompt cache on (same model,
 context and threads; no draft). The time to first token is each side's own prompt time: Tandem's
-stats.prompt_time (the main model's prompt, the draft's catch-up on it, the first token), llama-server's
+stats.prompt_time (the main model's prompt and the first token; the draft catches up after it), llama-server's
 timings.prompt_ms.
 """
 

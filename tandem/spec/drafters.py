@@ -140,13 +140,21 @@ class ModelDrafter:
 
     def prefill(self, history: Sequence[int]) -> None:
         """Evaluate history but its newest token (left for the first draft's decode) in one batch."""
+        run(self.prefill_steps(history))
+
+    def prefill_steps(self, history: Sequence[int]) -> Steps[None]:
+        """prefill() as a Decode to yield (its context and sequence), for the caller to run."""
         if len(history) < 2:
             return
         self._sync(history)
         self._slide(self.window.overflow(len(history), 1))
         pending = self.window.view(history, len(self._kv))[:-1]
         if pending:
-            self.ctx.decode(pending, len(self._kv), seq_id=self.seq_id, logits="none")
+            try:
+                yield Decode(SeqRows(self.seq_id, pending, len(self._kv), "none"), self.ctx)
+            except BaseException:
+                self.ctx.rollback(len(self._kv), seq_id=self.seq_id)
+                raise
             self._kv.extend(pending)
             self._committed = len(self._kv)
 

@@ -7,6 +7,7 @@ again, into the lowest free pages, and goes on (sequence() step 2b; SpecStats.re
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tandem.engine.llama import Context, SeqRows
-from tandem.errors import BadInputError, ContextOverflowError
+from tandem.errors import BadInputError, ContextOverflowError, EngineError
 from tandem.spec.drafters import Drafter
 from tandem.spec.logprobs import MAX_TOP, TokenLogprob, token_logprob
 from tandem.spec.grammar import Grammar, GrammarProcessor
@@ -27,6 +28,8 @@ from tandem.spec.stats import SpecStats
 from tandem.spec.steps import Decode, Steps as DraftSteps, decode
 from tandem.spec.text import TextAssembler
 from tandem.spec.verify import EMPTY, DraftProposal, uniforms_needed, verify
+
+log = logging.getLogger("tandem.spec")
 
 
 @dataclass(frozen=True)
@@ -179,14 +182,26 @@ class _Speculator:
         self._drafted_last_step = False  # then the drafter catches up on one step's tokens only
         self._step_seconds = 0.0  # the current step's draft time without a catch-up on plain steps' tokens
 
-    def prefill(self, history: Sequence[int], max_k: int) -> None:
-        """Catch the drafter up on the prompt now, in the prompt phase, when the policy will draft at the first
-        step anyway (it would pay the same catch-up there). Then, as in llama-server, the draft's prompt
-        processing is part of the time to first token and generation runs at the speculative rate at once."""
+    def prefill(self, history: Sequence[int], max_k: int) -> DraftSteps[None]:
+        """Catch the drafter up on the prompt now, right after the first token, when the policy will draft at the
+        first step anyway (it would pay the same catch-up there): generation then runs at the speculative rate at
+        once. The first token goes out before (a draft model's prompt costs more than the main model's: its
+        quantized weights have no many-row kernels), and a draft model's catch-up is a Decode the caller runs. A
+        failed catch-up costs drafts only: the drafter starts over at its first draft."""
         if max_k <= 0 or not self.policy.expects_draft(max_k, self.load()):
             return
         t0 = time.perf_counter()
-        self.drafter.prefill(history)
+        steps = getattr(self.drafter, "prefill_steps", None)
+        try:
+            if steps is not None:
+                yield from steps(history)
+            else:
+                self.drafter.prefill(history)
+        except EngineError as e:
+            log.warning("draft %s: catching up on the prompt failed (%s); it starts over at its first draft",
+                        self.drafter.name, e.cause)
+            self.drafter.reset()
+            return
         self.cost.observe_catch_up(len(history) - 1 - self._seen, time.perf_counter() - t0)
         self._seen, self._drafted_last_step = len(history) - 1, True
 
@@ -254,9 +269,9 @@ class _Speculation:
                       else [_Speculator(drafter, gp, costs(drafter, drafter.name), load)])
         self.last = self.parts[-1]  # the speculator of the current step
 
-    def prefill(self, history: Sequence[int], max_k: int) -> None:
+    def prefill(self, history: Sequence[int], max_k: int) -> DraftSteps[None]:
         for part in self.parts:
-            part.prefill(history, max_k)
+            yield from part.prefill(history, max_k)
 
     def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator,
                 stop: Callable[[], bool] | None = None) -> DraftSteps[DraftProposal]:
@@ -417,13 +432,13 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
         raise
     first_row = gp.processors.row(prompt, first[0])
     history = [*prompt, _pick(first_row, gp.sampling, rng)]
-    if spec is not None:
-        # 1b. Catch the drafter up on the prompt now if it is to draft at the first step (a drafter keeps what
-        # it holds of a shared prefix too).
-        drafter.reset(history if gp.cache_prompt else None)
-        spec.prefill(history, min(gp.draft_max, gp.max_tokens - 1))
     stats.prompt_time = time.perf_counter() - t0
     yield from out.emit(history[-1:], 0, rows=first_row[None])
+    if spec is not None and not out.done:
+        # 1b. Catch the drafter up on the prompt now, after the first token, if it is to draft at the first step
+        # (a drafter keeps what it holds of a shared prefix too).
+        drafter.reset(history if gp.cache_prompt else None)
+        yield from spec.prefill(history, min(gp.draft_max, gp.max_tokens - 1))
     while not out.done:
         n_past = len(history) - 1  # the main KV holds everything but the newest token
         # 2. Stop when asked to, or when the context (or a shared pool's room) has no room for the newest token.
