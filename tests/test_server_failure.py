@@ -13,7 +13,7 @@ import httpx
 import pytest
 from test_server_support import HELLO, RUNTIME_SPEC, TEST_KEY, assert_openai_error, client, spec_options
 
-from tandem.config import ModelOptions
+from tandem.config import SERVE_PARALLEL, ModelOptions
 from tandem.models.fit import MIB, plan_for
 from tandem.models.gguf_header import read_header
 from tandem.runtime import Runtime
@@ -37,9 +37,9 @@ def broken(tiny, tmp_path_factory) -> dict[str, Path]:
     return {"not_gguf": d / "notes.gguf", "unloadable": d / "unloadable.gguf", "missing": d / "missing.gguf"}
 
 
-def _limit_for(tiny, draft: str, *, extra: int) -> str:
+def _limit_for(tiny, draft: str, *, extra: int, parallel: int = 1) -> str:
     """A --memory-limit that holds the tiny main + `draft` at ctx 256 with `extra` bytes to spare."""
-    o = ModelOptions(model=str(tiny["main"]), draft=str(tiny[draft]), ctx_size=256, threads=1)
+    o = ModelOptions(model=str(tiny["main"]), draft=str(tiny[draft]), ctx_size=256, threads=1, parallel=parallel)
     return str(plan_for(o, tiny["main"], tiny[draft]).total + extra)
 
 
@@ -65,7 +65,7 @@ def test_serve_exits_non_zero_with_cause_and_fix(tiny, broken, case, cause, fix,
         draft = str(tiny["different_vocab"])
     elif case == "does_not_fit":
         draft = str(tiny["draft_close"])
-        extra = ["--memory-limit", _limit_for(tiny, "draft_close", extra=-20 * MIB)]
+        extra = ["--memory-limit", _limit_for(tiny, "draft_close", extra=-20 * MIB, parallel=SERVE_PARALLEL)]
     else:
         draft = str(broken[case])
     rc, err, seconds = _serve_fails(tiny, draft, *extra)
