@@ -4,15 +4,20 @@ and speed."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import httpx
 
 from tandem.errors import BadInputError
 from tandem.models.defaults import FTYPES, default_pair, draft_path
 from tandem.spec.generate import Done, GenParams, Token
+from tandem.testing.serve_process import ServeProcess
 
 
 def add_model_arguments(p: argparse.ArgumentParser, types: Sequence[str] | None, *, draft: bool = True) -> None:
@@ -98,3 +103,17 @@ def generate_ids(rt, prompt: Sequence[int], gp: GenParams, **kwargs) -> tuple[li
         elif isinstance(ev, Done):
             tps = ev.stats.tokens_per_second
     return ids, tps
+
+
+@contextlib.contextmanager
+def tandem_server(main: Path, draft: Path, *, threads: int, ctx_size: int, parallel: int) -> Iterator[str]:
+    """`tandem serve` in a process of its own on loopback, as a user runs it (and as the llama-server peer runs:
+    the bench's client threads do not share its interpreter), with its models loaded; its URL. Stopped after."""
+    server = ServeProcess(["--model", str(main), "--draft", str(draft), "--threads", str(threads),
+                           "--ctx-size", str(ctx_size), "--parallel", str(parallel), "--port", "0"]).start()
+    try:
+        while httpx.get(f"{server.url}/health").json()["status"] == "loading":
+            time.sleep(0.1)
+        yield server.url
+    finally:
+        server.stop()

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import httpx
 
-from tandem.benchmarks.common import add_model_arguments, draft_file, load_prompts, one_main, positive_int
-from tandem.benchmarks.peer import LlamaServerPeer, PeerSettings
+from tandem.benchmarks.common import (add_model_arguments, draft_file, load_prompts, one_main, positive_int,
+                                      tandem_server)
+from tandem.benchmarks.peer import parallel_peer
 from tandem.prompts import DATA
-from tandem.testing.serve_process import ServeProcess
 
 HELP = "a client drops a long stream: the next request's time to first token, vs llama-server"
 """One line for `tandem bench --help`."""
@@ -79,24 +79,17 @@ def _row(server: str, n: int, times: list[float]) -> str:
 
 def _tandem(args: argparse.Namespace, main_path: Path, draft: Path, n: int, rows: Callable[[str], None],
             texts: list[str]) -> None:
-    server = ServeProcess(["--model", str(main_path), "--draft", str(draft), "--threads", str(args.threads),
-                           "--ctx-size", str(args.ctx_size * n), "--parallel", str(n), "--port", "0"]).start()
-    try:
-        while httpx.get(f"{server.url}/health").json()["status"] == "loading":
-            time.sleep(0.1)
-        _chat(server.url, texts[0], 4, {})  # warm up: calibration and first-use costs are not a drop's
+    with tandem_server(main_path, draft, threads=args.threads, ctx_size=args.ctx_size * n, parallel=n) as url:
+        _chat(url, texts[0], 4, {})  # warm up: calibration and first-use costs are not a drop's
         for name, extra in (("tandem", {}), ("tandem --draft none", {"draft_model": "none"})):
-            rows(_row(name, n, _drops(args, server.url, texts, {"cache_prompt": False, **extra})))
-    finally:
-        server.stop()
+            rows(_row(name, n, _drops(args, url, texts, {"cache_prompt": False, **extra})))
 
 
 def _peer(args: argparse.Namespace, main_path: Path, draft: Path, n: int, rows: Callable[[str], None],
           texts: list[str]) -> None:
     for name, peer_draft in (("llama-server", None), ("llama-server + draft", draft)):
-        peer = LlamaServerPeer(args.llama_server, PeerSettings(
-            main=main_path, draft=peer_draft, ctx_size=args.ctx_size * n, threads=args.threads or 2,
-            cache_type_k="f16", cache_type_v="f16", parallel=n, draft_max=16, draft_p_min=0.0))
+        peer = parallel_peer(args.llama_server, main_path, peer_draft, ctx_size=args.ctx_size * n,
+                             threads=args.threads, parallel=n)
         try:
             peer.start()
             url = f"http://127.0.0.1:{peer.port}"

@@ -179,3 +179,12 @@ class LlamaServerPeer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc = None
+
+
+def parallel_peer(binary: Path, main: Path, draft: Path | None, *, ctx_size: int, threads: int,
+                  parallel: int) -> LlamaServerPeer:
+    """llama-server -np `parallel` as the concurrent modes (bench serve, disconnect) run it: Tandem's settings
+    (f16 KV, the draft drafting up to 16 tokens whatever its confidence), not started."""
+    return LlamaServerPeer(binary, PeerSettings(main=main, draft=draft, ctx_size=ctx_size, threads=threads or 2,
+                                                cache_type_k="f16", cache_type_v="f16", parallel=parallel,
+                                                draft_max=16, draft_p_min=0.0))

@@ -20,12 +20,11 @@ from pathlib import Path
 import httpx
 
 from tandem.benchmarks.common import (add_concurrency_arguments, add_model_arguments, draft_file, load_prompts,
-                                      one_main)
-from tandem.benchmarks.peer import LlamaServerPeer, PeerSettings
+                                      one_main, tandem_server)
+from tandem.benchmarks.peer import parallel_peer
 from tandem.engine.llama import Model
 from tandem.prompts import DATA
 from tandem.runtime import tokenize_prompt
-from tandem.testing.serve_process import ServeProcess
 
 HELP = "several clients at once over HTTP: aggregate tok/s and latency by concurrency, vs llama-server -np N"
 """One line for `tandem bench --help`."""
@@ -92,23 +91,17 @@ def _tandem_rows(args: argparse.Namespace, main_path: Path, draft: Path, texts: 
                  suffix: str) -> list[str]:
     """Print Tandem's rows for n clients, with and without its draft, served with --parallel `parallel`; return
     the clients' prompts as the server renders them (for the peer, which takes token ids)."""
-    server = ServeProcess(["--model", str(main_path), "--draft", str(draft), "--threads", str(args.threads),
-                           "--ctx-size", str(args.ctx_size * parallel), "--parallel", str(parallel),
-                           "--port", "0"]).start()
-    try:
-        while httpx.get(f"{server.url}/health").json()["status"] == "loading":
-            time.sleep(0.1)
+    with tandem_server(main_path, draft, threads=args.threads, ctx_size=args.ctx_size * parallel,
+                       parallel=parallel) as url:
         for name, extra in ((f"tandem{suffix}", {}), (f"tandem{suffix} --draft none", {"draft_model": "none"})):
             def send(i: int, extra=extra) -> tuple[int, float]:
-                return _stream_chat(server.url, {"messages": [{"role": "user", "content": texts[i % len(texts)]}],
-                                                 "temperature": 0, "max_tokens": args.max_tokens,
-                                                 "cache_prompt": False, **extra})
+                return _stream_chat(url, {"messages": [{"role": "user", "content": texts[i % len(texts)]}],
+                                          "temperature": 0, "max_tokens": args.max_tokens, "cache_prompt": False,
+                                          **extra})
             print(_row(name, n, _clients(n, send)), flush=True)
-        return [httpx.post(f"{server.url}/apply-template", timeout=60,
+        return [httpx.post(f"{url}/apply-template", timeout=60,
                            json={"messages": [{"role": "user", "content": texts[i % len(texts)]}]}).json()["prompt"]
                 for i in range(n)]
-    finally:
-        server.stop()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -129,9 +122,8 @@ def main(args: argparse.Namespace) -> int:
         vocab = vocab or Model(main_path)
         prompts = [tokenize_prompt(vocab, text) for text in rendered]
         for name, peer_draft in (("llama-server", None), ("llama-server + draft", draft)):
-            peer = LlamaServerPeer(args.llama_server, PeerSettings(
-                main=main_path, draft=peer_draft, ctx_size=args.ctx_size * n, threads=args.threads or 2,
-                cache_type_k="f16", cache_type_v="f16", parallel=n, draft_max=16, draft_p_min=0.0))
+            peer = parallel_peer(args.llama_server, main_path, peer_draft, ctx_size=args.ctx_size * n,
+                                 threads=args.threads, parallel=n)
             try:
                 peer.start()
                 print(_row(name, n, _clients(n, lambda i: peer.stream(prompts[i], args.max_tokens))),
