@@ -394,6 +394,25 @@ def test_in_a_shared_pool_a_request_with_free_pages_only_below_its_last_relocate
         assert stats.drafted > 0 and stats.identity_holds(), stats
 
 
+def test_in_a_shared_pool_a_next_turn_whose_cached_prefix_sits_too_high_starts_cold_in_the_lowest_pages(models):
+    """4 pages: one conversation's cache holds pages 0-1, another's pages 2-3. The second's next turn needs a third
+    page after its own, and none is left above them: its cached prefix is dropped and its prompt decoded cold into
+    the lowest pages (the first conversation's, dropped as least recently used), not failed for a full cache."""
+    model = models["main"]
+    main = Context(model, dataclasses.replace(SHARED, n_ctx=256))
+    sched = Scheduler(main)
+    first, second = model.tokenize("Once upon a time, " * 6)[:60], model.tokenize("def fizzbuzz(n): " * 6)[:60]
+    out: dict[str, list] = {}
+    for rid, prompt, n in (("first", first, 40), ("second", second, 60)):
+        _run(sched, main, prompt, n, rid)
+        _drain(sched, out)
+    turn = [*second, *_ids(out["second"]), *model.tokenize(" and then the next question, " * 8)[:70]]
+    assert len(turn) > 3 * 64 - 64 and _run(sched, main, turn, 20, "turn") is not None
+    _drain(sched, out)
+    assert isinstance(out["turn"][-1], Done), out["turn"][-1]
+    assert _ids(out["turn"]) == _alone_in(model, turn, 20) and out["turn"][-1].stats.cached_tokens == 0
+
+
 def test_in_a_shared_pool_a_request_that_cannot_fit_even_relocated_ends_as_at_its_contexts_end(models):
     """Two long requests share the 4 pages: the first with no page after its last cannot relocate either (the other
     holds the rest of the pool) and ends with "context"; the other then relocates into its pages and ends as it

@@ -102,7 +102,13 @@ class Scheduler:
         if not self._free:
             raise EngineError(f"all {self.main.params.n_seq_max} sequences are running", "add it after one ends")
         seq_id = max(self._free, key=lambda s: _slot_fit(self.main.held(s), prompt))
-        fits = self.room(seq_id, len(prompt) + 1) >= min(len(prompt) + 1, self.main.capacity)  # drops idle prefixes
+        want = min(len(prompt) + 1, self.main.capacity)
+        fits = self.room(seq_id, len(prompt) + 1) >= want  # drops idle prefixes
+        if not fits and self.room_relocated(seq_id, len(prompt) + 1) >= want:
+            # its cached prefix sits where the rest of the prompt cannot follow it: the prompt goes cold into the
+            # lowest free pages instead
+            self._evict(seq_id)
+            fits = True
         if not fits and self.running:
             return None
         self._free.remove(seq_id)
@@ -155,11 +161,14 @@ class Scheduler:
             if room >= want or not idle:
                 self._claims[seq_id] = min(room, want)
                 return room
-            victim = min(idle, key=self._idle_since.__getitem__)
-            self.main.rollback(0, seq_id=victim)
-            self.evicted += 1
-            if self._on_evict is not None:
-                self._on_evict(victim)
+            self._evict(min(idle, key=self._idle_since.__getitem__))
+
+    def _evict(self, seq_id: int) -> None:
+        """Drop a free sequence's cached prefix (and, through on_evict, its drafter's cells)."""
+        self.main.rollback(0, seq_id=seq_id)
+        self.evicted += 1
+        if self._on_evict is not None:
+            self._on_evict(seq_id)
 
     def _free_pages(self) -> int:
         """Pages no sequence holds: a sequence holding positions 0..L-1 holds ceil(L / PAGE) of them."""
