@@ -188,7 +188,8 @@ class _Speculator:
         once. The first token goes out before (a draft model's prompt costs more than the main model's: its
         quantized weights have no many-row kernels), and a draft model's catch-up is a Decode the caller runs. A
         failed catch-up costs drafts only: the drafter starts over at its first draft."""
-        if max_k <= 0 or not self.policy.expects_draft(max_k, self.load()):
+        load = self.load()
+        if max_k <= 0 or not self.policy.expects_draft(max_k, load):
             return
         t0 = time.perf_counter()
         steps = getattr(self.drafter, "prefill_steps", None)
@@ -202,7 +203,8 @@ class _Speculator:
                         self.drafter.name, e.cause)
             self.drafter.reset()
             return
-        self.cost.observe_catch_up(len(history) - 1 - self._seen, time.perf_counter() - t0)
+        if load == 1:  # (under load the wall time around its decode ran the other sequences' work too)
+            self.cost.observe_catch_up(len(history) - 1 - self._seen, time.perf_counter() - t0)
         self._seen, self._drafted_last_step = len(history) - 1, True
 
     def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator,
