@@ -17,7 +17,7 @@ from tandem.engine.llama import Context, Model, patch_level
 from tandem.engine.vocab import check_compatible
 from tandem.errors import BadInputError, TandemError, about_model
 from tandem.models.defaults import default_pair
-from tandem.models.fit import AllocationCheck, FitPlan, ModelPlan, plan_for
+from tandem.models.fit import AllocationCheck, FitPlan, ModelPlan, plan_for, repacks
 from tandem.spec.drafters import Drafter, ModelDrafter
 from tandem.spec.generate import Done, GenParams, Steps, Token, generate, sequence
 from tandem.spec.ngram import CombinedDrafter, NgramDrafter
@@ -94,7 +94,7 @@ class Runtime:
         rss0 = _rss()
         try:
             self.main_model = Model(p.main.path, progress=_named(progress, p.main.name),
-                                    repack=not p.main.params.exact)
+                                    repack=repacks(p.main.params))
         except TandemError as e:
             raise about_model(e, "main") from None
         rss_main = _rss() - rss0
@@ -108,7 +108,8 @@ class Runtime:
             try:
                 rss0 = _rss()
                 try:
-                    draft_model = Model(p.draft.path, progress=_named(progress, p.draft.name))
+                    draft_model = Model(p.draft.path, progress=_named(progress, p.draft.name),
+                                        repack=repacks(p.draft.params))
                 except TandemError as e:
                     raise about_model(e, "draft") from None
                 rss_draft = _rss() - rss0

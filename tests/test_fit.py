@@ -290,3 +290,38 @@ def test_every_parallel_draft_context_matches_its_plan(tiny, ctx_size_draft):
                 assert abs(x.ctx.buffers[name] - want) <= max(want // 100, 64 << 10), (name, x.ctx.buffers)
     finally:
         rt.close()
+
+
+def test_repacked_weights_count_twice_on_the_cpus_that_repack_them(tiny):
+    """Which matrices llama.cpp's CPU backend repacks, by type, row count and CPU features."""
+    from gguf import GGMLQuantizationType as Q
+
+    from tandem.models.fit import repacked_bytes
+    h = dataclasses.replace(read_header(tiny["main"]), matrices=((Q.Q4_0, 64, 1000), (Q.Q4_0, 60, 500), (Q.Q4_1, 64, 300), (Q.Q8_0, 64, 200),
+                                      (Q.F32, 64, 50)))
+    assert repacked_bytes(h, frozenset({"REPACK", "AVX2"})) == 1000  # 60 rows: not a multiple of 8
+    assert repacked_bytes(h, frozenset({"REPACK", "NEON", "DOTPROD"})) == 1000 + 500 + 200  # 4-row layouts
+    assert repacked_bytes(h, frozenset({"AVX2"})) == 0  # a build without the repack buffer
+
+
+def test_the_plan_matches_what_llama_cpp_allocates_for_repacked_weights(tiny, tmp_path):
+    """A Q4_0 model loaded with repacking (every draft) holds its file and a repacked copy of its matrices; an exact
+    main is loaded without. Before the plan counted repacking, a Q4_0 draft of SmolLM2 took 142 MiB against 86
+    planned."""
+    from tandem.engine.llama import cpu_features
+    from tandem.models.defaults import derive
+    from tandem.models.fit import repacked_bytes
+    if not {"REPACK", "AVX2"} <= cpu_features():
+        pytest.skip("this CPU has no repacked Q4_0 kernels")
+    path = derive(tiny["main"], tmp_path / "tiny-q4_0.gguf", "q4_0")
+    header = read_header(path)
+    repacked = repacked_bytes(header, cpu_features())
+    assert repacked > 32 << 10  # more than the log's 0.01 MiB resolution and the tolerance below
+    for exact in (False, True):
+        params = ContextParams(n_ctx=256, n_batch=64, n_threads=1, exact=exact)
+        planned = plan_model(header, params, role="draft" if not exact else "main").weights
+        model = Model(path, repack=not exact)
+        try:
+            assert abs(planned - model.buffers["weights"]) <= 8 << 10, (exact, planned, repacked, model.buffers)
+        finally:
+            model.close()

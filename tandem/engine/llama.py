@@ -106,6 +106,14 @@ def init_backend() -> LlamaLog:
 
 
 @functools.cache
+def cpu_features() -> frozenset[str]:
+    """What ggml's CPU backend was built for and found on this machine: the "NAME = 1" entries of
+    llama_print_system_info (AVX2, AVX512, NEON, DOTPROD, MATMUL_INT8, REPACK, ...)."""
+    info = _lib().llama_print_system_info().decode("utf-8", "replace")
+    return frozenset(m.group(1) for m in re.finditer(r"(\w+) = 1\b", info))
+
+
+@functools.cache
 def patch_level() -> int:
     """The level of Tandem's patch to llama.cpp (patches/llama-cpp-python.patch) in the loaded library: 0 for a
     stock build (installed some other way), which works without what the patch adds (ContextParams.seq_cells)."""

@@ -1,12 +1,15 @@
 """The memory plan: what a main model and its draft will allocate, computed before anything is loaded.
 
-Pure: GGUF headers (tandem.models.gguf_header) and arithmetic, no llama.cpp. The plan builds the
+GGUF headers (tandem.models.gguf_header) and arithmetic; of llama.cpp only which CPU kernels it has
+(tandem.engine.llama.cpu_features, for the repacked weights below). The plan builds the
 ContextParams that `Runtime` hands to llama.cpp, so `tandem fit` and the real load cannot disagree.
 
 The sizes model llama.cpp 0.3.36 on the CPU (flash attention off, one sequence), as measured from its
 own "buffer size" log lines (`tandem bench fit` checks them against a real load):
 
-- weights: the tensor bytes of the file (mapped with MAP_POPULATE, so resident).
+- weights: the tensor bytes of the file (mapped with MAP_POPULATE, so resident), plus a second copy of each
+  weight matrix llama.cpp repacks for its CPU kernels (REPACKED: Q4_0 and Q4_K on x86, for example) in a model
+  loaded with repacking (every draft; a main unless it is exact).
 - KV cache: cells x layers x (K row + V row) at the cache types; cells are the requested context
   rounded up to a multiple of 256 (llama.cpp pads n_ctx: 32 -> 256).
 - compute: the worst-case graph of one micro-batch of u = min(512, n_ctx) tokens, whichever is larger
@@ -36,9 +39,27 @@ from pathlib import Path
 import psutil
 
 from tandem.config import ModelOptions
-from tandem.engine.llama import GGML_TYPES, ContextParams
+from gguf import GGMLQuantizationType as Q
+
+from tandem.engine.llama import GGML_TYPES, ContextParams, cpu_features
 from tandem.errors import BadInputError, DoesNotFitError, TandemError, about_model
 from tandem.models.gguf_header import GGUFHeader, read_header
+
+_X86, _X86_512 = frozenset({"REPACK", "AVX2"}), frozenset({"REPACK", "AVX512"})
+_I8MM, _DOT = frozenset({"REPACK", "NEON", "MATMUL_INT8"}), frozenset({"REPACK", "NEON", "DOTPROD"})
+REPACKED: dict[int, tuple[tuple[frozenset[str], int], ...]] = {
+    Q.Q4_0: ((_X86, 8), (_I8MM, 4), (_DOT, 4)),
+    Q.Q4_K: ((_X86, 8), (_I8MM, 8), (_DOT, 8)),
+    Q.Q2_K: ((_X86_512, 8),),
+    Q.Q5_K: ((_I8MM, 8), (_DOT, 8)),
+    Q.Q6_K: ((_I8MM, 8), (_DOT, 8)),
+    Q.IQ4_NL: ((_X86, 8), (_DOT, 4)),
+    Q.MXFP4: ((_X86, 8), (_DOT, 4)),
+    Q.Q8_0: ((_I8MM, 4), (_DOT, 4)),
+}
+"""The weight types llama.cpp's CPU backend repacks (ggml-cpu repack.cpp, ggml_repack_get_optimal_repack_type):
+per type, the CPU features one layout needs and the row multiple it needs. A repacked matrix is copied into
+llama.cpp's CPU_REPACK buffer while its pages in the mapped file stay resident, so it counts twice."""
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -311,11 +332,26 @@ def n_batch(seqs: int) -> int:
     return max(N_BATCH // max(1, seqs), STEP_ROWS * seqs)
 
 
+def repacked_bytes(header: GGUFHeader, cpu: frozenset[str]) -> int:
+    """Bytes of the weight matrices llama.cpp repacks on a CPU with these features (cpu_features())."""
+    return sum(size for type_, rows, size in header.matrices
+               if any(needs <= cpu and rows % multiple == 0 for needs, multiple in REPACKED.get(type_, ())))
+
+
+def repacks(params: ContextParams) -> bool:
+    """Whether a model with this context is loaded with repacked weights (Model(repack=...)): an exact main's are
+    not, since repacked kernels change a row's rounding with the batch's size (tandem.engine.exact)."""
+    return not params.exact
+
+
 def plan_model(header: GGUFHeader, params: ContextParams, *, role: str, out_rows: int = 1,
-               contexts: int = 1) -> ModelPlan:
+               contexts: int = 1, cpu: frozenset[str] | None = None) -> ModelPlan:
     """The memory of one model with `contexts` contexts of `params`; `out_rows`: most logits rows one decode
-    returns."""
+    returns; `cpu`: the CPU features that decide which weights are repacked (None: this machine's)."""
     h = header
+    weights = h.weights_bytes
+    if repacks(params) and h.matrices:
+        weights += repacked_bytes(h, cpu_features() if cpu is None else cpu)
     # One unified KV buffer of n_ctx cells holds every sequence; per-sequence streams hold n_ctx each
     cells = -(-params.n_ctx // KV_PAD) * KV_PAD * (1 if params.kv_unified else params.n_seq_max)
     kv = cells * sum(_row(params.type_k, h.n_embd_k_gqa(i)) + _row(params.type_v, h.n_embd_v_gqa(i))
@@ -329,7 +365,7 @@ def plan_model(header: GGUFHeader, params: ContextParams, *, role: str, out_rows
     overhead = OVERHEAD_PER_TOKEN * h.n_vocab + OVERHEAD_FIXED
     # KQ x V: ggml converts the f32 scores to V's dot type first (f16 V); an f32 V multiplies them as they are
     work = 0 if params.type_v == "f32" else 2 * u * cells * max(h.n_head)
-    return ModelPlan(role, h.path, params, cells, h.weights_bytes, kv, compute, output,
+    return ModelPlan(role, h.path, params, cells, weights, kv, compute, output,
                      4 * h.n_vocab * params.n_seq_max, overhead, work, contexts)
 
 

@@ -40,6 +40,9 @@ class GGUFHeader:
     """Bytes of tensor data (what llama.cpp maps or loads)."""
     n_tensors: int
     """Tensors in the file."""
+    matrices: tuple[tuple[int, int, int], ...] = ()
+    """(ggml type, rows, bytes) of each 2-D weight a matrix product reads (all but the token embeddings, which
+    are looked up by row): the tensors llama.cpp may repack for its CPU kernels (tandem.models.fit)."""
 
     @property
     def name(self) -> str:
@@ -108,4 +111,6 @@ def _header(path: Path, raw: gguf_meta.GGUFHeader) -> GGUFHeader:
                       head_dim_v=int(get("attention.value_length", head_dim)),  # type: ignore[call-overload]
                       n_ff=n_ff_max, n_vocab=n_vocab,
                       n_ctx_train=int(get("context_length", 0)),  # type: ignore[call-overload]
-                      weights_bytes=raw.weights_bytes, n_tensors=len(raw.tensors))
+                      weights_bytes=raw.weights_bytes, n_tensors=len(raw.tensors),
+                      matrices=tuple((t.type, t.shape[1], t.n_bytes) for t in raw.tensors
+                                     if len(t.shape) == 2 and t.name != "token_embd.weight"))

@@ -54,6 +54,8 @@ class TensorInfo:
     """Product of the dimensions."""
     offset: int = 0
     """Start of its data, relative to the data section."""
+    shape: tuple[int, ...] = ()
+    """Its dimensions in ggml's order: shape[1] is a weight matrix's rows (output features)."""
 
     @property
     def n_bytes(self) -> int:
@@ -207,11 +209,12 @@ class _Parser:
             n_dims = self._unpack("<I")
             if n_dims > 8:
                 raise ValueError(f"tensor {name} has {n_dims} dimensions")
+            shape = tuple(self._unpack("<Q") for _d in range(n_dims))
             n = 1
-            for _d in range(n_dims):
-                n *= self._unpack("<Q")
+            for d in shape:
+                n *= d
             ttype = self._unpack("<I")
-            tensors.append(TensorInfo(name, ttype, n, self._unpack("<Q")))
+            tensors.append(TensorInfo(name, ttype, n, self._unpack("<Q"), shape))
         return GGUFHeader(version, kv, tuple(tensors))
 
     def data_start(self, header: GGUFHeader) -> int:

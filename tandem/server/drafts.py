@@ -17,7 +17,7 @@ from pathlib import Path
 from tandem.engine.llama import Context, Model
 from tandem.engine.vocab import check_compatible
 from tandem.errors import ModelNotFoundError, TandemError, about_model
-from tandem.models.fit import AllocationCheck, headroom, plan_extra_draft
+from tandem.models.fit import AllocationCheck, headroom, plan_extra_draft, repacks
 from tandem.models.registry import expand
 from tandem.runtime import Runtime
 from tandem.spec.drafters import ModelDrafter
@@ -63,7 +63,7 @@ def _load_draft(rt: Runtime, path: Path) -> ModelDrafter:
     Safe off the engine thread: it only reads the main model's vocabulary."""
     plan = plan_extra_draft(rt.opts, path, headroom(rt.plan))  # 507 before allocating anything
     log.info("loading draft %s for %s", path, rt.main_model.name)
-    model = Model(path)  # LoadFailedError (500) when llama.cpp cannot load it
+    model = Model(path, repack=repacks(plan.params))  # LoadFailedError (500) when llama.cpp cannot load it
     try:
         main = rt.main_model
         check_compatible(main.vocab_info(), model.vocab_info(), main_name=main.name, draft_name=model.name)
