@@ -319,3 +319,38 @@ def test_paged_cells_keep_a_growing_sequence_exact_among_others_that_grow_roll_b
             held[s] += k
         got.append(ctx.decode_batch(rows)[0])
     assert np.array_equal(np.concatenate(got), alone)
+
+
+def test_attention_spans_the_batchs_own_sequences_and_their_logits_stay_exact(model):
+    """With paged cells a batch attends only from the first to the last cell its own sequences hold (patch level 4):
+    sequences idle below or above it cost nothing. Each batch below gets the logits its sequence gets alone, bit for
+    bit: one high in the pool, one lower, both together, and two batches of the same shape whose spans start at
+    different cells (a reused compute graph would read the other span's cells)."""
+    params = dataclasses.replace(EXACT, n_ctx=2048, n_batch=128, n_seq_max=4, seq_cells=True, shared_cells=True)
+    ctx = Context(model, params)
+    toks = exact.probe_tokens(ctx, 260)
+
+    def alone(prompt: int, chunks: list[tuple[int, int]]) -> list[np.ndarray]:
+        ctx.decode(toks[:prompt], 0, logits="none")
+        out = [ctx.decode(toks[a:b], a, logits="all") for a, b in chunks]
+        ctx.rollback(0)
+        return out
+
+    mine, theirs = [(40, 42), (42, 44), (44, 47), (47, 49)], [(200, 202)]
+    ref0, ref2 = alone(40, mine), alone(200, theirs)
+    ctx.decode(toks[:200], 0, seq_id=1, logits="none")  # pages 0-3, idle from now on
+    ctx.decode(toks[:200], 0, seq_id=2, logits="none")  # pages 4-7: cells from 256
+    ctx.decode(toks[:40], 0, seq_id=0, logits="none")   # page 8: cells from 512
+    (a, b), (c, d) = mine[0], theirs[0]
+    got = [ctx.decode_batch([SeqRows(0, toks[a:b], a, "all")])[0]]      # span 512-767
+    their = ctx.decode_batch([SeqRows(2, toks[c:d], c, "all")])[0]      # the same shape, span 256-511
+    (a, b) = mine[1]
+    got.append(ctx.decode_batch([SeqRows(0, toks[a:b], a, "all")])[0])  # span 512-767 again
+    (a, b) = mine[2]
+    got.append(ctx.decode_batch([SeqRows(0, toks[a:b], a, "all"), SeqRows(1, toks[200:203], 200, "all")])[0])
+    ctx.rollback(0, seq_id=1)  # pages below sequence 0's free again
+    (a, b) = mine[3]
+    got.append(ctx.decode_batch([SeqRows(0, toks[a:b], a, "all")])[0])
+    assert np.array_equal(their, ref2[0])
+    for i, (g, r) in enumerate(zip(got, ref0)):
+        assert np.array_equal(g, r), (i, float(np.abs(g - r).max()))

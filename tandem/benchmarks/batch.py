@@ -6,6 +6,10 @@ without a draft and with the draft (one draft context of N sequences with paged 
 --parallel N` makes: one batched draft decode per draft position for every drafting sequence). Baseline: the same
 N requests one after another with generate() on a one-sequence context (with the runtime's one draft context).
 Engine level: no HTTP; what continuous batching can give on this machine.
+
+--fixed K [K ...] prints a second table: the batched requests with the draft at the fixed policy, drafting up to K
+tokens every step, next to the adaptive policy and no draft. It shows what drafting costs where the policy drafts
+little or nothing (several sequences' rows on a CPU are no longer almost free to verify).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import dataclasses
 import time
 
 from tandem.benchmarks.common import (add_concurrency_arguments, add_model_arguments, draft_file, load_prompts,
-                                      one_main)
+                                      one_main, positive_int)
 from tandem.config import ModelOptions
 from tandem.engine.llama import Context
 from tandem.models.fit import plan_for
@@ -32,6 +36,9 @@ HELP = "several requests at once through the scheduler: aggregate tok/s by concu
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, None)
     add_concurrency_arguments(p, positions=1024)
+    p.add_argument("--fixed", type=positive_int, nargs="+", default=[], metavar="K",
+                   help="instead: batched requests with the draft at the fixed policy (--draft-policy fixed "
+                        "--draft-max K) for each K, next to the adaptive policy and no draft")
 
 
 def _batched(rt: Runtime, main: Context, prompts: list[list[int]], gp: GenParams, drafters: list | None) -> float:
@@ -59,6 +66,16 @@ def _sequential(rt: Runtime, prompts: list[list[int]], gp: GenParams, use_draft:
     return tokens / (time.perf_counter() - t0)
 
 
+def _fixed_row(rt: Runtime, main: Context, prompts: list[list[int]], gp: GenParams, drafters: list, n: int,
+               ks: list[int]) -> None:
+    """One row of the --fixed table: no draft, the adaptive policy, then the fixed policy at each k."""
+    cells = [_batched(rt, main, prompts, gp, None), _batched(rt, main, prompts, gp, drafters)]
+    cells += [_batched(rt, main, prompts, dataclasses.replace(gp, draft_policy="fixed", draft_max=k), drafters)
+              for k in ks]
+    print(f"| {n} | {cells[0]:.1f} | " + " | ".join(f"{c:.1f} ({c / cells[0]:.2f}x)" for c in cells[1:]) + " |",
+          flush=True)
+
+
 def main(args: argparse.Namespace) -> int:
     main_path, draft = one_main(args), draft_file(args)
     opts = ModelOptions(model=str(main_path), draft=str(draft), ctx_size=args.ctx_size, threads=args.threads)
@@ -67,9 +84,14 @@ def main(args: argparse.Namespace) -> int:
     gp = GenParams(max_tokens=args.max_tokens, cache_prompt=False)
     params = plan_for(opts, main_path, draft).draft.params
     print(f"main {main_path.name}, draft {draft.name}; {args.max_tokens} tokens a request; aggregate tok/s\n")
-    print("| N | one after another, no draft | batched, no draft | ratio | one after another, draft | batched, draft "
-          "| ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    if args.fixed:
+        print("| N | batched, no draft | draft, adaptive | " + " | ".join(f"draft, fixed k = {k}" for k in args.fixed)
+              + " |")
+        print("|---:|---:|---:|" + "---:|" * len(args.fixed), flush=True)
+    else:
+        print("| N | one after another, no draft | batched, no draft | ratio | one after another, draft | batched, "
+              "draft | ratio |")
+        print("|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     try:
         for n in args.concurrency:
             prompts = [rt.prompt(text=texts[i % len(texts)]) for i in range(n)]
@@ -79,6 +101,9 @@ def main(args: argparse.Namespace) -> int:
                                                                         seq_cells=True)) if rt.drafter else None)
             drafters = [ModelDrafter(shared, seq_id=s, main_n_ctx=main.capacity) for s in range(n)] if shared else []
             try:
+                if args.fixed:
+                    _fixed_row(rt, main, prompts, gp, drafters, n, args.fixed)
+                    continue
                 seq_plain = _sequential(rt, prompts, gp, False)
                 bat_plain = _batched(rt, main, prompts, gp, None)
                 seq_draft = _sequential(rt, prompts, gp, True) if drafters else 0.0
