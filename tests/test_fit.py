@@ -297,8 +297,8 @@ def test_repacked_weights_count_twice_on_the_cpus_that_repack_them(tiny):
     from gguf import GGMLQuantizationType as Q
 
     from tandem.models.fit import repacked_bytes
-    h = dataclasses.replace(read_header(tiny["main"]), matrices=((Q.Q4_0, 64, 1000), (Q.Q4_0, 60, 500), (Q.Q4_1, 64, 300), (Q.Q8_0, 64, 200),
-                                      (Q.F32, 64, 50)))
+    matrices = ((Q.Q4_0, 64, 1000), (Q.Q4_0, 60, 500), (Q.Q4_1, 64, 300), (Q.Q8_0, 64, 200), (Q.F32, 64, 50))
+    h = dataclasses.replace(read_header(tiny["main"]), matrices=matrices)
     assert repacked_bytes(h, frozenset({"REPACK", "AVX2"})) == 1000  # 60 rows: not a multiple of 8
     assert repacked_bytes(h, frozenset({"REPACK", "NEON", "DOTPROD"})) == 1000 + 500 + 200  # 4-row layouts
     assert repacked_bytes(h, frozenset({"AVX2"})) == 0  # a build without the repack buffer

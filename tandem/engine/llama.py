@@ -163,8 +163,9 @@ class ContextParams:
     shared_cells: bool = False
     """With seq_cells: any sequence may hold up to n_ctx positions, all of them taking pages from one pool, as
     llama-server's --kv-unified (the caller keeps the total within the pool: tandem.sched.Scheduler.room). False:
-    each holds at most its share, n_ctx / n_seq_max, reserved. Needs patch level 3 (Context.pages_after); from level 4
-    a batch attends only over the cells its own sequences span, so idle sequences kept for their prefix cost it nothing."""
+    each holds at most its share, n_ctx / n_seq_max, reserved. Needs patch level 3 (Context.pages_after); from level
+    4 a batch attends only over the cells its own sequences span, so idle sequences kept for their prefix cost it
+    nothing."""
     flash_attn: bool = False
     """Flash attention. Off by default: on CPU it makes a batch of k+1 tokens give logits up to 5e-2
     away from one-at-a-time decoding, enough to flip greedy tokens (measured on the tiny fixtures)."""
