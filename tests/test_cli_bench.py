@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -232,6 +233,31 @@ def test_batch_runs_requests_together_and_one_after_another(tiny):
     assert [row[0] for row in rows] == ["1", "2"]
     for row in rows:
         assert all(float(row[i]) > 0 for i in (1, 2, 4, 5)) and row[3].endswith("x") and row[6].endswith("x")
+
+
+def test_batch_fixed_prices_each_draft_length_against_no_draft(tiny):
+    r = bench("batch", "--model", str(tiny["main"]), "--draft", str(tiny["draft_same"]), "--concurrency", "2",
+              "--max-tokens", "6", "--ctx-size", "256", "--fixed", "1", "3", *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    assert "| N | batched, no draft | draft, adaptive | draft, fixed k = 1 | draft, fixed k = 3 |" in r.stdout
+    rows = [row for row in table_rows(r.stdout, "") if row[0].isdigit()]
+    assert len(rows) == 1 and rows[0][0] == "2" and float(rows[0][1]) > 0
+    assert all(cell.endswith("x)") and float(cell.split()[0]) > 0 for cell in rows[0][2:5])
+
+
+def test_serve_clients_send_their_rounds_one_after_another():
+    from tandem.benchmarks.serve import _clients
+    sent: list[tuple[str, int]] = []
+
+    def send(j: int) -> tuple[int, float]:
+        sent.append((threading.current_thread().name, j))
+        return 10, 0.001
+    rate, latencies, firsts = _clients(2, send, rounds=3)
+    assert sorted(j for _, j in sent) == [0, 1, 2, 3, 4, 5] and len(latencies) == len(firsts) == 6 and rate > 0
+    by_client = {}
+    for thread, j in sent:
+        by_client.setdefault(thread, []).append(j)
+    assert sorted(by_client.values()) == [[0, 2, 4], [1, 3, 5]]  # each client's requests in turn, in order
 
 
 def test_serve_measures_concurrent_clients_over_http(tiny):

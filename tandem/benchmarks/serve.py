@@ -1,8 +1,9 @@
 """Several clients at once against the HTTP server: aggregate tokens per second and request latency.
 
 For each concurrency N: `tandem serve` in a process of its own (as a user runs it, and as the peer runs: the
-clients' threads do not share its interpreter), on loopback, with --parallel N and N × --ctx-size positions, and N clients that each send one chat request (the bench prompts, cycled; --max-tokens greedy tokens)
-at the same moment; with the draft (the configured speculation) and with draft_model "none". With --llama-server
+clients' threads do not share its interpreter), on loopback, with --parallel N and N × --ctx-size positions, and N
+clients that each send one chat request (the bench prompts, cycled; --max-tokens greedy tokens) at the same moment,
+or --rounds of them one after another; with the draft (the configured speculation) and with draft_model "none". With --llama-server
 PATH, llama-server -np N with the same model, context and threads, without and with the draft, takes the same
 prompts (as token ids). Aggregate tok/s is every generated token over the wall time from the first request to the
 last answer; latencies and times to the first token are per request, wall clock, as a streaming client sees them.
@@ -20,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from tandem.benchmarks.common import (add_concurrency_arguments, add_model_arguments, draft_file, load_prompts,
-                                      one_main, tandem_server)
+                                      one_main, positive_int, tandem_server)
 from tandem.benchmarks.peer import parallel_peer
 from tandem.engine.llama import Model
 from tandem.prompts import DATA
@@ -38,19 +39,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--also-parallel", type=int, default=None, metavar="P",
                    help="also run Tandem with --parallel P (P x positions in one pool) at every N: a single client "
                         "at N = 1 shows what serving several clients costs one")
+    p.add_argument("--rounds", type=positive_int, default=1, metavar="R",
+                   help="requests each client sends one after another (default: 1); several show what the requests "
+                        "a server keeps for their prefix cost the next ones")
 
 
-def _clients(n: int, send) -> tuple[float, list[float], list[float]]:
-    """Run send(i) -> (tokens, seconds to the first token) in n threads at once: (aggregate tok/s, latencies, times
-    to the first token)."""
-    latencies: list[float] = [0.0] * n
-    firsts: list[float] = [0.0] * n
-    tokens: list[int] = [0] * n
+def _clients(n: int, send, rounds: int = 1) -> tuple[float, list[float], list[float]]:
+    """Run send(j) -> (tokens, seconds to the first token) in n threads at once, client i sending requests j = i,
+    i + n, ... (`rounds` of them) one after another: (aggregate tok/s, latencies, times to the first token)."""
+    latencies: list[float] = [0.0] * (n * rounds)
+    firsts: list[float] = [0.0] * (n * rounds)
+    tokens: list[int] = [0] * (n * rounds)
 
     def one(i: int) -> None:
-        t0 = time.perf_counter()
-        tokens[i], firsts[i] = send(i)
-        latencies[i] = time.perf_counter() - t0
+        for j in range(i, n * rounds, n):
+            t0 = time.perf_counter()
+            tokens[j], firsts[j] = send(j)
+            latencies[j] = time.perf_counter() - t0
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     t0 = time.perf_counter()
     for t in threads:
@@ -98,10 +103,10 @@ def _tandem_rows(args: argparse.Namespace, main_path: Path, draft: Path, texts: 
                 return _stream_chat(url, {"messages": [{"role": "user", "content": texts[i % len(texts)]}],
                                           "temperature": 0, "max_tokens": args.max_tokens, "cache_prompt": False,
                                           **extra})
-            print(_row(name, n, _clients(n, send)), flush=True)
+            print(_row(name, n, _clients(n, send, args.rounds)), flush=True)
         return [httpx.post(f"{url}/apply-template", timeout=60,
                            json={"messages": [{"role": "user", "content": texts[i % len(texts)]}]}).json()["prompt"]
-                for i in range(n)]
+                for i in range(n * args.rounds)]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -126,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
                                  threads=args.threads, parallel=n)
             try:
                 peer.start()
-                print(_row(name, n, _clients(n, lambda i: peer.stream(prompts[i], args.max_tokens))),
+                print(_row(name, n, _clients(n, lambda i: peer.stream(prompts[i], args.max_tokens), args.rounds)),
                       flush=True)
             finally:
                 peer.close()
