@@ -182,9 +182,11 @@ class KvCost:
         return self._estimate(b, size)
 
 
-BIAS_PRIOR = 40.0
-"""Tokens of drafting steps the bias starts from as if they had been predicted exactly (about 8 steps of a good
-draft): a fresh cost model's first long draft rejected early must not stop drafting for the rest of its request."""
+BIAS_PRIOR = 8.0
+"""Drafting steps the bias starts from as if they had gone exactly as predicted: a fresh cost model's first steps
+(a slow first decode, a long draft rejected early) must not stop drafting for the rest of their request."""
+BIAS_STEP_MAX = 4.0
+"""The most one step's realized over predicted tokens/s counts for: a very lucky step is not a run of them."""
 
 
 class CostModel:
@@ -201,10 +203,10 @@ class CostModel:
         The first draft of a sequence pays it for the whole prompt, so a probe there costs far more than
         the draft itself (a 400-token prompt: 0.3 s, 20 plain F16 steps)."""
         self.bias = 1.0
-        """Tokens realized over tokens predicted by drafting steps (decayed sums, at most 1): corrects the policy's
+        """Realized over predicted tokens/s of drafting steps (a decayed mean, at most 1): corrects the policy's
         estimates for what they miss (optimistic acceptance at rarely seen positions, per-step overhead)."""
-        self._realized = BIAS_PRIOR  # decayed sum of drafting steps' tokens, from a prior at 1
-        self._expected = BIAS_PRIOR  # ... and of the tokens their predicted rates promised in the time they took
+        self._ratios = BIAS_PRIOR  # decayed sum of drafting steps' realized over predicted tokens/s, from a prior
+        self._steps = BIAS_PRIOR   # ... and their decayed count
         self.draft = KvCost(fixed_share=0.4)
         """Seconds of one propose() call by tokens drafted. A model draft costs about one decode a token plus
         a catch-up decode of the tokens the last verification added (SmolLM2 Q4_1 on 2 cores: 18 ms for 1
@@ -243,16 +245,18 @@ class CostModel:
     def observe_step(self, predicted_rate: float, tokens: int, seconds: float, *, decay: float = 0.95) -> None:
         """A drafting step yielded `tokens` in `seconds` where the policy expected `predicted_rate` tokens/s.
 
-        A ratio of sums over the last ~20 steps, not a mean of per-step ratios: a step's tokens are all or nothing
-        (a draft rejected early yields 1 of 9, the next one 9), so capped per-step ratios averaged well below 1 at
-        the predicted acceptance (0.83 after one early rejection), and the policy stopped drafting for the rest of
-        a request whose drafts paid 1.4x (dc-trip: 118 plain steps of 130). At most 1: luck beyond the prediction
-        is the acceptance estimate's to learn; a bias above 1 made a length that cannot pay even at full
-        acceptance look as if it pays (F16 pair: drafted at 0.67x of plain, every draft accepted)."""
+        The mean of the steps' ratios, uncapped per step (up to BIAS_STEP_MAX), over the last ~20 steps and a prior:
+        a step's drafts are accepted all or nothing (a draft rejected early yields 1 of 9, the next one 9), so
+        ratios capped at 1 per step averaged well below 1 at the predicted acceptance (0.83 after one early
+        rejection), and the policy stopped drafting for the rest of a request whose drafts paid 1.3x (dc-trip:
+        118 plain steps of 130). The mean is capped at 1: lasting luck is the acceptance estimate's to learn; a
+        bias above 1 made a length that cannot pay even at full acceptance look as if it pays (F16 pair: drafted
+        at 0.67x of plain, every draft accepted)."""
         if predicted_rate > 0.0 and seconds > 0.0:
-            self._realized = decay * self._realized + tokens
-            self._expected = decay * self._expected + predicted_rate * seconds
-            self.bias = min(max(self._realized / self._expected, 0.25), 1.0)
+            ratio = min(tokens / seconds / predicted_rate, BIAS_STEP_MAX)
+            self._ratios = decay * self._ratios + ratio
+            self._steps = decay * self._steps + 1.0
+            self.bias = min(max(self._ratios / self._steps, 0.25), 1.0)
 
     def observe_accept(self, position: int, accepted: bool) -> None:
         """A draft token at 0-based `position` was checked (its predecessors were accepted)."""
