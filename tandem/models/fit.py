@@ -37,10 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-
-from tandem.config import ModelOptions
 from gguf import GGMLQuantizationType as Q
 
+from tandem.config import ModelOptions
 from tandem.engine.llama import GGML_TYPES, ContextParams, cpu_features
 from tandem.errors import BadInputError, DoesNotFitError, TandemError, about_model
 from tandem.models.gguf_header import GGUFHeader, read_header
