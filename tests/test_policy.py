@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -103,15 +102,6 @@ def test_probes_recover_when_acceptance_rises():
     assert max(after) == 8
 
 
-def test_probe_interval_backs_off_while_probes_fail():
-    policy = AdaptivePolicy(CostModel(), 8)  # a new drafter: starts probing early
-    policy.cost = warm_cost(1 / 72)
-    _, ks = simulate(policy, lambda _: 0.0, 1 / 72, tokens=1500)
-    probes = [i for i, k in enumerate(ks) if k > 0]
-    gaps = [b - a for a, b in zip(probes, probes[1:])]
-    assert gaps[-1] > 4 * gaps[0]
-
-
 def test_cold_start_drafts_to_measure_costs():
     policy = AdaptivePolicy(CostModel(), 8)
     assert policy.choose(8) == 1
@@ -151,15 +141,6 @@ def test_draft_policy_is_validated():
     assert e.value.param == "draft_policy"
 
 
-def test_a_step_costs_microseconds():
-    policy = AdaptivePolicy(warm_cost(1 / 72), 8)
-    n = 2000
-    t0 = time.perf_counter()
-    for i in range(n):
-        policy.observe(policy.choose(8), i % 3)
-    assert (time.perf_counter() - t0) / n < 200e-6  # ~15 us measured; loose for a busy CI machine
-
-
 def test_a_new_sequence_starts_from_the_drafters_long_run_acceptance():
     cost = warm_cost(1 / 200)  # a cheap draft: long drafts pay when acceptance is high
     fresh_first = AdaptivePolicy(cost, 8).choose(8)
@@ -168,50 +149,9 @@ def test_a_new_sequence_starts_from_the_drafters_long_run_acceptance():
     assert fresh_first <= 2 and warm_first >= 6  # no ramp from the 0.5 prior for the next request
     for seed in range(10):  # then the drafter fails, request after request
         simulate(AdaptivePolicy(cost, 8), lambda _: 0.0, 1 / 200, seed=4 + seed, tokens=200)
-    assert AdaptivePolicy(cost, 8).choose(8) <= 1  # and the next request starts cautious
-
-
-def test_drafting_stops_when_realized_steps_fall_short_of_the_prediction():
-    cost = warm_cost(1 / 400)  # cheap drafts and high acceptance: drafting is predicted to pay
-    policy = AdaptivePolicy(cost, 8)
-    ks = []
-    for _ in range(200):
-        k = policy.choose(8)
-        policy.observe(k, k)
-        if k:  # but every drafting step really takes 6x its predicted time (e.g. cache thrash between models)
-            policy.observe_time(k, k + 1, 6 * (k + 1) / policy.predicted_rate(k))
-        ks.append(k)
-    assert ks[0] > 0 and cost.bias < 0.3
-    assert sum(k > 0 for k in ks[100:]) <= 10  # only the odd probe
-
-
-def test_a_probe_that_must_first_catch_up_on_the_prompt_waits_longer():
-    policy = AdaptivePolicy(warm_cost(1 / 72), 8)
-    assert policy.probe_interval(1, backlog=400) > 2 * policy.probe_interval(1)
-
-
-def test_the_first_step_is_expected_to_draft_only_when_the_drafter_has_earned_it():
-    assert not AdaptivePolicy(CostModel(), 8).expects_draft(8)  # nothing measured: probe first
-    cost = warm_cost(1 / 72)  # a Q4_1 draft token against an F16 main
-    assert not AdaptivePolicy(cost, 8).expects_draft(8)  # costs known, acceptance unknown (0.5 prior)
-    simulate(AdaptivePolicy(cost, 8), lambda _: 0.98, 1 / 72, seed=3)  # an earlier request went well
-    assert AdaptivePolicy(cost, 8).expects_draft(8) and not AdaptivePolicy(cost, 8).expects_draft(0)
-    assert FixedPolicy(4).expects_draft(8) and not FixedPolicy(0).expects_draft(8)
-
-
-def test_a_drafter_without_acceptance_history_probes_early_even_with_measured_costs():
-    cost = warm_cost(1 / 72)  # calibrated costs (as Runtime.cost gives a draft model), no acceptance yet
-    fresh = AdaptivePolicy(cost, 8)
-    simulate(AdaptivePolicy(cost, 8), lambda _: 0.2, 1 / 72, seed=5, tokens=100)
-    seasoned = AdaptivePolicy(cost, 8)
-    assert fresh.probe_interval(1) < seasoned.probe_interval(1) / 8
-
-
-def test_a_new_drafter_ramps_up_by_doubling_confirmed_probes():
-    cost = warm_cost(1 / 200)  # calibrated costs, no acceptance history
-    _, ks = simulate(AdaptivePolicy(cost, 16), lambda _: 1.0, 1 / 200, tokens=120, draft_max=16)
-    drafts = [k for k in ks if k > 0]
-    assert drafts[:2] == [1, 2] and max(ks[:6]) == 16  # then the acceptance estimate takes over
+    assert AdaptivePolicy(cost, 8).choose(8) < warm_first  # the next request starts more cautious
+    _, ks = simulate(AdaptivePolicy(cost, 8), lambda _: 0.0, 1 / 200, seed=20, tokens=60)
+    assert sum(k > 0 for k in ks) <= 3  # and stops within a step or two when its drafts fail too
 
 
 def test_probes_are_never_too_short_to_show_that_drafting_pays():
@@ -219,7 +159,7 @@ def test_probes_are_never_too_short_to_show_that_drafting_pays():
     and a new drafter whose drafts all fail costs little while it probes."""
     cost = warm_cost(1 / 60)
     policy = AdaptivePolicy(cost, 8)
-    shortest = policy._paying_length(1, 8)
+    shortest = policy._probe_length(1, 8)
     assert shortest is not None and shortest > 1 and policy.best(1, [1.0]) == 0
     rate, ks = simulate(policy, lambda _: 0.0, 1 / 60, tokens=300)
     assert min(k for k in ks if k > 0) >= shortest
@@ -267,8 +207,8 @@ class _LoadBlind(AdaptivePolicy):
     def __init__(self, cost):
         super().__init__(cost, 8)
 
-    def choose(self, max_k, backlog=0, load=1):
-        return super().choose(max_k, backlog)
+    def choose(self, max_k, backlog=0, load=1, remaining=None):
+        return super().choose(max_k, backlog, 1, remaining)
 
 
 def test_under_load_a_cheap_accurate_draft_still_pays():
@@ -277,3 +217,83 @@ def test_under_load_a_cheap_accurate_draft_still_pays():
     plain, _ = simulate_batch([FixedPolicy(0) for _ in range(4)], acc, per_token)
     rate, k = simulate_batch([AdaptivePolicy(warm_cost(per_token), 8) for _ in range(4)], acc, per_token)
     assert rate >= 1.3 * plain and k >= 2
+
+
+# -- exploration that cannot starve: the policy over a server's lifetime ------------------------------------
+
+def test_failed_probes_back_off_but_never_past_the_bound():
+    """An always-wrong draft: probes spread out as they fail, and the spacing stops at max_streak, so a drafter
+    that starts paying again is noticed within that many plain steps."""
+    policy = AdaptivePolicy(warm_cost(1 / 72), 8)
+    _, ks = simulate(policy, lambda _: 0.0, 1 / 72, tokens=1500)
+    probes = [i for i, k in enumerate(ks) if k > 0]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps[0] < gaps[-1] <= policy.c.max_streak + 1
+    assert max(gaps) <= policy.c.max_streak + 1
+
+
+def test_one_unlucky_request_does_not_decide_the_next_requests_first_steps():
+    """The issue's sequence: a short first request whose one draft is rejected, then ordinary requests. Each of
+    those drafts as a request on a fresh cost model does (the old policy drafted nothing for the rest of the
+    server's life)."""
+    def request(cost, acc, tokens, seed):
+        return simulate(AdaptivePolicy(cost, 8), lambda _: acc, 1 / 150, tokens=tokens, seed=seed, cost=cost)[1]
+
+    fresh = [request(warm_cost(1 / 150), 0.8, 120, seed) for seed in range(4)]
+    cost = warm_cost(1 / 150)
+    request(cost, 0.0, 8, 99)  # "hi": one draft, rejected
+    lifetime = [request(cost, 0.8, 120, seed) for seed in range(4)]
+    for ks_fresh, ks_life in zip(fresh, lifetime):
+        assert ks_life[0] > 0  # it opens with a draft or probe
+        drafted_fresh = sum(k > 0 for k in ks_fresh) / len(ks_fresh)
+        drafted_life = sum(k > 0 for k in ks_life) / len(ks_life)
+        assert drafted_life >= 0.9 * drafted_fresh
+
+
+def test_a_pathological_stretch_does_not_lower_what_later_requests_draft():
+    """Ten requests whose drafts are always wrong, then ordinary ones: the drafter's shared record remembers the
+    failures, but each new sequence still opens with a probe, and its own successes take over within a few steps."""
+    cost = warm_cost(1 / 72)
+    fresh = simulate(AdaptivePolicy(warm_cost(1 / 72), 8), lambda _: 0.85, 1 / 72, tokens=200, seed=7)[0]
+    for seed in range(10):
+        simulate(AdaptivePolicy(cost, 8), lambda _: 0.0, 1 / 72, tokens=100, seed=seed, cost=cost)
+    after = simulate(AdaptivePolicy(cost, 8), lambda _: 0.85, 1 / 72, tokens=200, seed=7, cost=cost)[0]
+    assert after >= 0.9 * fresh
+
+
+def test_a_draft_that_really_stopped_paying_is_still_dropped():
+    """Drafting paid, then every draft decode became ten times as slow (another process on the cores): the
+    measured cost leaves no paying length, and the sequence stops drafting but for rare bounded probes."""
+    cost = warm_cost(1 / 400)
+    policy = AdaptivePolicy(cost, 8)
+    ks = []
+    for i in range(400):
+        k = policy.choose(8)
+        policy.observe(k, k)  # every token accepted
+        if k and i >= 100:
+            cost.observe_draft(k, 10 * k / 72)
+        ks.append(k)
+    assert sum(k > 0 for k in ks[:100]) >= 95
+    assert sum(k > 0 for k in ks[200:]) <= 200 / policy.c.max_streak + 1
+
+
+def test_a_probe_whose_catch_up_the_rest_of_the_request_cannot_pay_back_waits():
+    """A 3,000-token prompt costs the drafter seconds to read; 160 tokens cannot pay that back, 20,000 can."""
+    cost = warm_cost(1 / 72)
+    cost.observe_catch_up(100, 100 * 0.3 / 72)  # a batched catch-up: 0.3 of a draft decode per token
+    policy = AdaptivePolicy(cost, 8)
+    assert not policy.expects_draft(8, backlog=3000, remaining=160)
+    assert all(policy.choose(8, backlog=3000 + i, remaining=160 - i) == 0 for i in range(150))
+    assert policy.expects_draft(8, backlog=3000, remaining=20000)
+    assert AdaptivePolicy(cost, 8).choose(8, backlog=30, remaining=160) > 0  # a short prompt: open with a probe
+
+
+def test_the_cost_model_reports_what_the_policy_believes():
+    cost = warm_cost(1 / 72)
+    simulate(AdaptivePolicy(cost, 8), lambda _: 0.0, 1 / 72, tokens=100, cost=cost)
+    snap = cost.snapshot()
+    assert snap["acceptance"] == 0.0 and snap["acceptance_weight"] > 0
+    assert snap["verify_seconds"][1] == pytest.approx(verify_seconds(1), rel=0.01)
+    assert snap["draft_seconds"][1] > 0 and snap["catch_up_seconds_per_token"] > 0
+    assert snap["plain_steps"] > snap["draft_steps"] > 0
+    assert 0 <= snap["plain_steps_since_draft"] <= AdaptivePolicy(cost, 8).c.max_streak

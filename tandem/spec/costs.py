@@ -182,31 +182,25 @@ class KvCost:
         return self._estimate(b, size)
 
 
-BIAS_PRIOR = 8.0
-"""Drafting steps the bias starts from as if they had gone exactly as predicted: a fresh cost model's first steps
-(a slow first decode, a long draft rejected early) must not stop drafting for the rest of their request."""
-BIAS_STEP_MAX = 4.0
-"""The most one step's realized over predicted tokens/s counts for: a very lucky step is not a run of them."""
-
-
 class CostModel:
     """Measured costs of drafting and verifying, shared by the generations of one drafter, and the drafter's
-    long-run acceptance per draft position (the prior a new sequence starts from)."""
+    long-run acceptance (the prior a new sequence starts from)."""
 
     def __init__(self, *, accept_decay: float = 0.99) -> None:
         self.accept_decay = accept_decay
-        """Weight of older acceptance observations per new one (about 100 steps of memory)."""
-        self._hits: list[float] = []
-        self._seen: list[float] = []
+        """Weight of older acceptance observations per new one (about 100 draft tokens of memory)."""
+        self._hits = 0.0  # decayed count of accepted draft tokens
+        self._seen = 0.0  # decayed count of checked draft tokens
         self._catch_up: float | None = None
         """Seconds per token for the drafter to catch up on tokens it has not seen (batched; running mean).
         The first draft of a sequence pays it for the whole prompt, so a probe there costs far more than
         the draft itself (a 400-token prompt: 0.3 s, 20 plain F16 steps)."""
-        self.bias = 1.0
-        """Realized over predicted tokens/s of drafting steps (a decayed mean, at most 1): corrects the policy's
-        estimates for what they miss (optimistic acceptance at rarely seen positions, per-step overhead)."""
-        self._ratios = BIAS_PRIOR  # decayed sum of drafting steps' realized over predicted tokens/s, from a prior
-        self._steps = BIAS_PRIOR   # ... and their decayed count
+        self.plain_streak = 0
+        """Plain steps of this drafter's sequences since one of them last drafted (shown on /health)."""
+        self.draft_steps = 0
+        """Steps of its sequences that drafted (probes included)."""
+        self.plain_steps = 0
+        """Steps of its sequences that chose not to draft."""
         self.draft = KvCost(fixed_share=0.4)
         """Seconds of one propose() call by tokens drafted. A model draft costs about one decode a token plus
         a catch-up decode of the tokens the last verification added (SmolLM2 Q4_1 on 2 cores: 18 ms for 1
@@ -242,36 +236,39 @@ class CostModel:
         small fraction of one-at-a-time decodes; a dict lookup for the n-gram drafter)."""
         return self._catch_up if self._catch_up is not None else 0.1 * self.draft_cost(1)
 
-    def observe_step(self, predicted_rate: float, tokens: int, seconds: float, *, decay: float = 0.95) -> None:
-        """A drafting step yielded `tokens` in `seconds` where the policy expected `predicted_rate` tokens/s.
+    def observe_choice(self, k: int) -> None:
+        """A sequence's policy chose to draft k tokens this step (0: a plain step)."""
+        if k > 0:
+            self.draft_steps += 1
+            self.plain_streak = 0
+        else:
+            self.plain_steps += 1
+            self.plain_streak += 1
 
-        The mean of the steps' ratios, uncapped per step (up to BIAS_STEP_MAX), over the last ~20 steps and a prior:
-        a step's drafts are accepted all or nothing (a draft rejected early yields 1 of 9, the next one 9), so
-        ratios capped at 1 per step averaged well below 1 at the predicted acceptance (0.83 after one early
-        rejection), and the policy stopped drafting for the rest of a request whose drafts paid 1.3x (dc-trip:
-        118 plain steps of 130). The mean is capped at 1: lasting luck is the acceptance estimate's to learn; a
-        bias above 1 made a length that cannot pay even at full acceptance look as if it pays (F16 pair: drafted
-        at 0.67x of plain, every draft accepted)."""
-        if predicted_rate > 0.0 and seconds > 0.0:
-            ratio = min(tokens / seconds / predicted_rate, BIAS_STEP_MAX)
-            self._ratios = decay * self._ratios + ratio
-            self._steps = decay * self._steps + 1.0
-            self.bias = min(max(self._ratios / self._steps, 0.25), 1.0)
+    def snapshot(self, *, sizes: tuple[int, ...] = (1, 2, 3, 4, 5, 9, 17)) -> dict:
+        """What the policy believes, as plain values (/health and /metrics): the long-run acceptance of a checked
+        draft token and the (decayed) tokens it rests on, seconds per verification batch size and per draft length at the current position, the catch-up
+        cost per token, and the step counts."""
+        return {
+            "acceptance": round(self._hits / self._seen, 4) if self._seen > 0 else None,
+            "acceptance_weight": round(self._seen, 2),
+            "verify_seconds": {n: round(self.verify_cost(n), 6) for n in sizes} if self.verify.known else {},
+            "draft_seconds": {k: round(self.draft_cost(k), 6) for k in sizes if k <= 9} if self.draft.known else {},
+            "catch_up_seconds_per_token": round(self.catch_up, 6) if self.draft.known else None,
+            "draft_steps": self.draft_steps,
+            "plain_steps": self.plain_steps,
+            "plain_steps_since_draft": self.plain_streak,
+        }
 
-    def observe_accept(self, position: int, accepted: bool) -> None:
-        """A draft token at 0-based `position` was checked (its predecessors were accepted)."""
-        while len(self._seen) <= position:
-            self._hits.append(0.0)
-            self._seen.append(0.0)
+    def observe_accept(self, accepted: bool) -> None:
+        """A draft token was checked (its predecessors were accepted)."""
         g = self.accept_decay
-        self._seen[position] = g * self._seen[position] + 1.0
-        self._hits[position] = g * self._hits[position] + (1.0 if accepted else 0.0)
+        self._seen = g * self._seen + 1.0
+        self._hits = g * self._hits + (1.0 if accepted else 0.0)
 
-    def long_run(self, position: int) -> tuple[float, float]:
-        """(accepted, checked) decayed counts at 0-based `position` across this drafter's sequences."""
-        if position < len(self._seen):
-            return self._hits[position], self._seen[position]
-        return 0.0, 0.0
+    def long_run(self) -> tuple[float, float]:
+        """(accepted, checked) decayed counts of draft tokens across this drafter's sequences."""
+        return self._hits, self._seen
 
     def draft_cost(self, k: int) -> float:
         """Seconds to draft k tokens (0 for k = 0: no propose() call)."""

@@ -163,8 +163,9 @@ class _Output:
 class _Speculator:
     """A drafter and the policy choosing its draft lengths; times drafts and verifications for the cost model."""
 
-    def __init__(self, drafter: Drafter, gp: GenParams, cost: CostModel, load: Callable[[], int] = lambda: 1):
-        self.drafter, self.gp, self.cost, self.load = drafter, gp, cost, load
+    def __init__(self, drafter: Drafter, gp: GenParams, cost: CostModel, load: Callable[[], int] = lambda: 1,
+                 remaining: Callable[[], int | None] = lambda: None):
+        self.drafter, self.gp, self.cost, self.load, self.remaining = drafter, gp, cost, load, remaining
         self._load = 1  # sequences in the current step (this one included)
         # Wall-clock timings must not steer a seeded rejection-sampling run: the draft length changes which random
         # numbers are drawn, so the same seed would give different text. Sample and compare (seed_matches_plain)
@@ -180,7 +181,6 @@ class _Speculator:
         self.draft_seconds = 0.0  # the last propose() call's wall time
         self._seen = 0  # history length at the last propose(): what the drafter has seen
         self._drafted_last_step = False  # then the drafter catches up on one step's tokens only
-        self._step_seconds = 0.0  # the current step's draft time without a catch-up on plain steps' tokens
 
     def prefill(self, history: Sequence[int], max_k: int) -> DraftSteps[None]:
         """Catch the drafter up on the prompt now, right after the first token, when the policy will draft at the
@@ -189,7 +189,7 @@ class _Speculator:
         quantized weights have no many-row kernels), and a draft model's catch-up is a Decode the caller runs. A
         failed catch-up costs drafts only: the drafter starts over at its first draft."""
         load = self.load()
-        if max_k <= 0 or not self.policy.expects_draft(max_k, load):
+        if max_k <= 0 or not self.policy.expects_draft(max_k, load, len(history) - 1 - self._seen, self.remaining()):
             return
         t0 = time.perf_counter()
         steps = getattr(self.drafter, "prefill_steps", None)
@@ -215,7 +215,9 @@ class _Speculator:
         backlog = len(history) - self._seen  # tokens the drafter has not seen (the prompt at first)
         self.cost.locate(len(history) - 1, self.drafter.kv_cells(len(history)))  # costs grow with the KV cache
         self._load = max(1, self.load())
-        self.asked = self.policy.choose(max_k, backlog, self._load) if max_k > 0 else 0
+        # After a drafting step the drafter reads only what that step accepted, which its draft cost includes.
+        unpaid = 0 if self._drafted_last_step else backlog
+        self.asked = self.policy.choose(max_k, unpaid, self._load, self.remaining()) if max_k > 0 else 0
         typical, self._drafted_last_step = self._drafted_last_step, self.asked > 0
         if self.asked == 0:
             return EMPTY
@@ -225,15 +227,15 @@ class _Speculator:
         steps = getattr(self.drafter, "propose_steps", None)
         proposal = ((yield from steps(*args, **kw, alone=self.alone, stop=stop)) if steps is not None
                     else self.drafter.propose(*args, **kw))
-        self.draft_seconds = self._step_seconds = time.perf_counter() - t0
+        self.draft_seconds = time.perf_counter() - t0
         self._seen = len(history)
         # Under load the wall time between its draft decodes ran the other sequences' work too: no draft cost then.
         # Alone, after plain steps or the prompt, the drafter's catch-up would inflate the per-step cost.
         if self._load == 1 and typical:
             self.cost.observe_draft(len(proposal.tokens), self.draft_seconds)
         elif self._load == 1 and self.cost.draft.known and backlog > 2:
-            self._step_seconds = min(self.draft_seconds, self.cost.draft_cost(len(proposal.tokens)))
-            self.cost.observe_catch_up(backlog, self.draft_seconds - self._step_seconds)
+            step = min(self.draft_seconds, self.cost.draft_cost(len(proposal.tokens)))
+            self.cost.observe_catch_up(backlog, self.draft_seconds - step)
         return proposal if len(proposal.tokens) >= max(self.gp.draft_min, 1) else EMPTY
 
     def restart(self) -> None:
@@ -248,12 +250,6 @@ class _Speculator:
             self.cost.observe_verify(rows or n_drafted + 1, seconds)
         if self.asked > 0:
             self.policy.observe(n_drafted, accepted)
-            if self._load > 1:
-                return
-            # Not the catch-up on plain steps' tokens, which the policy budgets apart (probe_interval): counted
-            # as part of a probe's step, it pulled the bias correction down until no draft length paid, and the
-            # policy never drafted again (`tandem bench window`, full draft context).
-            self.policy.observe_time(n_drafted, accepted + 1, self._step_seconds + seconds)
 
 
 class _Speculation:
@@ -262,13 +258,13 @@ class _Speculation:
     n-gram part when it has a long enough match and its policy drafts, else to the model part."""
 
     def __init__(self, drafter: Drafter, gp: GenParams, costs: Callable[[Drafter, str], CostModel],
-                 load: Callable[[], int] = lambda: 1):
+                 load: Callable[[], int] = lambda: 1, remaining: Callable[[], int | None] = lambda: None):
         self.drafter = drafter
         parts = getattr(drafter, "parts", None)
         # A part's acceptance depends on the steps routed to it (the model part of `both` gets only the
         # steps without an n-gram match), so it keeps a cost model apart from the same drafter used alone.
-        self.parts = ([_Speculator(d, gp, costs(d, f"{drafter.name}/{d.name}"), load) for d in parts] if parts
-                      else [_Speculator(drafter, gp, costs(drafter, drafter.name), load)])
+        self.parts = ([_Speculator(d, gp, costs(d, f"{drafter.name}/{d.name}"), load, remaining) for d in parts]
+                      if parts else [_Speculator(drafter, gp, costs(drafter, drafter.name), load, remaining)])
         self.last = self.parts[-1]  # the speculator of the current step
 
     def prefill(self, history: Sequence[int], max_k: int) -> DraftSteps[None]:
@@ -420,8 +416,8 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
     # decoding would use there (sample and compare), one per emitted token, the unused ones kept for later.
     draft_rng = np.random.default_rng([gp.sampling.seed, 1]) if seeded else rng
     plain_uniforms: list[float] = []
-    spec = (_Speculation(drafter, gp, costs or _fresh_costs(), load or (lambda: 1)) if drafter is not None
-            else None)
+    spec = (_Speculation(drafter, gp, costs or _fresh_costs(), load or (lambda: 1), lambda: out.remaining)
+            if drafter is not None else None)
     guesser = NgramDrafter() if main.pairs and gp.spare_guess else None
     t0 = time.perf_counter()
     # 1. Evaluate the prompt with the main model (past what its cache already holds) and choose the first token.
