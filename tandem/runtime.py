@@ -313,6 +313,10 @@ class Runtime:
             self._costs[key] = cost
         return self._costs[key]
 
+    def policy_report(self) -> dict[str, dict]:
+        """What the draft policy believes about each drafter used so far (CostModel.snapshot), by drafter key."""
+        return {key: cost.snapshot() for key, cost in list(self._costs.items())}
+
     def prompt(self, *, text: str | None = None, messages: Sequence[dict] | None = None,
                raw: bool = False, tools: ToolRequest | None = None) -> list[int]:
         """Prompt tokens, from chat messages (through the model's template, with `tools` offered) or from text.

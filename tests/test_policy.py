@@ -49,6 +49,8 @@ def simulate(policy, acceptance, draft_per_token: float, *, tokens: int = 400, s
         while accepted < k and rng.random() < acceptance(done):
             accepted += 1
         policy.observe(k, accepted)
+        if hasattr(policy, "cost"):  # as generate's speculator records every step
+            policy.cost.observe_verified(k, accepted)
         if cost is not None:
             if k and ks and ks[-1]:
                 cost.observe_draft(k, k * draft_per_token)
@@ -121,6 +123,7 @@ def test_declined_tokens_count_as_not_accepted():
     for _ in range(30):
         policy.choose(4)
         policy.observe(0, 0)  # e.g. no n-gram match: nothing offered
+        policy.cost.observe_verified(1, 0)  # (generate's speculator records the declined token likewise)
     assert policy.acceptance()[0] < 0.15
 
 
@@ -179,6 +182,8 @@ def simulate_batch(policies, acceptance: float, draft_per_token: float, *, steps
             while accepted < k and rng.random() < acceptance:
                 accepted += 1
             p.observe(k, accepted)
+            if hasattr(p, "cost"):
+                p.cost.observe_verified(k, accepted)
             done += accepted + 1
         drafted += sum(ks)
         t += sum(ks) * draft_per_token + verify_seconds(sum(ks) + len(ks))
@@ -290,7 +295,12 @@ def test_a_probe_whose_catch_up_the_rest_of_the_request_cannot_pay_back_waits():
 
 def test_the_cost_model_reports_what_the_policy_believes():
     cost = warm_cost(1 / 72)
-    simulate(AdaptivePolicy(cost, 8), lambda _: 0.0, 1 / 72, tokens=100, cost=cost)
+    policy = AdaptivePolicy(cost, 8)
+    for _ in range(100):
+        k = policy.choose(8)
+        policy.observe(k, 0)
+        cost.observe_verified(k, 0)  # (as generate's speculator records every step)
+        cost.observe_choice(k)
     snap = cost.snapshot()
     assert snap["acceptance"] == 0.0 and snap["acceptance_weight"] > 0
     assert snap["verify_seconds"][1] == pytest.approx(verify_seconds(1), rel=0.01)

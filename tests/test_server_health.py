@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 from test_server_support import (HELLO, RUNTIME_SPEC, TEST_KEY, assert_openai_error, metrics, model_options, sample,
-                                 tiny_app)
+                                 tiny_app, wait_ready)
 
 from tandem.config import ModelOptions
 from tandem.runtime import Runtime
@@ -122,3 +122,27 @@ def test_tandem_serve_cli(tiny, draft):
     assert len(lines) == 1, err
     assert "4 tokens" in lines[0] and "tok/s" in lines[0]
     assert ("acceptance" in lines[0]) == (draft != "none")
+
+
+def test_health_and_metrics_show_what_the_draft_policy_believes(tiny):
+    """Per loaded pair: the long-run acceptance, the cost per row count and per draft length, and how many plain
+    steps have passed since the drafter last drafted; updated as requests finish."""
+    with ServerThread(tiny_app(tiny)) as srv:
+        wait_ready(srv.url)
+        auth = {"Authorization": f"Bearer {TEST_KEY}"}
+        for _ in range(2):
+            r = httpx.post(f"{srv.url}{CHAT}", json={"messages": HELLO, "max_tokens": 24}, headers=auth, timeout=60)
+            assert r.status_code == 200
+        stats = r.json()["stats"]
+        policy = httpx.get(f"{srv.url}/health").json()["model"]["draft_policy"]
+        snap = policy[tiny["draft_close"].stem]
+        assert snap["verify_seconds"]["1"] > 0 and snap["draft_seconds"]["1"] > 0
+        assert snap["draft_steps"] + snap["plain_steps"] >= stats["draft_steps"] + stats["plain_steps"]
+        assert snap["draft_steps"] >= 1  # each request opens with a probe at least
+        assert snap["acceptance"] is not None and 0 <= snap["acceptance"] <= 1
+        scrape = metrics(srv.url)
+        labels = {"model": str(tiny["main"]), "drafter": tiny["draft_close"].stem}
+        assert sample(scrape, "tandem_spec_policy_acceptance", **labels) == pytest.approx(snap["acceptance"])
+        assert sample(scrape, "tandem_spec_policy_verify_seconds", **labels, rows="1") > 0
+        assert sample(scrape, "tandem_spec_policy_plain_steps_since_draft", **labels) == \
+            snap["plain_steps_since_draft"]

@@ -360,6 +360,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
             body["model"] = {k: v for k, v in asdict(st.model).items() if k not in ("aliases", "chat")}
             body["model"]["chat_template"] = st.model.chat.summary() if st.model.chat else None
             body["speculative"] = st.model.draft_model is not None and not st.model.draft_paused
+            body["model"]["draft_policy"] = metrics.policy.get(st.model.path, {})
         if st.state in SERVING:
             body["requests"] = {"running": engine.running, "waiting": engine.waiting}
             body["kv_cache_usage"] = round(engine.kv_usage, 4)

@@ -59,6 +59,18 @@ class Metrics:
         self.kv_usage = Gauge("tandem_kv_cache_usage_ratio", "Share of the main model's KV cache cells in use, 0-1 "
                               "(vLLM's kv_cache_usage_perc)", registry=r)
         self.engine_ready = Gauge("tandem_engine_ready", "1 when the models are loaded and serving", registry=r)
+        labels = ["model", "drafter"]
+        self.policy_acceptance = Gauge("tandem_spec_policy_acceptance", "The draft policy's long-run estimate that "
+                                       "a checked draft token is accepted", labels, registry=r)
+        self.policy_verify = Gauge("tandem_spec_policy_verify_seconds", "The draft policy's measured seconds of "
+                                   "a main-model decode of `rows` rows", [*labels, "rows"], registry=r)
+        self.policy_draft = Gauge("tandem_spec_policy_draft_seconds", "The draft policy's measured seconds to "
+                                  "draft `tokens` tokens", [*labels, "tokens"], registry=r)
+        self.policy_streak = Gauge("tandem_spec_policy_plain_steps_since_draft", "Plain steps of the drafter's "
+                                   "sequences since one of them last drafted", labels, registry=r)
+        self.policy: dict[str, dict[str, dict]] = {}
+        """The latest report (tandem.runtime.Runtime.policy_report) per main model path; replaced whole, so any
+        thread may read it."""
 
     def record_generation(self, stats: SpecStats, first_token_s: float | None) -> None:
         """Count one finished generation (called by the engine thread before it reports Done)."""
@@ -80,6 +92,18 @@ class Metrics:
             self.accepted_by_pos.labels(str(pos)).inc(a)
         if first_token_s is not None:
             self.ttft.observe(first_token_s)
+
+    def record_policy(self, model: str, report: dict[str, dict]) -> None:
+        """Publish what the draft policy of main model `model` (its path) believes (called by the engine thread)."""
+        self.policy = {**self.policy, model: report}
+        for drafter, snap in report.items():
+            if snap["acceptance"] is not None:
+                self.policy_acceptance.labels(model, drafter).set(snap["acceptance"])
+            for rows, seconds in snap["verify_seconds"].items():
+                self.policy_verify.labels(model, drafter, str(rows)).set(seconds)
+            for tokens, seconds in snap["draft_seconds"].items():
+                self.policy_draft.labels(model, drafter, str(tokens)).set(seconds)
+            self.policy_streak.labels(model, drafter).set(snap["plain_steps_since_draft"])
 
     def record_request(self, endpoint: str, status: int, duration_s: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()

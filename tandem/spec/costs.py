@@ -266,6 +266,12 @@ class CostModel:
         self._seen = g * self._seen + 1.0
         self._hits = g * self._hits + (1.0 if accepted else 0.0)
 
+    def observe_verified(self, drafted: int, accepted: int) -> None:
+        """A step's outcome: of `drafted` tokens the first `accepted` were accepted; the tokens after the first
+        rejected one were not checked."""
+        for i in range(min(accepted + 1, drafted)):
+            self.observe_accept(i < accepted)
+
     def long_run(self) -> tuple[float, float]:
         """(accepted, checked) decayed counts of draft tokens across this drafter's sequences."""
         return self._hits, self._seen

@@ -218,6 +218,7 @@ class _Speculator:
         # After a drafting step the drafter reads only what that step accepted, which its draft cost includes.
         unpaid = 0 if self._drafted_last_step else backlog
         self.asked = self.policy.choose(max_k, unpaid, self._load, self.remaining()) if max_k > 0 else 0
+        self.cost.observe_choice(self.asked)
         typical, self._drafted_last_step = self._drafted_last_step, self.asked > 0
         if self.asked == 0:
             return EMPTY
@@ -250,6 +251,7 @@ class _Speculator:
             self.cost.observe_verify(rows or n_drafted + 1, seconds)
         if self.asked > 0:
             self.policy.observe(n_drafted, accepted)
+            self.cost.observe_verified(self.asked, accepted)  # (declined tokens count as not accepted)
 
 
 class _Speculation:

@@ -201,7 +201,6 @@ class AdaptivePolicy:
         lo = max(1, self.draft_min)
         self._probing, self._asked = False, 0
         self._choose(hi, lo, backlog, load, remaining)
-        self.cost.observe_choice(self._asked)
         return self._asked
 
     def _choose(self, hi: int, lo: int, backlog: int, load: int, remaining: int | None) -> None:
@@ -253,7 +252,6 @@ class AdaptivePolicy:
         for i in range(min(accepted + 1, asked)):
             self._seen = g * self._seen + 1.0
             self._hits = g * self._hits + (1.0 if i < accepted else 0.0)
-            self.cost.observe_accept(i < accepted)
         if self._probing:
             ok = drafted > 0 and accepted == drafted
             self._fails = 0 if ok else self._fails + 1
