@@ -130,10 +130,12 @@ class LlamaServerPeer:
                             "check its log, or drop --llama-server")
 
     def complete(self, prompt: Sequence[int], max_tokens: int, *, cache_prompt: bool = False,
-                 timeout: float = 600.0) -> PeerResult:
-        """A greedy completion; `cache_prompt` lets llama-server reuse the prefix its slot still holds; `timeout`:
-        seconds to wait for the answer."""
-        body = {"prompt": list(prompt), "n_predict": max_tokens, "temperature": 0.0, "top_k": 1,
+                 timeout: float = 600.0, temperature: float = 0.0, seed: int | None = None) -> PeerResult:
+        """A completion, greedy unless a `temperature` is given (then sampled with `seed`); `cache_prompt` lets
+        llama-server reuse the prefix its slot still holds; `timeout`: seconds to wait for the answer."""
+        sampling = ({"temperature": 0.0, "top_k": 1} if temperature <= 0 else
+                    {"temperature": temperature, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": seed})
+        body = {"prompt": list(prompt), "n_predict": max_tokens, **sampling,
                 "cache_prompt": cache_prompt, "return_tokens": True, "stream": False}
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
