@@ -434,3 +434,45 @@ def test_in_a_shared_pool_a_request_that_cannot_fit_even_relocated_ends_as_at_it
         got = _ids(out["b"])
         assert got == alone_b[:len(got)] and (n_b == 150 or got == alone_b)  # cut short where it cannot fit
         assert main.held_length(0) + main.held_length(1) <= 256
+
+
+def test_a_long_prompts_catch_up_is_read_a_chunk_a_step_while_others_decode(models, monkeypatch):
+    """Another sequence is decoding when a request with a long prompt arrives: its draft reads that prompt in
+    chunks of about a step's cost (CATCH_UP_MIN here, where nothing is measured), one per step, instead of one
+    decode that would stall the other sequence for the whole prompt; the output stays what it is alone."""
+    from tandem.spec.generate import CATCH_UP_MIN
+    main_model, draft_model = models["main"], models["draft"]
+    main = Context(main_model, BATCHED)
+    shared = Context(draft_model, SHARED_DRAFT)
+    sched = Scheduler(main)
+    rows: list[tuple[int, int]] = []  # (sequences running, rows of the long prompt's draft decodes) per draft decode
+    decode = Scheduler._decode
+
+    def spy(self, ctx, seqs):
+        if ctx is shared:
+            rows.extend((len(self.running), len(s.pending.rows.tokens)) for s in seqs if s.request_id == "long")
+        return decode(self, ctx, seqs)
+    monkeypatch.setattr(Scheduler, "_decode", spy)
+    long_text = " ".join(f"item {i}," for i in range(36))
+    requests = {"short": ("Once upon a time", 80), "long": (long_text, 24)}
+    gp = lambda n: GenParams(max_tokens=n, draft_max=4, draft_policy="fixed")  # noqa: E731 - always drafts
+    out: dict[str, list[int]] = {r: [] for r in requests}
+
+    def step() -> None:
+        for rid, events in sched.step().items():
+            out[rid].extend(e.id for e in events if isinstance(e, Token))
+    for rid, (text, n) in requests.items():
+        prompt = main_model.tokenize(text)
+        assert sched.add(rid, prompt, lambda s, p=prompt, n=n: sequence(
+            main, p, gp(n), ModelDrafter(shared, seq_id=s), seq_id=s, room=sched.room_for(s),
+            load=lambda: len(sched.running))) is not None
+        step()
+    while sched.running:
+        step()
+    prompt = main_model.tokenize(long_text)
+    assert len(prompt) > 4 * CATCH_UP_MIN
+    shared_rows = [n for running, n in rows if running > 1]
+    assert shared_rows and max(shared_rows) <= CATCH_UP_MIN + 1  # a chunk (or a draft's own rows) a step
+    alone = [e.id for e in generate(Context(main_model, ALONE), prompt, gp(24),
+                                    ModelDrafter(Context(draft_model, DRAFT))) if isinstance(e, Token)]
+    assert out["long"] == alone

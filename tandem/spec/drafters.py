@@ -142,13 +142,14 @@ class ModelDrafter:
         """Evaluate history but its newest token (left for the first draft's decode) in one batch."""
         run(self.prefill_steps(history))
 
-    def prefill_steps(self, history: Sequence[int]) -> Steps[None]:
-        """prefill() as a Decode to yield (its context and sequence), for the caller to run."""
+    def prefill_steps(self, history: Sequence[int], limit: int | None = None) -> Steps[None]:
+        """prefill() as a Decode to yield (its context and sequence), for the caller to run; with `limit`, only
+        the first `limit` tokens it has not read (the rest at later calls or at its next draft)."""
         if len(history) < 2:
             return
         self._sync(history)
         self._slide(self.window.overflow(len(history), 1))
-        pending = self.window.view(history, len(self._kv))[:-1]
+        pending = self.window.view(history, len(self._kv))[:-1][:limit]
         if pending:
             try:
                 yield Decode(SeqRows(self.seq_id, pending, len(self._kv), "none"), self.ctx)

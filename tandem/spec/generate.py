@@ -191,8 +191,10 @@ class _Speculator:
         load = self.load()
         if max_k <= 0 or not self.policy.expects_draft(max_k, load, len(history) - 1 - self._seen, self.remaining()):
             return
-        t0 = time.perf_counter()
         steps = getattr(self.drafter, "prefill_steps", None)
+        if load > 1 and steps is not None:  # other sequences share the step: read the prompt a chunk a step
+            return
+        t0 = time.perf_counter()
         try:
             if steps is not None:
                 yield from steps(history)
@@ -218,10 +220,19 @@ class _Speculator:
         # After a drafting step the drafter reads only what that step accepted, which its draft cost includes.
         unpaid = 0 if self._drafted_last_step else backlog
         self.asked = self.policy.choose(max_k, unpaid, self._load, self.remaining()) if max_k > 0 else 0
-        self.cost.observe_choice(self.asked)
         typical, self._drafted_last_step = self._drafted_last_step, self.asked > 0
         if self.asked == 0:
+            self.cost.observe_choice(0)
             return EMPTY
+        chunk = self.catch_up_chunk()
+        if self._load > 1 and unpaid > chunk and hasattr(self.drafter, "prefill_steps"):
+            # 3a. Other sequences share this step: read one chunk of the backlog now, draft once it is read.
+            yield from self._catch_up(history, chunk)
+            self.policy.defer()
+            self.asked, self._drafted_last_step = 0, False
+            self.cost.observe_choice(0)
+            return EMPTY
+        self.cost.observe_choice(self.asked)
         t0 = time.perf_counter()
         args = (history, self.asked, self.gp.sampling, rng)
         kw = {"p_min": self.gp.draft_p_min, "processors": self.gp.processors}
@@ -238,6 +249,26 @@ class _Speculator:
             step = min(self.draft_seconds, self.cost.draft_cost(len(proposal.tokens)))
             self.cost.observe_catch_up(backlog, self.draft_seconds - step)
         return proposal if len(proposal.tokens) >= max(self.gp.draft_min, 1) else EMPTY
+
+    def catch_up_chunk(self) -> int:
+        """Most tokens the drafter reads in one step shared with other sequences: what costs about a plain step
+        of theirs, so that a long prompt's catch-up never stalls them for longer (at least CATCH_UP_MIN)."""
+        per_token = self.cost.catch_up
+        if per_token <= 0.0:
+            return CATCH_UP_MIN
+        return max(CATCH_UP_MIN, int(self.cost.verify_cost(self._load) / per_token))
+
+    def _catch_up(self, history: Sequence[int], chunk: int) -> DraftSteps[None]:
+        """Feed the drafter up to `chunk` tokens of what it has not read (its decode yielded, batched with the
+        other sequences' draft rows); a failed decode makes it start over, as a failed prefill does."""
+        try:
+            yield from self.drafter.prefill_steps(history, limit=chunk)
+        except EngineError as e:
+            log.warning("draft %s: catching up failed (%s); it starts over", self.drafter.name, e.cause)
+            self.drafter.reset()
+            self._seen = 0
+            return
+        self._seen = min(len(history) - 1, self._seen + chunk)
 
     def restart(self) -> None:
         """The drafter starts over from an empty cache: its next draft catches up on the whole history."""
@@ -292,6 +323,10 @@ class _Speculation:
         self.drafter.reset()
         for part in self.parts:
             part.restart()
+
+
+CATCH_UP_MIN = 16
+"""Fewest tokens a shared step's catch-up reads: below that the decode's fixed cost dominates."""
 
 
 GRAMMAR_MIN_MATCH = 2

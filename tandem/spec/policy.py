@@ -40,6 +40,10 @@ class DraftPolicy(Protocol):
     def observe(self, drafted: int, accepted: int) -> None:
         """The step's outcome: drafted tokens offered for verification, the first `accepted` accepted."""
 
+    def defer(self) -> None:
+        """The length chosen this step was not drafted (the drafter was still reading its backlog): the next
+        step chooses as if this one had not."""
+
 
 class FixedPolicy:
     """Always drafts as many tokens as allowed (--draft-policy fixed)."""
@@ -55,6 +59,9 @@ class FixedPolicy:
 
     def observe(self, drafted: int, accepted: int) -> None:
         """Nothing to learn."""
+
+    def defer(self) -> None:
+        """Nothing to undo."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,7 @@ class AdaptivePolicy:
         self._streak = 0                 # plain steps since the last draft or probe
         self._fails = 0                  # failed probes since the last success (the back-off exponent)
         self._next_probe = 0             # after a successful probe: the next one's length (twice it), else 0
+        self._before = (False, 0, 0)     # (_opened, _streak, _next_probe) before this step's choice (defer())
 
     def rate_estimate(self) -> tuple[float, float]:
         """(a, n): the estimated acceptance of a draft token and the observations it rests on (the sequence's,
@@ -203,7 +211,14 @@ class AdaptivePolicy:
         self._choose(hi, lo, backlog, load, remaining)
         return self._asked
 
+    def defer(self) -> None:
+        """Undo this step's choice (see DraftPolicy.defer): a probe stays due, counted as one more plain step."""
+        self._opened, self._streak, self._next_probe = self._before
+        self._streak += 1
+        self._probing, self._asked = False, 0
+
     def _choose(self, hi: int, lo: int, backlog: int, load: int, remaining: int | None) -> None:
+        self._before = (self._opened, self._streak, self._next_probe)
         if hi < lo:
             return
         if not self.cost.ready:  # cold start: measure what drafting costs
