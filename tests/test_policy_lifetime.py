@@ -124,8 +124,20 @@ def test_requests_after_a_stretch_of_always_wrong_drafts_draft_as_on_a_fresh_ser
         assert later.drafted >= 0.9 * alone.drafted and later.accepted >= 0.9 * alone.accepted, (t, later, alone)
 
 
-def test_within_a_request_drafting_resumes_within_the_bound_once_drafts_are_right_again(main, frozen_clock):
-    """Drafts wrong for the first 60 output tokens, then right: the sequence drafts again within max_streak
-    plain steps (exploration cannot starve, however long the plain streak and the drafter's backlog)."""
-    stats = request(main, default_pair_costs(), dev_prompts()[0], 200, lambda i: i < 60)
+def test_within_a_request_drafting_resumes_once_its_own_failures_fade(main, frozen_clock):
+    """A drafter that does well on other requests, wrong for a request's first 60 output tokens, then right: the
+    sequence stops drafting, its failures fade towards the drafter's long-run record, and it drafts again within
+    max_streak plain steps, however long its plain streak (the drafter's backlog) has grown."""
+    cost = default_pair_costs()
+    for text in dev_prompts()[1:3]:
+        request(main, cost, text, 120, mostly_right)
+    stats = request(main, cost, dev_prompts()[0], 200, lambda i: i < 60)
+    assert stats.plain_steps > 10  # it did stop
     assert stats.accepted >= 200 - 60 - DEFAULTS.max_streak - 16  # (the last plain steps, a ramp 1, 2, 4, 8)
+
+
+def test_a_sequence_whose_drafts_fail_does_not_pay_a_catch_up_per_probe(main, frozen_clock):
+    """Every draft wrong: after its opening probe the sequence decodes plain, and the drafter reads almost nothing
+    more (a probe after each plain streak would read the whole streak: 15% of plain decoding on the default pair)."""
+    stats = request(main, default_pair_costs(), dev_prompts()[0], 200, always)
+    assert stats.draft_steps <= 3 and stats.plain_steps >= 190
