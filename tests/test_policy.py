@@ -302,7 +302,7 @@ def test_the_cost_model_reports_what_the_policy_believes():
         cost.observe_verified(k, 0)  # (as generate's speculator records every step)
         cost.observe_choice(k)
     snap = cost.snapshot()
-    assert snap["acceptance"] == 0.0 and snap["acceptance_weight"] > 0
+    assert snap["acceptance"] == {"greedy": 0.0} and snap["acceptance_weight"]["greedy"] > 0
     assert snap["verify_seconds"][1] == pytest.approx(verify_seconds(1), rel=0.01)
     assert snap["draft_seconds"][1] > 0 and snap["catch_up_seconds_per_token"] > 0
     assert snap["plain_steps"] > snap["draft_steps"] > 0

@@ -20,6 +20,7 @@ from tandem.spec import generate as generate_module
 from tandem.spec.costs import CostModel
 from tandem.spec.generate import Done, GenParams, generate
 from tandem.spec.policy import DEFAULTS
+from tandem.spec.sampling import SamplingParams
 from tandem.spec.verify import DraftProposal
 
 PARAMS = ContextParams(n_ctx=512, n_batch=128, n_threads=2)
@@ -141,3 +142,28 @@ def test_a_sequence_whose_drafts_fail_does_not_pay_a_catch_up_per_probe(main, fr
     more (a probe after each plain streak would read the whole streak: 15% of plain decoding on the default pair)."""
     stats = request(main, default_pair_costs(), dev_prompts()[0], 200, always)
     assert stats.draft_steps <= 3 and stats.plain_steps >= 190
+
+
+def test_hot_requests_learn_their_own_acceptance_and_do_not_resume_on_greedy_successes(main, frozen_clock):
+    """Greedy requests draft well; a request at temperature 2 (scripted here as always wrong) learns from its own
+    regime's record, so after a first hot request the next ones barely draft, while greedy requests still do."""
+    cost = default_pair_costs()
+    texts = dev_prompts()[:3]
+    for t in texts:
+        request(main, cost, t, 120, mostly_right)
+    hot = [hot_request(main, cost, t, 200) for t in texts]
+    assert hot[-1].draft_steps <= 2 and sum(s.accepted for s in hot) == 0
+    assert cost.long_run("hot")[1] > 0 and cost.long_run("greedy")[0] / cost.long_run("greedy")[1] > 0.7
+    assert request(main, cost, texts[0], 120, mostly_right).accepted >= 80
+
+
+def hot_request(main: Context, cost: CostModel, text: str, max_tokens: int):
+    """A seeded request at temperature 2 whose drafts are all wrong (the scripted drafter proposes a token the
+    main model cannot have sampled: its samples are not known in advance)."""
+    prompt = main.model.tokenize(text)
+    gp = GenParams(max_tokens=max_tokens, draft_max=8, sampling=SamplingParams(temperature=2.0, seed=3))
+    drafter = ScriptedDrafter(prompt, [0] * max_tokens, always, main.model.n_vocab)  # proposes token 1
+    events = list(generate(main, prompt, gp, drafter, costs=lambda _d, _k: cost))
+    stats = events[-1].stats
+    assert stats.identity_holds()
+    return stats

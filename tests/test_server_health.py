@@ -139,10 +139,12 @@ def test_health_and_metrics_show_what_the_draft_policy_believes(tiny):
         assert snap["verify_seconds"]["1"] > 0 and snap["draft_seconds"]["1"] > 0
         assert snap["draft_steps"] + snap["plain_steps"] >= stats["draft_steps"] + stats["plain_steps"]
         assert snap["draft_steps"] >= 1  # each request opens with a probe at least
-        assert snap["acceptance"] is not None and 0 <= snap["acceptance"] <= 1
+        assert list(snap["acceptance"]) == ["sampled"]  # (the API's default temperature is 1)
+        assert 0 <= snap["acceptance"]["sampled"] <= 1 and snap["acceptance_weight"]["sampled"] > 0
         scrape = metrics(srv.url)
         labels = {"model": str(tiny["main"]), "drafter": tiny["draft_close"].stem}
-        assert sample(scrape, "tandem_spec_policy_acceptance", **labels) == pytest.approx(snap["acceptance"])
+        assert sample(scrape, "tandem_spec_policy_acceptance", **labels, regime="sampled") == \
+            pytest.approx(snap["acceptance"]["sampled"])
         assert sample(scrape, "tandem_spec_policy_verify_seconds", **labels, rows="1") > 0
         assert sample(scrape, "tandem_spec_policy_plain_steps_since_draft", **labels) == \
             snap["plain_steps_since_draft"]

@@ -61,7 +61,8 @@ class Metrics:
         self.engine_ready = Gauge("tandem_engine_ready", "1 when the models are loaded and serving", registry=r)
         labels = ["model", "drafter"]
         self.policy_acceptance = Gauge("tandem_spec_policy_acceptance", "The draft policy's long-run estimate that "
-                                       "a checked draft token is accepted", labels, registry=r)
+                                       "a checked draft token is accepted, by sampling regime",
+                                       [*labels, "regime"], registry=r)
         self.policy_verify = Gauge("tandem_spec_policy_verify_seconds", "The draft policy's measured seconds of "
                                    "a main-model decode of `rows` rows", [*labels, "rows"], registry=r)
         self.policy_draft = Gauge("tandem_spec_policy_draft_seconds", "The draft policy's measured seconds to "
@@ -97,8 +98,8 @@ class Metrics:
         """Publish what the draft policy of main model `model` (its path) believes (called by the engine thread)."""
         self.policy = {**self.policy, model: report}
         for drafter, snap in report.items():
-            if snap["acceptance"] is not None:
-                self.policy_acceptance.labels(model, drafter).set(snap["acceptance"])
+            for regime, rate in snap["acceptance"].items():
+                self.policy_acceptance.labels(model, drafter, regime).set(rate)
             for rows, seconds in snap["verify_seconds"].items():
                 self.policy_verify.labels(model, drafter, str(rows)).set(seconds)
             for tokens, seconds in snap["draft_seconds"].items():

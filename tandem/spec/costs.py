@@ -189,8 +189,9 @@ class CostModel:
     def __init__(self, *, accept_decay: float = 0.99) -> None:
         self.accept_decay = accept_decay
         """Weight of older acceptance observations per new one (about 100 draft tokens of memory)."""
-        self._hits = 0.0  # decayed count of accepted draft tokens
-        self._seen = 0.0  # decayed count of checked draft tokens
+        self._accept: dict[str, tuple[float, float]] = {}
+        """Decayed counts of (accepted, checked) draft tokens by sampling regime (tandem.spec.policy.regime):
+        a draft agrees with greedy decoding far more often than with a sample at temperature 0.7 or 2."""
         self._catch_up: float | None = None
         """Seconds per token for the drafter to catch up on tokens it has not seen (batched; running mean).
         The first draft of a sequence pays it for the whole prompt, so a probe there costs far more than
@@ -250,8 +251,8 @@ class CostModel:
         draft token and the (decayed) tokens it rests on, seconds per verification batch size and per draft length at the current position, the catch-up
         cost per token, and the step counts."""
         return {
-            "acceptance": round(self._hits / self._seen, 4) if self._seen > 0 else None,
-            "acceptance_weight": round(self._seen, 2),
+            "acceptance": {r: round(h / n, 4) for r, (h, n) in sorted(self._accept.items()) if n > 0},
+            "acceptance_weight": {r: round(n, 2) for r, (_h, n) in sorted(self._accept.items())},
             "verify_seconds": {n: round(self.verify_cost(n), 6) for n in sizes} if self.verify.known else {},
             "draft_seconds": {k: round(self.draft_cost(k), 6) for k in sizes if k <= 9} if self.draft.known else {},
             "catch_up_seconds_per_token": round(self.catch_up, 6) if self.draft.known else None,
@@ -260,21 +261,21 @@ class CostModel:
             "plain_steps_since_draft": self.plain_streak,
         }
 
-    def observe_accept(self, accepted: bool) -> None:
-        """A draft token was checked (its predecessors were accepted)."""
+    def observe_accept(self, accepted: bool, regime: str = "greedy") -> None:
+        """A draft token was checked (its predecessors were accepted) in a sequence of sampling `regime`."""
         g = self.accept_decay
-        self._seen = g * self._seen + 1.0
-        self._hits = g * self._hits + (1.0 if accepted else 0.0)
+        hits, seen = self._accept.get(regime, (0.0, 0.0))
+        self._accept[regime] = (g * hits + (1.0 if accepted else 0.0), g * seen + 1.0)
 
-    def observe_verified(self, drafted: int, accepted: int) -> None:
+    def observe_verified(self, drafted: int, accepted: int, regime: str = "greedy") -> None:
         """A step's outcome: of `drafted` tokens the first `accepted` were accepted; the tokens after the first
         rejected one were not checked."""
         for i in range(min(accepted + 1, drafted)):
-            self.observe_accept(i < accepted)
+            self.observe_accept(i < accepted, regime)
 
-    def long_run(self) -> tuple[float, float]:
-        """(accepted, checked) decayed counts of draft tokens across this drafter's sequences."""
-        return self._hits, self._seen
+    def long_run(self, regime: str = "greedy") -> tuple[float, float]:
+        """(accepted, checked) decayed counts of draft tokens across this drafter's sequences of `regime`."""
+        return self._accept.get(regime, (0.0, 0.0))
 
     def draft_cost(self, k: int) -> float:
         """Seconds to draft k tokens (0 for k = 0: no propose() call)."""

@@ -21,7 +21,7 @@ from tandem.spec.logprobs import MAX_TOP, TokenLogprob, token_logprob
 from tandem.spec.grammar import Grammar, GrammarProcessor
 from tandem.spec.costs import CostModel
 from tandem.spec.ngram import CombinedDrafter, NgramDrafter
-from tandem.spec.policy import POLICIES, DraftPolicy, make_policy
+from tandem.spec.policy import POLICIES, DraftPolicy, make_policy, regime
 from tandem.spec.processors import NONE, Processors, common_prefix
 from tandem.spec.sampling import SamplingParams, probs, sample
 from tandem.spec.stats import SpecStats
@@ -176,7 +176,8 @@ class _Speculator:
         # The draft's probabilities steer a rejection-sampled run too: each of its draft decodes runs in a batch of
         # its own, so that the rows of other sequences cannot change them (and the same seed gives the same text).
         self.alone = rejection
-        self.policy: DraftPolicy = make_policy(name, cost, gp.draft_max, draft_min=gp.draft_min)
+        self.regime = regime(0.0 if gp.sampling.greedy else gp.sampling.temperature)
+        self.policy: DraftPolicy = make_policy(name, cost, gp.draft_max, draft_min=gp.draft_min, regime=self.regime)
         self.asked = 0
         self.draft_seconds = 0.0  # the last propose() call's wall time
         self._seen = 0  # history length at the last propose(): what the drafter has seen
@@ -282,7 +283,7 @@ class _Speculator:
             self.cost.observe_verify(rows or n_drafted + 1, seconds)
         if self.asked > 0:
             self.policy.observe(n_drafted, accepted)
-            self.cost.observe_verified(self.asked, accepted)  # (declined tokens count as not accepted)
+            self.cost.observe_verified(self.asked, accepted, self.regime)  # (declined tokens count as rejected)
 
 
 class _Speculation:
