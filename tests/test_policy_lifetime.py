@@ -109,7 +109,8 @@ def test_a_short_request_with_a_rejected_draft_does_not_stop_the_next_requests_f
     for t, alone in zip(texts, fresh):
         later = request(main, cost, t, 120, mostly_right)
         assert alone.draft_steps > 0
-        assert later.drafted >= 0.9 * alone.drafted and later.accepted >= 0.9 * alone.accepted, (t, later, alone)
+        assert later.draft_steps >= 0.9 * alone.draft_steps and later.accepted >= 0.9 * alone.accepted, \
+            (t, later, alone)
 
 
 def test_requests_after_a_stretch_of_always_wrong_drafts_draft_as_on_a_fresh_server(main, frozen_clock):
@@ -167,3 +168,15 @@ def hot_request(main: Context, cost: CostModel, text: str, max_tokens: int):
     stats = events[-1].stats
     assert stats.identity_holds()
     return stats
+
+
+def test_a_regime_whose_record_is_all_failures_skips_opening_probes_but_not_for_good(main, frozen_clock):
+    """Hot requests fail request after request: once the record is strong, a new hot request does not pay the
+    prompt's catch-up for an opening probe, but one request in max_skipped_openings + 1 still probes (the record
+    cannot lock the regime out)."""
+    cost = default_pair_costs()
+    text = dev_prompts()[0]
+    drafted = [hot_request(main, cost, text, 120).draft_steps for _ in range(16)]
+    assert drafted[0] >= 1 and drafted.count(0) >= 6, drafted  # opening probes mostly stopped...
+    gaps = [len(run) for run in "".join("x" if d else "." for d in drafted).split("x")]
+    assert max(gaps) <= DEFAULTS.max_skipped_openings  # ...but never for more than that many requests

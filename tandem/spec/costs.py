@@ -196,6 +196,8 @@ class CostModel:
         """Seconds per token for the drafter to catch up on tokens it has not seen (batched; running mean).
         The first draft of a sequence pays it for the whole prompt, so a probe there costs far more than
         the draft itself (a 400-token prompt: 0.3 s, 20 plain F16 steps)."""
+        self.skipped_openings: dict[str, int] = {}
+        """Sequences in a row, by sampling regime, that opened without a probe (see PolicyConstants)."""
         self.plain_streak = 0
         """Plain steps of this drafter's sequences since one of them last drafted (shown on /health)."""
         self.draft_steps = 0

@@ -95,6 +95,14 @@ class PolicyConstants:
     probe_budget: float = 0.03
     """Share of plain-decoding time failed probes may cost: a probe's extra time over a plain step sets the
     plain steps before it (at least 1)."""
+    strong_record: float = 4.0
+    """Checked draft tokens (decayed) from which the drafter's long-run record of a regime decides a sequence's
+    opening probe: below it the probe is made whenever drafting could pay back the prompt's catch-up at full
+    acceptance; from it, only where the estimate says so (an opening probe costs the prompt's catch-up, 0.1-0.2 s
+    on the default pair, which requests at temperature 0.7 with a record of failures paid for nothing)."""
+    max_skipped_openings: int = 4
+    """Sequences of a regime in a row that may skip their opening probe: then the next one probes whatever the
+    record says, so a record of failures (which nothing refreshes while sequences skip) cannot lock a regime out."""
     max_streak: int = 64
     """Most plain steps between probes, whatever the costs and failures: drafting resumes within this many
     steps of becoming worth it. A failed probe doubles the spacing up to here; a success ends the back-off."""
@@ -134,6 +142,7 @@ class AdaptivePolicy:
         self._asked = 0                  # k chosen for the current step
         self._probing = False            # the current step is a probe
         self._opened = False             # the sequence's opening probe (or first draft) is done
+        self._first = True               # no step chosen yet
         self._streak = 0                 # plain steps since the last draft or probe
         self._fails = 0                  # failed probes since the last success (the back-off exponent)
         self._next_probe = 0             # after a successful probe: the next one's length (twice it), else 0
@@ -214,6 +223,10 @@ class AdaptivePolicy:
         lo = max(1, self.draft_min)
         self._probing, self._asked = False, 0
         self._choose(hi, lo, backlog, load, remaining)
+        if self._first and self.cost.ready:  # count the sequences of this regime that skip their opening probe
+            skipped = self.cost.skipped_openings
+            skipped[self.regime] = 0 if self._asked > 0 else skipped.get(self.regime, 0) + 1
+        self._first = False
         return self._asked
 
     def defer(self) -> None:
@@ -250,8 +263,8 @@ class AdaptivePolicy:
         else:
             due = self.probe_interval(probe, load)
         # The drafter must first read what it has not seen: the opening probe pays for it if drafting could pay it
-        # back at full acceptance (one prompt per request), a later probe only at the optimistic estimate.
-        acceptance = self.optimistic() if self._opened else [1.0] * probe
+        # back at full acceptance (while the regime's record is weak), any other probe at the optimistic estimate.
+        acceptance = self._probe_acceptance(probe) if not self._opened else self.optimistic()
         if self._streak >= due and self.catch_up_pays(probe, acceptance, backlog, remaining, load):
             self._asked, self._probing, self._streak, self._opened = probe, True, 0, True
 
@@ -264,7 +277,16 @@ class AdaptivePolicy:
         if k > 0:
             return self.catch_up_pays(k, None, backlog, remaining, load)
         probe = self._probe_length(max(1, self.draft_min), hi, load)
-        return probe is not None and self.catch_up_pays(probe, [1.0] * probe, backlog, remaining, load)
+        return probe is not None and self.catch_up_pays(probe, self._probe_acceptance(probe), backlog, remaining,
+                                                        load)
+
+    def _probe_acceptance(self, probe: int) -> list[float]:
+        """The acceptance an opening probe's catch-up is priced at: full while the regime's record is weak, or
+        after `max_skipped_openings` sequences skipped theirs."""
+        weak = self.cost.long_run(self.regime)[1] < self.c.strong_record
+        if weak or self.cost.skipped_openings.get(self.regime, 0) >= self.c.max_skipped_openings:
+            return [1.0] * probe
+        return self.optimistic()
 
     def observe(self, drafted: int, accepted: int) -> None:
         """Learn from the step's outcome; positions after the first failure are not observed."""
