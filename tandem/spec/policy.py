@@ -80,7 +80,7 @@ class PolicyConstants:
     decay: float = 0.95
     """Weight of a sequence's older observations per new one (about twenty steps of memory): acceptance changes
     within a request (code, then prose)."""
-    idle_decay: float = 0.95
+    idle_decay: float = 0.97
     """Weight of a sequence's observations per plain step: while it does not draft, its own record fades and its
     estimate returns to the drafter's long-run one (half-way in about 14 steps), so a few unlucky drafts do not
     stop a sequence for longer than the long run justifies."""
