@@ -83,8 +83,8 @@ class PolicyConstants:
     idle_decay: float = 0.97
     """Weight of a sequence's observations per plain step: while it does not draft, its own record fades and its
     estimate returns to the drafter's long-run one (half-way in about 23 steps), so a few unlucky drafts do not
-    stop a sequence for longer than the long run justifies; faster (0.95), a sampled request whose drafts failed
-    went back to the regime's mixed estimate and paid a catch-up to draft again every 15-20 steps."""
+    stop a sequence for longer than the long run justifies; a faster fade (0.95) sends a sampled request whose
+    drafts fail back to the regime's mixed estimate, and it pays a catch-up to draft again every 15-20 steps."""
     optimism: float = 0.5
     """Standard deviations added to each acceptance estimate when choosing a length (an upper confidence bound):
     an estimate resting on a few observations gets the benefit of the doubt, so one early rejection does not stop
