@@ -38,9 +38,8 @@ class ModelOptions:
     cache_type_k: str = "f16"
     """Main model KV cache type for K: f16, f32, q8_0, q4_0. f16 halves f32's memory, and a verification batch's
     attention then runs through llama.cpp's tinyBLAS, so it slows far less with a long context (default pair,
-    last 500 of 2,000 tokens: +0.8 ms per token over tokens 100-300, against +3.1 with f32). Exact decoding
-    (--exact) keeps any type bit-for-bit; with --no-exact, f16 can flip near-tied greedy tokens (1 of 10 dev
-    prompts) where f32 did not."""
+    last 500 of 2,000 tokens: +0.8 ms per token over tokens 100-300, against +3.1 with f32). With f16 a lone
+    row's attention takes a batch's kernels too, so exact decoding costs nothing (an f32 cache needs pairing)."""
     cache_type_v: str = "f16"
     """Main model KV cache type for V."""
     cache_type_k_draft: str = "f16"
@@ -51,14 +50,15 @@ class ModelOptions:
     """Memory the models may use, in bytes or with a K/M/G suffix (e.g. 512M, 2G); overrides the available
     RAM in the memory plan (see `tandem fit`)."""
     exact: bool | None = None
-    """Decode the main model so that a token's logits never depend on how many tokens share its batch (lone
-    tokens go with the token before them, and its weights are not repacked; ggml's tiled K-quant matmul is off
-    in every Tandem process): output with a draft is then bit-for-bit output without one (both with --exact),
-    for any weight type, at the price of plain steps that decode two rows (1.2-2x a lone row; /health's
-    model.exact says the probe passed). Off by default: lone tokens are decoded alone, as llama.cpp and
-    --draft none do, and a draft can change greedy output only where a batch's rounding flips a near tie
-    (F32 and F16 mains: 8 of 8 held-out prompts unchanged; with Q8_0 and Q4_K_M mains the Q4_1 draft cannot
-    pay on a CPU, so the default decodes as --draft none; docs/benchmarks.md §1)."""
+    """Decode the main model so that a token's logits never depend on how many tokens share its batch: output
+    with a draft, n-gram or cache drafts, alone or among other requests, is then bit for bit the output without
+    them. On by default where it costs nothing: with Tandem's llama.cpp patch a lone row takes the kernels of a
+    batch (a lone Q4_K_M row at 0.99x the tokens/s of llama.cpp's own, Q8_0 1.04x, F32 1.09x, F16 0.86x), and
+    the repacked Q4_K kernels add in the same order for every row count. --exact insists: where the probe at
+    load finds lone rows still differ (an f32 KV cache, a stock library), lone tokens go with the token before
+    them, at the price of plain steps that decode two rows (1.2-2x a lone row). --no-exact decodes lone rows with
+    llama.cpp's one-row kernels, which round differently. /health's model.invariance says which regime holds and
+    why (regime: kernels, paired or none)."""
     chat_template: str | None = None
     """Chat template: a built-in name (chatml, gemma, llama3, llama2, mistral, phi3) or a jinja2 file. Default: the
     model's own (GGUF tokenizer.chat_template), else its family's, picked from its architecture with a warning."""
@@ -89,7 +89,7 @@ class SpecOptions:
     """adaptive: each step draft the number of tokens (0 included) with the most expected tokens per second,
     from measured draft and verify costs and the running acceptance; fixed: always draft up to --draft-max."""
     spare_guess: bool = True
-    """In exact mode a plain step decodes two rows (a lone row would round differently from a verification);
+    """Where exact decoding pairs lone rows (regime "paired" on /health) a plain step decodes two rows;
     fill the second with an n-gram guess of the next token instead of the previous token again. The same
     cost and the same output; a right guess is one more token. --no-spare-guess repeats the previous token."""
     pause_slow_draft: bool = True

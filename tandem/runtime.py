@@ -13,7 +13,7 @@ import psutil
 from tandem import chat, templates
 from tandem.config import SPEC_TYPES, ModelOptions, SpecOptions
 from tandem.engine import exact, heap
-from tandem.engine.llama import Context, Model, patch_level
+from tandem.engine.llama import EXACT_KERNELS_LEVEL, Context, Model, patch_level
 from tandem.engine.vocab import check_compatible
 from tandem.errors import BadInputError, TandemError, about_model
 from tandem.models.defaults import default_pair
@@ -201,9 +201,10 @@ class Runtime:
         if exact.probe_length(rows) > self.main.capacity:
             return None
         inv = exact.probe(self.main, exact.probe_tokens(self.main, exact.probe_length(rows)), max_rows=rows)
-        level = logging.INFO if inv.exact or not self.main.pairs else logging.WARNING
-        log.log(level, "%s decoding, %s: %s", "exact" if self.main.pairs else "lone-row", self.main_model.name,
-                inv.describe())
+        if self.main.one_row and inv.exact and not inv.single_row and self.opts.exact:
+            self.main.pairs = True  # --exact on weights whose one-row kernel still rounds its own way
+        level = logging.INFO if inv.exact or not self.main.params.exact else logging.WARNING
+        log.log(level, "%s decoding, %s: %s", self.exact_regime()[0], self.main_model.name, inv.describe())
         return inv
 
     @property
@@ -211,8 +212,29 @@ class Runtime:
         """Whether speculative output is bit-for-bit the main model's plain output in the regime this runtime
         decodes in: every batch size agrees (the probe), and lone rows are paired (exact mode) or were found to
         agree too."""
-        inv = self.invariance
+        inv = getattr(self, "invariance", None)
         return inv is not None and inv.exact and (self.main.pairs or inv.single_row)
+
+    def exact_regime(self) -> tuple[str, str]:
+        """How this runtime's output stays the main model's plain output, and why: "kernels" (every row count, one
+        included, takes kernels that add in the same order: exactness costs nothing), "paired" (lone rows are
+        decoded with the row before them, as --exact does where the library lacks such kernels), or "none"."""
+        inv, main = getattr(self, "invariance", None), self.main
+        if inv is None:
+            return "none", "the context is too small to probe whether batch sizes agree"
+        if not inv.exact:
+            return "none", inv.describe()
+        if main.pairs:
+            why = ("this library's lone-row kernels round differently (Tandem's llama.cpp patch level "
+                   f"{EXACT_KERNELS_LEVEL} or later has batch kernels for them)" if not main.one_row else
+                   f"lone rows differ by up to {inv.single_row_diff:.1e} even with the batch kernels on these weights")
+            return "paired", f"{why}: --exact decodes each lone token with the token before it (plain steps cost more)"
+        if inv.single_row:
+            return "kernels", "every batch size, one row included, gives a row the same logits (probed at load)"
+        if not main.params.exact:
+            return "none", "--no-exact: lone rows take llama.cpp's own one-row kernels, which round differently"
+        return "none", (f"lone rows differ by up to {inv.single_row_diff:.1e} from the same rows in a batch on these "
+                        "weights; --exact pairs them (plain steps then cost more)")
 
     def invariance_report(self) -> dict:
         """The probes' findings as plain values (for /health: see ModelInfo.invariance)."""
@@ -220,6 +242,7 @@ class Runtime:
         return {"batch_sizes": inv.multi_row if inv else None, "batch_sizes_diff": inv.multi_row_diff if inv else None,
                 "lone_row": inv.single_row if inv else None, "lone_row_diff": inv.single_row_diff if inv else None,
                 "sequences": seqs.same, "sequences_diff": seqs.diff, "patch_level": patch_level(),
+                "regime": self.exact_regime()[0], "regime_why": self.exact_regime()[1],
                 "exact_price": None if self.exact_price is None else round(self.exact_price, 2)}
 
     def _drop_draft(self, model: Model | None, err: TandemError) -> None:
@@ -355,12 +378,13 @@ class Runtime:
                  cancel: Callable[[], bool] | None = None, exact: bool | None = None) -> Iterator[Token | Done]:
         """Tokens, then Done. `use_draft=False` decodes plainly, `spec_type` overrides --spec-type for this call
         and `model` the draft model (one loaded on demand). Without the draft that was asked for
-        (--draft-optional), Done's stats say why. `exact=False` decodes lone tokens alone for this call, as
-        llama.cpp does (the fastest plain decoding, which a draft may not match bit for bit: a bench baseline)."""
+        (--draft-optional), Done's stats say why. `exact=False` decodes lone tokens alone with llama.cpp's own
+        one-row kernels for this call (what llama.cpp does, which a draft may not match bit for bit: a bench
+        baseline)."""
         drafter = self.speculator(model, spec_type) if use_draft else None
         events = generate(self.main, prompt, gp, drafter, cancel, costs=self.cost)
-        if exact is not None and exact != self.main.pairs:
-            events = self._pairing(events, exact)
+        if exact is False and (self.main.pairs or self.main.one_row):
+            events = self._lone_rows(events)
         paused = use_draft and model is None and spec_type is None and drafter is None and self.draft_paused
         status = self.draft_status or (paused or None)
         return events if status is None else self._with_status(events, status)
@@ -381,11 +405,16 @@ class Runtime:
                          room_relocated=room_relocated),
                 self.draft_status or (paused or None))
 
-    def _pairing(self, events: Iterator[Token | Done], pairs: bool) -> Iterator[Token | Done]:
-        """Run a generation with lone-row pairing set to `pairs` (generate starts by emptying the cache, so the
-        exact mode's token tracking starts afresh), and restore it after."""
-        with self.main.pairing(pairs):
-            yield from events
+    def _lone_rows(self, events: Iterator[Token | Done]) -> Iterator[Token | Done]:
+        """Run a generation with lone rows decoded as llama.cpp decodes them: no pairing, no one-row switch
+        (generate starts by emptying the cache, so the exact mode's token tracking starts afresh); restore both."""
+        saved = self.main.one_row
+        self.main.one_row = False
+        try:
+            with self.main.pairing(False):
+                yield from events
+        finally:
+            self.main.one_row = saved
 
     def _with_status(self, events: Iterator[Token | Done], status: str) -> Iterator[Token | Done]:
         """Done's stats say why the draft that was asked for is not drafting (--draft-optional, or paused)."""

@@ -11,7 +11,7 @@ import pytest
 
 from tandem.config import ModelOptions, SpecOptions
 from tandem.engine import exact
-from tandem.engine.llama import Context, ContextParams, Model, SeqRows, patch_level
+from tandem.engine.llama import Context, ContextParams, Model, SeqRows, exact_kernels, patch_level
 from tandem.errors import EngineError
 from tandem.runtime import Runtime
 from tandem.spec.drafters import ModelDrafter
@@ -20,7 +20,7 @@ from tandem.spec.ngram import NgramDrafter
 from tandem.testing.tiny import build_tiny_model
 from test_ngram import LOOPY
 
-EXACT = ContextParams(n_ctx=512, n_batch=128, n_threads=2, exact=True)
+EXACT = ContextParams(n_ctx=512, n_batch=128, n_threads=2, exact=True)  # an f32 cache: lone rows paired
 LOOSE = ContextParams(n_ctx=512, n_batch=128, n_threads=2)
 PROMPTS = ["The capital of France is", "def fizzbuzz(n):", "Once upon a time", "SELECT * FROM users WHERE",
            "Dear Sir or Madam,", "In 1492, Columbus"]
@@ -139,7 +139,7 @@ def test_the_probe_finds_every_batch_size_alike_on_the_fixture(model):
     assert inv.multi_row and inv.exact and inv.multi_row_diff == 0.0
     assert not inv.single_row and 0 < inv.single_row_diff < 1e-3  # F32/F16 weights: tinyBLAS vs ggml's dot
     assert ctx.pos_max() == -1 and ctx.pairs  # leaves the context empty and pairing on
-    assert "decoded with the token before them" in inv.describe()
+    assert "decodes lone tokens with the token before them" in inv.describe()
 
 
 class _BatchDependent:
@@ -168,24 +168,34 @@ def test_the_probe_reports_batch_sizes_that_disagree():
     assert "can differ from plain output" in inv.describe()
 
 
-def test_runtime_pairs_lone_rows_only_with_exact_and_always_probes(tiny):
-    rt = Runtime(ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=256, exact=True),
-                 announce=lambda s: None)
-    assert rt.main.params.exact and rt.main.pairs and rt.exact
-    assert not rt.drafter.ctx.params.exact  # the draft only proposes: its lone rows are fine
-    # the per-call override (the bench's fastest plain baseline) restores pairing afterwards
-    events = list(rt.generate(rt.prompt(text="Hi", raw=True), GenParams(max_tokens=4), use_draft=False, exact=False))
-    assert events and rt.main.pairs
-    for opts in (ModelOptions(model=str(tiny["main"]), draft=str(tiny["draft_close"]), ctx_size=256),  # the default
-                 ModelOptions(model=str(tiny["main"]), draft="none", ctx_size=256)):
-        loose = Runtime(opts, announce=lambda s: None)
-        assert not loose.main.params.exact and not loose.main.pairs
-        # the probe still runs: a lone row rounds differently here, so this regime is not bit-exact
-        assert loose.invariance is not None and not loose.invariance.single_row and not loose.exact
-        assert loose.invariance_report()["lone_row"] is False and loose.invariance_report()["patch_level"] >= 1
-    ngram = Runtime(ModelOptions(model=str(tiny["main"]), draft="none", ctx_size=256, exact=True),
+def test_runtime_is_exact_by_default_and_pairs_lone_rows_only_where_kernels_cannot(tiny):
+    main, draft = str(tiny["main"]), str(tiny["draft_close"])
+    rt = Runtime(ModelOptions(model=main, draft=draft, ctx_size=256), announce=lambda s: None)  # the default
+    if exact_kernels():  # Tandem's patch: a lone row takes a batch's kernels, at no cost
+        assert rt.main.params.exact and rt.main.one_row and not rt.main.pairs and rt.exact
+        assert rt.invariance_report()["regime"] == "kernels" and rt.invariance_report()["lone_row"] is True
+    else:  # a stock library: exactness would cost pairing, so the default decodes lone rows alone
+        assert not rt.main.params.exact and not rt.exact and rt.invariance_report()["regime"] == "none"
+    assert not rt.drafter.ctx.params.exact and not rt.drafter.ctx.one_row  # the draft only proposes
+    # the per-call override (the bench's llama.cpp baseline): llama.cpp's own lone rows during the call only
+    events = rt.generate(rt.prompt(text="Hi", raw=True), GenParams(max_tokens=4), use_draft=False, exact=False)
+    assert isinstance(next(events), Token) and not rt.main.one_row and not rt.main.pairs
+    assert list(events) and rt.main.one_row == exact_kernels() and not rt.main.pairs
+    # --exact with an f32 cache, whose lone-row attention has no batch kernel: lone rows are paired
+    paired = Runtime(ModelOptions(model=main, draft=draft, ctx_size=256, exact=True, cache_type_k="f32",
+                                  cache_type_v="f32"), announce=lambda s: None)
+    assert paired.main.pairs and not paired.main.one_row and paired.exact
+    assert paired.invariance_report()["regime"] == "paired" and "--exact" in paired.exact_regime()[1]
+    # --no-exact: llama.cpp's own one-row kernels; the probe still runs and says this is not bit-exact
+    loose = Runtime(ModelOptions(model=main, draft="none", ctx_size=256, exact=False), announce=lambda s: None)
+    assert not loose.main.params.exact and not loose.main.pairs and not loose.main.one_row
+    assert loose.invariance is not None and not loose.invariance.single_row and not loose.exact
+    assert loose.invariance_report()["lone_row"] is False and loose.invariance_report()["patch_level"] >= 1
+    assert loose.exact_regime() == ("none", "--no-exact: lone rows take llama.cpp's own one-row kernels, which "
+                                            "round differently")
+    ngram = Runtime(ModelOptions(model=main, draft="none", ctx_size=256, exact=True),
                     spec=SpecOptions(spec_type="ngram"), announce=lambda s: None)
-    assert ngram.main.pairs and ngram.exact  # n-gram drafting speculates without a draft model
+    assert ngram.exact  # n-gram drafting speculates without a draft model
 
 
 # -- spare-row guesses ----------------------------------------------------------------------------------

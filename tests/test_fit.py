@@ -304,23 +304,28 @@ def test_repacked_weights_count_twice_on_the_cpus_that_repack_them(tiny):
     assert repacked_bytes(h, frozenset({"AVX2"})) == 0  # a build without the repack buffer
 
 
-def test_the_plan_matches_what_llama_cpp_allocates_for_repacked_weights(tiny, tmp_path):
-    """A Q4_0 model loaded with repacking (every draft) holds its file and a repacked copy of its matrices; an exact
-    main is loaded without. Before the plan counted repacking, a Q4_0 draft of SmolLM2 took 142 MiB against 86
-    planned."""
-    from tandem.engine.llama import cpu_features
+def test_the_plan_matches_what_llama_cpp_allocates_for_repacked_weights(tiny, tmp_path, monkeypatch):
+    """A Q4_0 model loaded with repacking (every draft; an exact main on a patched library, whose repacked kernels
+    give a row the same logits for every batch size) holds its file and a repacked copy of its matrices; an exact
+    main on a stock library is loaded without. Before the plan counted repacking, a Q4_0 draft of SmolLM2 took 142
+    MiB against 86 planned."""
+    from tandem.engine.llama import cpu_features, exact_kernels
     from tandem.models.defaults import derive
-    from tandem.models.fit import repacked_bytes
+    from tandem.models.fit import repacked_bytes, repacks
     if not {"REPACK", "AVX2"} <= cpu_features():
         pytest.skip("this CPU has no repacked Q4_0 kernels")
     path = derive(tiny["main"], tmp_path / "tiny-q4_0.gguf", "q4_0")
     header = read_header(path)
     repacked = repacked_bytes(header, cpu_features())
     assert repacked > 32 << 10  # more than the log's 0.01 MiB resolution and the tolerance below
-    for exact in (False, True):
+    patched = exact_kernels()
+    for exact, stock in ((False, False), (True, False), (True, True)):
+        if stock:  # what the plan says for an exact main on a library without the patch
+            monkeypatch.setattr("tandem.models.fit.exact_kernels", lambda: False)
         params = ContextParams(n_ctx=256, n_batch=64, n_threads=1, exact=exact)
+        assert repacks(params) == (not exact or (patched and not stock))
         planned = plan_model(header, params, role="draft" if not exact else "main").weights
-        model = Model(path, repack=not exact)
+        model = Model(path, repack=repacks(params))
         try:
             assert abs(planned - model.buffers["weights"]) <= 8 << 10, (exact, planned, repacked, model.buffers)
         finally:

@@ -6,7 +6,7 @@ table, the mode and options that produce it."""
 from __future__ import annotations
 
 MODES = ("costs", "window", "exactness", "rows", "payoff", "kv-types", "fit", "chat", "batch", "serve", "soak", "fuzz",
-         "memory", "grammar", "replicas", "disconnect", "trace")
+         "memory", "grammar", "replicas", "disconnect", "trace", "same-text")
 """`tandem bench MODE`: each is the module tandem.benchmarks.<MODE with '-' as '_'>."""
 
 

@@ -1,28 +1,29 @@
 """Does a row's logits depend on how many rows share its llama_decode? Measured once per main model.
 
 Speculative output equals plain output token for token only if a verification batch of k + 1 rows computes
-each row exactly as a plain step does. llama.cpp's CPU backend picks its matmul kernel by the number of rows:
-one row takes ggml's dot-product path, two or more take llamafile's tinyBLAS (F32 and F16 weights, and the
-attention's product with V for every weight type), repacked weights switch kernels at 4 rows (Q4_K) and the
-tiled K-quant matmul at 8. With repacking and the tiled matmul off (Model(repack=False), init_backend), every
-batch of two or more rows gives a row bit-identical logits. Measured on SmolLM2-135M (`tandem bench rows`,
-docs/benchmarks.md §5): a lone row differs from the same row in a batch by 1.6e-5 (F32) and 2.8e-2 (F16) in
-a logit on the probe's text; on Q8_0, Q4_0 and Q4_K_M only at some positions of some texts (0.95 at 1 of 40
-positions of one dev prompt); Q4_K_M batches of 3-17 rows differ from 2-row ones by up to 1.2 with repacked
-weights and 0.9 with the tiled matmul.
+each row exactly as a plain step does. Stock llama.cpp's CPU backend picks its matmul kernel by the number of
+rows: one row takes ggml's dot-product path, two or more take llamafile's tinyBLAS (F32 and F16 weights, Q8_0,
+and the attention's products for every weight type), repacked Q4_K weights switch kernels at 4 rows and the
+tiled K-quant matmul at 8 (Tandem turns it off). Measured on SmolLM2-135M and Qwen2.5-Coder-1.5B
+(`tandem bench rows`, docs/benchmarks.md §5): a lone row differs from the same row in a batch by 1.6e-5 (F32)
+to 0.44 (Q4_K_M) in a logit, and Q4_K_M batches of 3 rows from batches of 4 by up to 0.6.
 
-The exact mode (ContextParams.exact) therefore never decodes a lone row on the main model. `probe` checks the
-rest on the loaded model: that batches of 2..draft_max + 1 rows agree bit for bit, and says so when they do not
-(a backend or setting whose kernels switch by batch size). It cannot clear lone rows: their difference is in the
-last bits of the attention output and reaches the logits only where quantizing a layer's input to 8 bits rounds
-the other way (Q8_0 main, one dev prompt: 1 position in 40, by 0.95), so lone rows stay paired.
+Tandem's llama.cpp patch (level 5, tandem.engine.llama.exact_kernels) removes both: the repacked Q4_K one-row
+kernel adds in the order of the 4-row one, and a switch sends a lone row through tinyBLAS, which adds in the
+same order for every row count. An exact main context (ContextParams.exact, the default there) turns the switch
+on before each of its decodes: every row count, one included, then gives a row the same logits at no cost.
+Where that does not hold (an f32 KV cache, whose lone-row attention keeps ggml's dot product; a stock
+library) exact decoding pairs lone rows instead: a lone token is decoded with the token before it.
 
-Several sequences in one batch (`probe_sequences`): a mixed batch has two or more rows, so every row takes the
-multi-row kernels; what is left is where a sequence's KV cells sit. Attention sums run over the cells in 16-wide
-SIMD groups, and llama.cpp's unified cache puts a sequence's cells wherever cells are free (after or between
-the other sequences'), which changes the rounding (tiny fixtures: up to 6e-6 on F32, 3e-3 on F16). With
-Tandem's llama.cpp patch each sequence's cells sit in position order at the same offsets within 64-cell pages
-(ContextParams.seq_cells), and its logits are bit for bit those it gets alone (probed on F32, F16 and Q8_0 SmolLM2 and the fixtures).
+`probe` checks the loaded model at load: that batches of 2..draft_max + 1 rows agree bit for bit, and that a
+lone row agrees with them, and says so when they do not (a weight type or CPU whose kernels still switch).
+
+Several sequences in one batch (`probe_sequences`): what is left is where a sequence's KV cells sit. Attention
+sums run over the cells in 16-wide SIMD groups, and llama.cpp's unified cache puts a sequence's cells wherever
+cells are free (after or between the other sequences'), which changes the rounding (tiny fixtures: up to 6e-6
+on F32, 3e-3 on F16). With Tandem's llama.cpp patch each sequence's cells sit in position order at the same
+offsets within 64-cell pages (ContextParams.seq_cells), and its logits are bit for bit those it gets alone
+(probed on F32, F16, Q8_0 and Q4_K_M mains and the fixtures).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class Invariance:
     multi_row: bool
     """Every batch of 2..max_rows rows gave each of its rows the same logits as 2-row batches (bit for bit)."""
     single_row: bool
-    """A lone row did too, at the positions probed (lone rows are paired anyway: see the module docstring)."""
+    """A lone row did too, at the positions probed (by construction with the one-row switch; without it, where
+    it held here it may not hold at other positions, so exact decoding then pairs lone rows)."""
     multi_row_diff: float
     """Largest logit difference between batch sizes of 2 and more (0.0 when multi_row)."""
     single_row_diff: float
@@ -62,10 +64,10 @@ class Invariance:
         if not self.multi_row:
             return (f"batches of 2-{self.max_rows} rows differ by up to {self.multi_row_diff:.1e} in a logit: "
                     "speculative greedy output can differ from plain output where logits nearly tie")
-        lone = ("lone rows matched here" if self.single_row
-                else f"a lone row differs by up to {self.single_row_diff:.1e}")
-        return (f"every batch of 2-{self.max_rows} rows gives a row the same logits ({lone}; lone tokens are "
-                "decoded with the token before them)")
+        if self.single_row:
+            return f"every batch of 1-{self.max_rows} rows gives a row the same logits"
+        return (f"every batch of 2-{self.max_rows} rows gives a row the same logits (a lone row differs by up to "
+                f"{self.single_row_diff:.1e}; exact decoding decodes lone tokens with the token before them)")
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:

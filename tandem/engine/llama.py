@@ -124,6 +124,41 @@ def patch_level() -> int:
     return int(fn())
 
 
+EXACT_KERNELS_LEVEL = 5
+"""Patch level from which a row's logits never depend on how many rows share its decode, one included, once the
+one-row switch is on (patches/llama-cpp-python.patch, parts 2 and 7): exact decoding then needs no pairing."""
+
+
+def exact_kernels() -> bool:
+    """Whether the loaded library can decode a lone row with the kernels a batch takes (see EXACT_KERNELS_LEVEL)."""
+    return patch_level() >= EXACT_KERNELS_LEVEL and _one_row_switch() is not None
+
+
+ONE_ROW_CACHE_TYPES = frozenset({"f16"})
+"""KV cache types whose attention products take tinyBLAS for a lone row as for a batch (probed); with an f32 cache
+a lone row's attention still takes ggml's dot product, so exact decoding pairs lone rows there."""
+
+
+@functools.cache
+def _one_row_switch() -> Callable[[int], None] | None:
+    """The patch's tandem_sgemm_one_row(on) in ggml's CPU backend, as loaded with libllama (None if absent). A
+    wheel holds each library under several names as separate files, so only the copy already loaded counts
+    (RTLD_NOLOAD): another copy would have a switch of its own that no decode reads."""
+    base = Path(_lib().llama_cpp._base_path)
+    noload = getattr(os, "RTLD_NOLOAD", None)
+    if noload is None:
+        return None
+    for path in sorted(base.glob("*ggml-cpu*")):
+        try:
+            fn = getattr(ctypes.CDLL(str(path), mode=noload), "tandem_sgemm_one_row", None)
+        except OSError:
+            continue
+        if fn is not None:
+            fn.restype, fn.argtypes = None, [ctypes.c_int]
+            return fn
+    return None
+
+
 UNKNOWN = -1
 """Context.held()'s entry for a KV position whose token is not known (never equal to a token id)."""
 
@@ -170,11 +205,11 @@ class ContextParams:
     """Flash attention. Off by default: on CPU it makes a batch of k+1 tokens give logits up to 5e-2
     away from one-at-a-time decoding, enough to flip greedy tokens (measured on the tiny fixtures)."""
     exact: bool = False
-    """Never decode a lone row: a single new token is decoded together with the token before it (whose KV
-    cell is rewritten with the same values), and a decode never asks for the logits of one row only.
-    llama.cpp's CPU kernels for one row round differently from those for two or more, while every batch of 2+
-    rows gives a row the same logits, so a plain step then computes exactly what a verification batch does
-    (see tandem.engine.exact). The main model's setting; the draft's contexts decode lone rows."""
+    """Give a row the same logits whatever the number of rows in its decode, so a plain step computes exactly
+    what a verification batch does (see tandem.engine.exact). With Tandem's patch (exact_kernels()) a lone row
+    takes the kernels of a batch (Context.one_row); with another library it is decoded together with the token
+    before it (whose KV cell is rewritten with the same values; Context.pairs), and a decode never asks for the
+    logits of one row only. The main model's setting; the draft's contexts decode lone rows as llama.cpp does."""
 
     def threads(self) -> int:
         return self.n_threads or (os.cpu_count() or 1)
@@ -185,8 +220,9 @@ class Model:
 
     def __init__(self, path: str | Path, *, n_gpu_layers: int = 0,
                  progress: Callable[[float], None] | None = None, repack: bool = True):
-        """`repack`: let llama.cpp repack weights for its CPU GEMM kernels (extra buffer types). A repacked
-        Q4_K matmul switches kernels at 4 rows and changes a row's logits; the exact main model loads without."""
+        """`repack`: let llama.cpp repack weights for its CPU GEMM kernels (extra buffer types). On a stock library
+        a repacked Q4_K matmul switches kernels at 4 rows and changes a row's logits, so an exact main model loads
+        without there (tandem.models.fit.repacks)."""
         lib = _lib()
         log_router = init_backend()
         self.path = Path(path)
@@ -384,9 +420,13 @@ class Context:
         """Wall time spent inside llama_decode: the rest of a step's time is Python overhead."""
         if params.exact and params.n_batch < 2:
             raise EngineError("exact decoding needs n_batch >= 2", "use the memory plan's params")
-        self.pairs = params.exact
+        self.one_row = params.exact and exact_kernels() and {params.type_k, params.type_v} <= ONE_ROW_CACHE_TYPES
+        """Whether lone rows take the kernels of a batch (ContextParams.exact on a patched library): switched on
+        before each of this context's decodes, off before other contexts' (a draft's lone rows keep llama.cpp's
+        faster one-row kernels)."""
+        self.pairs = params.exact and not self.one_row
         """Whether lone rows are decoded with the row before them (see ContextParams.exact; the probe turns it
-        off while it measures llama.cpp itself)."""
+        off while it measures llama.cpp itself, and a runtime turns it on when the probe finds lone rows differ)."""
         self._tokens: dict[int, list[int]] = {}  # per sequence, the token at each KV position (see held())
         self._solo: dict[int, int] = {}  # exact mode: per sequence, a position a one-row decode wrote (1-token prompt)
 
@@ -418,8 +458,9 @@ class Context:
         """Decode the rows of several sequences in ONE llama_decode; per part, the logits it asked for.
 
         Parts name distinct sequences (0 <= seq_id < n_seq_max) and hold at most n_batch rows in all. In exact
-        mode a batch of one row is decoded with the row before it, and a batch that asks for one row's logits
-        asks for a second row's too (see ContextParams.exact), so no row ever takes llama.cpp's one-row kernels.
+        mode a lone row takes a batch's kernels (one_row), or, without them, a batch of one row is decoded with the
+        row before it and a batch that asks for one row's logits asks for a second row's too (see
+        ContextParams.exact), so no row ever takes llama.cpp's one-row kernels.
         """
         seqs = [p.seq_id for p in parts]
         if len(set(seqs)) != len(seqs) or not all(0 <= s < max(1, self.params.n_seq_max) for s in seqs):
@@ -501,6 +542,8 @@ class Context:
                 k += 1
         b.n_tokens = k
         t0 = time.perf_counter()
+        if (switch := _one_row_switch()) is not None:
+            switch(1 if self.one_row else 0)
         rc = lib.llama_decode(self._ptr, b)
         self.decode_seconds += time.perf_counter() - t0
         self.decode_calls += 1

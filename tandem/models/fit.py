@@ -9,7 +9,7 @@ own "buffer size" log lines (`tandem bench fit` checks them against a real load)
 
 - weights: the tensor bytes of the file (mapped with MAP_POPULATE, so resident), plus a second copy of each
   weight matrix llama.cpp repacks for its CPU kernels (REPACKED: Q4_0 and Q4_K on x86, for example) in a model
-  loaded with repacking (every draft; a main unless it is exact).
+  loaded with repacking (every draft; a main unless it is exact on a library without Tandem's patch).
 - KV cache: cells x layers x (K row + V row) at the cache types; cells are the requested context
   rounded up to a multiple of 256 (llama.cpp pads n_ctx: 32 -> 256).
 - compute: the worst-case graph of one micro-batch of u = min(512, n_ctx) tokens, whichever is larger
@@ -40,7 +40,7 @@ import psutil
 from gguf import GGMLQuantizationType as Q
 
 from tandem.config import ModelOptions
-from tandem.engine.llama import GGML_TYPES, ContextParams, cpu_features
+from tandem.engine.llama import GGML_TYPES, ContextParams, cpu_features, exact_kernels
 from tandem.errors import BadInputError, DoesNotFitError, TandemError, about_model
 from tandem.models.gguf_header import GGUFHeader, read_header
 
@@ -319,7 +319,7 @@ def context_params(opts: ModelOptions, *, draft: bool) -> ContextParams:
                             f"use --cache-type-v{suffix} f16, and quantize K instead (--cache-type-k{suffix} q8_0)")
     seqs = opts.parallel if shared else 1
     return ContextParams(n_ctx=n_ctx, n_batch=min(n_batch(seqs), n_ctx), n_threads=opts.threads, type_k=type_k,
-                         type_v=type_v, exact=bool(opts.exact) and not draft and n_ctx >= 2, n_seq_max=seqs,
+                         type_v=type_v, exact=wants_exact(opts.exact) and not draft and n_ctx >= 2, n_seq_max=seqs,
                          seq_cells=seqs > 1, shared_cells=seqs > 1 and opts.kv_unified)
 
 
@@ -337,10 +337,17 @@ def repacked_bytes(header: GGUFHeader, cpu: frozenset[str]) -> int:
                if any(needs <= cpu and rows % multiple == 0 for needs, multiple in REPACKED.get(type_, ())))
 
 
+def wants_exact(asked: bool | None) -> bool:
+    """The main model's exact decoding (ModelOptions.exact): as asked, and by default wherever it costs nothing,
+    i.e. where the library's kernels give a lone row a batch's logits (exact_kernels())."""
+    return exact_kernels() if asked is None else asked
+
+
 def repacks(params: ContextParams) -> bool:
-    """Whether a model with this context is loaded with repacked weights (Model(repack=...)): an exact main's are
-    not, since repacked kernels change a row's rounding with the batch's size (tandem.engine.exact)."""
-    return not params.exact
+    """Whether a model with this context is loaded with repacked weights (Model(repack=...)). An exact main's are
+    not on a stock library, whose repacked Q4_K kernels change a row's rounding with the batch's size; with
+    Tandem's patch they do not (tandem.engine.exact)."""
+    return not params.exact or exact_kernels()
 
 
 def plan_model(header: GGUFHeader, params: ContextParams, *, role: str, out_rows: int = 1,

@@ -73,9 +73,10 @@ class ModelInfo:
     costs timed at load (below 1: the draft cannot make this model faster here; see tandem.spec.payoff)."""
     invariance: dict | None = None
     """What the load-time probes found: `batch_sizes` (every verification size gives a row the same logits),
-    `lone_row` (a lone row does too; exact mode pairs lone rows anyway), their largest differences, `sequences`
-    (a sequence's logits do not depend on the others sharing its batch and KV cache), and `patch_level` (Tandem's
-    llama.cpp patch in the loaded library; 0: stock)."""
+    `lone_row` (a lone row does too), their largest differences, `sequences` (a sequence's logits do not depend
+    on the others sharing its batch and KV cache), `patch_level` (Tandem's llama.cpp patch in the loaded library;
+    0: stock), and `regime` with `regime_why`: how exactness holds ("kernels": the same kernels for every row
+    count, at no cost; "paired": lone rows decoded with the row before them; "none") and why."""
     draft_paused: str | None = None
     """Why requests that do not name the draft decode as --draft none does (it cannot pay here); None when
     the configured speculation runs."""
