@@ -53,8 +53,8 @@ class ModelOptions:
     """Decode the main model so that a token's logits never depend on how many tokens share its batch: output
     with a draft, n-gram or cache drafts, alone or among other requests, is then bit for bit the output without
     them. On by default where it costs nothing: with Tandem's llama.cpp patch a lone row takes the kernels of a
-    batch (a lone Q4_K_M row at 0.99x the tokens/s of llama.cpp's own, Q8_0 1.04x, F32 1.09x, F16 0.86x), and
-    the repacked Q4_K kernels add in the same order for every row count. --exact insists: where the probe at
+    batch (a lone row costs 1.01x llama.cpp's own on Q4_K_M weights, 1.03x on Q8_0, 0.97x on F32, 1.2x on F16),
+    and the repacked Q4_K kernels add in the same order for every row count. --exact insists: where the probe at
     load finds lone rows still differ (an f32 KV cache, a stock library), lone tokens go with the token before
     them, at the price of plain steps that decode two rows (1.2-2x a lone row). --no-exact decodes lone rows with
     llama.cpp's one-row kernels, which round differently. /health's model.invariance says which regime holds and

@@ -51,7 +51,7 @@ def test_every_row_count_one_included_gives_a_row_the_same_logits(wide, kind):
     assert ctx.one_row and not ctx.pairs  # exact without pairing: a lone row costs a lone row
     inv = exact.probe(ctx, exact.probe_tokens(ctx, exact.probe_length(17)), max_rows=17)
     assert inv.multi_row and inv.single_row, (inv.multi_row_diff, inv.single_row_diff)
-    plain, batch = plain_and_batched(ctx, exact.probe_tokens(ctx, 90)[:90], 70)
+    plain, batch = plain_and_batched(ctx, exact.probe_tokens(ctx, 200)[:200], 40)  # 160 positions
     assert np.array_equal(plain, batch)
 
 

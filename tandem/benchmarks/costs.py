@@ -4,17 +4,22 @@ A step that drafts k tokens costs about k draft decodes plus one main decode of 
 each main model decodes 1 to 17 tokens (all logits, lone rows as llama.cpp decodes them) after OFFSET cached
 tokens, and the draft 1 and 2 tokens; --by-position times the first main model's 1- and 17-token decodes
 at several KV positions, with an f32 and an f16 KV cache. Timings are the runtime's own calibrations
-(tandem.runtime.calibrate_verify and calibrate_draft), medians of --reps decodes.
+(tandem.runtime.calibrate_verify and calibrate_draft), medians of --reps decodes. --lone-row times what exact
+decoding costs a plain step: a lone row through the batch kernels (an exact context on Tandem's patched library)
+against llama.cpp's own one-row kernels, the two contexts side by side on one model, interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from pathlib import Path
 
 from tandem.benchmarks.common import add_model_arguments, draft_file, mains, positive_int
 from tandem.config import ModelOptions
-from tandem.engine.llama import Context, ContextParams, Model
+from tandem.engine.exact import probe_tokens
+from tandem.engine.llama import Context, ContextParams, Model, exact_kernels
 from tandem.runtime import CALIBRATION_SIZES, calibrate_draft, calibrate_verify
 
 HELP = "milliseconds per llama_decode by batch size (--by-position: by KV position)"
@@ -39,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "f16 KV cache (how a long context slows verification)")
     p.add_argument("--positions", type=positive_int, nargs="+", default=[200, 1000, 1800], metavar="N",
                    help="KV positions of --by-position (default: 200 1000 1800)")
+    p.add_argument("--lone-row", action="store_true",
+                   help="instead: each main model's lone-row decode with exact decoding's batch kernels vs "
+                        "llama.cpp's own one-row kernels, interleaved")
 
 
 def _ms(seconds: float | None) -> str:
@@ -72,6 +80,40 @@ def by_batch_size(args: argparse.Namespace) -> None:
     print(f"| draft {draft.stem} | {kv} | " + " | ".join(_ms(cells.get(n)) for n in sizes) + " |")
 
 
+def lone_row(args: argparse.Namespace) -> None:
+    """A lone row after OFFSET cached tokens (last logits), exact context vs llama.cpp's one-row kernels."""
+    if not exact_kernels():
+        print("this library has no batch kernels for lone rows (Tandem's llama.cpp patch level 5): nothing to time")
+        return
+    print(f"one lone-row decode after {OFFSET} cached tokens ({args.cache_type} KV), median of {args.reps}, "
+          "the two contexts interleaved\n")
+    print("| main | one-row kernels (switch off) | exact decoding (batch kernels; paired with an f32 cache) | "
+          "exact / switch off |")
+    print("|---|---:|---:|---:|", flush=True)
+    for label, path in mains(args):
+        model = Model(path)
+        try:
+            ctxs = {ex: Context(model, ContextParams(n_ctx=512, n_batch=64, n_threads=args.threads, exact=ex,
+                                                     type_k=args.cache_type, type_v=args.cache_type))
+                    for ex in (False, True)}
+            toks = probe_tokens(ctxs[False], OFFSET + 40)
+            for ctx in ctxs.values():
+                ctx.decode(toks[:OFFSET], 0, logits="none")
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for r in range(args.reps):
+                for ex in ((False, True) if r % 2 == 0 else (True, False)):
+                    t0 = time.perf_counter()
+                    ctxs[ex].decode([toks[OFFSET + r % 40]], OFFSET)
+                    times[ex].append(time.perf_counter() - t0)
+                    ctxs[ex].rollback(OFFSET)
+            for ctx in ctxs.values():
+                ctx.close()
+        finally:
+            model.close()
+        stock, exact = statistics.median(times[False]), statistics.median(times[True])
+        print(f"| {label} | {_ms(stock)} | {_ms(exact)} | {exact / stock:.2f}x |", flush=True)
+
+
 def by_position(args: argparse.Namespace) -> None:
     label, path = mains(args)[0]
     positions = sorted(args.positions)
@@ -88,5 +130,5 @@ def by_position(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    (by_position if args.by_position else by_batch_size)(args)
+    (lone_row if args.lone_row else by_position if args.by_position else by_batch_size)(args)
     return 0

@@ -73,7 +73,8 @@ def one_server(main: Path, draft: Path, flags: list[str], prompts: list[str], ar
     cmd = ["--model", str(main), "--draft", str(draft), "--port", "0", *flags]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    with ServeProcess(cmd).start(timeout=600) as server:
+    server = ServeProcess(cmd).start(timeout=600)
+    try:
         url = server.url
         while (health := httpx.get(f"{url}/health", timeout=60).json())["status"] == "loading":
             time.sleep(0.2)
@@ -81,6 +82,8 @@ def one_server(main: Path, draft: Path, flags: list[str], prompts: list[str], ar
         plain = [_chat(url, t, args.max_tokens, "none") for t in prompts]
         spec = [_chat(url, t, args.max_tokens, None) for t in prompts]
         crowd = _at_once(url, prompts[:args.concurrency], args.max_tokens)
+    finally:
+        server.stop()
     return {"regime": inv.get("regime"), "regime_why": inv.get("regime_why"),
             "alone_same": sum(a["text"] == b["text"] for a, b in zip(plain, spec)), "alone_n": len(prompts),
             "alone_drafted": sum(s["drafted"] for s in spec),

@@ -75,7 +75,7 @@ class ServeProcess:
         return self.proc.returncode
 
     def __enter__(self) -> ServeProcess:
-        return self.start()
+        return self if self.proc is not None else self.start()  # `with ServeProcess(...).start(...)` starts once
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
