@@ -93,8 +93,9 @@ class SpecOptions:
     fill the second with an n-gram guess of the next token instead of the previous token again. The same
     cost and the same output; a right guess is one more token. --no-spare-guess repeats the previous token."""
     pause_slow_draft: bool = True
-    """When even full acceptance could not beat plain decoding on this machine (costs timed at load), requests that
-    do not name the draft decode as --draft none does, and /health says why (draft_paused). --exact, or
+    """When even full acceptance would give less than 1.3x plain decoding on this machine (costs timed at load), too
+    little to pay for rejected tokens, requests that do not name the draft decode as --draft none does, and /health
+    says why (draft_paused). --exact, or
     --no-pause-slow-draft, keeps the draft on."""
     spec_type: str = "draft-model"
     """What drafts: draft-model (the --draft model), ngram (prompt lookup: repeats of earlier text, no draft

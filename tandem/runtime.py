@@ -22,7 +22,7 @@ from tandem.spec.drafters import Drafter, ModelDrafter
 from tandem.spec.generate import Done, GenParams, Steps, Token, generate, sequence
 from tandem.spec.ngram import CombinedDrafter, NgramDrafter
 from tandem.spec.costs import CostModel
-from tandem.spec.payoff import best_case_speedup
+from tandem.spec.payoff import PAUSE_BELOW, best_case_speedup
 from tandem.tools import ToolRequest
 
 log = logging.getLogger("tandem.runtime")
@@ -158,14 +158,15 @@ class Runtime:
         heap.release()  # what loading and the probes freed (see tandem.engine.heap)
 
     def _pause_draft(self) -> str | None:
-        """By default a draft that cannot beat plain decoding even at full acceptance is not used: Tandem then
-        decodes exactly as --draft none does, so the user loses neither speed nor the text --draft none gives.
+        """By default a draft whose best case (full acceptance) is below PAUSE_BELOW x plain decoding is not used:
+        Tandem then decodes exactly as --draft none does, so the user loses neither speed nor the text --draft none gives.
         --exact keeps it (the user asked for speculation bit for bit), and a request may still name it."""
-        if self.payoff is None or self.payoff >= 1.0 or self.opts.exact or not self.spec.pause_slow_draft:
+        if self.payoff is None or self.payoff >= PAUSE_BELOW or self.opts.exact or not self.spec.pause_slow_draft:
             return None
         why = (f"draft {self.drafter.name} cannot make {self.main_model.name} faster on this machine (at most "
-               f"{self.payoff:.2f}x plain decoding, even if every draft token were accepted), so requests decode "
-               "as --draft none does; a request may still name the draft (draft_model), and --exact keeps it on")
+               f"{self.payoff:.2f}x plain decoding even if every draft token were accepted; it takes "
+               f"{PAUSE_BELOW}x to pay for rejected tokens), so requests decode as --draft none does; a request may "
+               "still name the draft (draft_model), and --exact keeps it on")
         log.warning("%s", why)
         return why
 

@@ -11,8 +11,9 @@ from tandem.engine import exact
 from tandem.engine.llama import Context, ContextParams, Model, exact_kernels
 from tandem.models.defaults import derive
 from tandem.spec.drafters import ModelDrafter
-from tandem.spec.generate import GenParams, Token, generate
+from tandem.spec.generate import GenParams
 from tandem.testing.tiny import TinySpec, build_tiny_model
+from test_exact import speculative_matches_plain
 
 pytestmark = pytest.mark.skipif(not exact_kernels(), reason="needs Tandem's llama.cpp patch, level 5")
 
@@ -74,30 +75,6 @@ def test_a_drafts_lone_rows_between_the_mains_do_not_change_the_mains_output(wid
     main = Context(wide["q4_k_m"], params(exact_=True))
     drafter = ModelDrafter(Context(wide["q8_0"], params(exact_=False)))
     assert not drafter.ctx.one_row
-    seen: dict[bool, dict[int, tuple[int, np.ndarray]]] = {False: {}, True: {}}
-    decode = main.decode
-
-    def recording(tokens, pos0, *, seq_id=0, logits="last"):
-        out = decode(tokens, pos0, seq_id=seq_id, logits=logits)
-        if logits == "all":
-            for i, row in enumerate(out):
-                seen[use][pos0 + i] = (tokens[i], row.copy())
-        return out
-
-    main.decode = recording
-    drafted = 0
-    for text in ("The capital of France is", "def fizzbuzz(n):", "Once upon a time"):
-        prompt = main.model.tokenize(text)
-        runs = {}
-        for use in (False, True):
-            seen[use].clear()
-            main.rollback(0)
-            events = list(generate(main, prompt, GenParams(max_tokens=32, draft_max=5, draft_policy="fixed"),
-                                   drafter if use else None))
-            runs[use] = [e.id for e in events if isinstance(e, Token)]
-            drafted += events[-1].stats.drafted if use else 0
-        assert runs[True] == runs[False], text
-        common = [p for p in seen[False] if p in seen[True] and seen[False][p][0] == seen[True][p][0]]
-        assert len(common) >= len(runs[False]) - 2
-        assert all(np.array_equal(seen[False][p][1], seen[True][p][1]) for p in common), text
-    assert drafted > 30
+    gp = GenParams(max_tokens=32, draft_max=5, draft_policy="fixed")
+    assert speculative_matches_plain(main, drafter, ["The capital of France is", "def fizzbuzz(n):",
+                                                     "Once upon a time"], gp) > 30
