@@ -13,7 +13,8 @@ import psutil
 from tandem import chat, templates
 from tandem.config import SPEC_TYPES, ModelOptions, SpecOptions
 from tandem.engine import exact, heap
-from tandem.engine.llama import EXACT_KERNELS_LEVEL, Context, Model, patch_level
+from tandem.engine.library import EXACT_KERNELS_LEVEL, patch_level
+from tandem.engine.llama import Context, Model
 from tandem.engine.vocab import check_compatible
 from tandem.errors import BadInputError, TandemError, about_model
 from tandem.models.defaults import default_pair
@@ -159,8 +160,8 @@ class Runtime:
 
     def _pause_draft(self) -> str | None:
         """By default a draft whose best case (full acceptance) is below PAUSE_BELOW x plain decoding is not used:
-        Tandem then decodes exactly as --draft none does, so the user loses neither speed nor the text --draft none gives.
-        --exact keeps it (the user asked for speculation bit for bit), and a request may still name it."""
+        Tandem then decodes exactly as --draft none does, so the user loses neither speed nor the text --draft
+        none gives. --exact keeps it (the user asked for speculation bit for bit), and a request may still name it."""
         if self.payoff is None or self.payoff >= PAUSE_BELOW or self.opts.exact or not self.spec.pause_slow_draft:
             return None
         why = (f"draft {self.drafter.name} cannot make {self.main_model.name} faster on this machine (at most "
@@ -196,8 +197,9 @@ class Runtime:
 
     def _probe(self) -> exact.Invariance | None:
         """Check whether every verification batch size, and a lone row, computes a row the same way (None when the
-        context is too small to probe). In exact mode lone rows stay paired whatever the probe saw: it cannot
-        rule out a rare difference at positions it did not probe."""
+        context is too small to probe). Where the context pairs lone rows (no batch kernels for them) they stay
+        paired whatever the probe saw: it cannot rule out a rare difference at positions it did not probe. Where
+        they take the batch kernels and still differ, --exact turns pairing on."""
         rows = max(self.spec.draft_max + 1, 2)
         if exact.probe_length(rows) > self.main.capacity:
             return None

@@ -11,7 +11,8 @@ import pytest
 
 from tandem.config import ModelOptions, SpecOptions
 from tandem.engine import exact
-from tandem.engine.llama import Context, ContextParams, Model, SeqRows, exact_kernels, patch_level
+from tandem.engine.library import exact_kernels, patch_level
+from tandem.engine.llama import Context, ContextParams, Model, SeqRows
 from tandem.errors import EngineError
 from tandem.runtime import Runtime
 from tandem.spec.drafters import ModelDrafter

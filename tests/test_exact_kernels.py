@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tandem.engine import exact
-from tandem.engine.llama import Context, ContextParams, Model, exact_kernels
+from tandem.engine.library import exact_kernels
+from tandem.engine.llama import Context, ContextParams, Model
 from tandem.models.defaults import derive
 from tandem.spec.drafters import ModelDrafter
 from tandem.spec.generate import GenParams

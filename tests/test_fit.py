@@ -309,7 +309,7 @@ def test_the_plan_matches_what_llama_cpp_allocates_for_repacked_weights(tiny, tm
     give a row the same logits for every batch size) holds its file and a repacked copy of its matrices; an exact
     main on a stock library is loaded without. Before the plan counted repacking, a Q4_0 draft of SmolLM2 took 142
     MiB against 86 planned."""
-    from tandem.engine.llama import cpu_features, exact_kernels
+    from tandem.engine.library import cpu_features, exact_kernels
     from tandem.models.defaults import derive
     from tandem.models.fit import repacked_bytes, repacks
     if not {"REPACK", "AVX2"} <= cpu_features():

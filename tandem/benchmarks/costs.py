@@ -19,7 +19,8 @@ from pathlib import Path
 from tandem.benchmarks.common import add_model_arguments, draft_file, mains, positive_int
 from tandem.config import ModelOptions
 from tandem.engine.exact import probe_tokens
-from tandem.engine.llama import Context, ContextParams, Model, exact_kernels
+from tandem.engine.library import exact_kernels
+from tandem.engine.llama import Context, ContextParams, Model
 from tandem.runtime import CALIBRATION_SIZES, calibrate_draft, calibrate_verify
 
 HELP = "milliseconds per llama_decode by batch size (--by-position: by KV position)"

@@ -8,7 +8,7 @@ tiled K-quant matmul at 8 (Tandem turns it off). Measured on SmolLM2-135M and Qw
 (`tandem bench rows`, docs/benchmarks.md §5): a lone row differs from the same row in a batch by 1.6e-5 (F32)
 to 0.44 (Q4_K_M) in a logit, and Q4_K_M batches of 3 rows from batches of 4 by up to 0.6.
 
-Tandem's llama.cpp patch (level 5, tandem.engine.llama.exact_kernels) removes both: the repacked Q4_K one-row
+Tandem's llama.cpp patch (level 5, tandem.engine.library.exact_kernels) removes both: the repacked Q4_K one-row
 kernel adds in the order of the 4-row one, and a switch sends a lone row through tinyBLAS, which adds in the
 same order for every row count. An exact main context (ContextParams.exact, the default there) turns the switch
 on before each of its decodes: every row count, one included, then gives a row the same logits at no cost.

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from tandem.engine import heap
+from tandem.engine.library import ONE_ROW_CACHE_TYPES, exact_kernels, one_row_switch, patch_level
+from tandem.engine.library import native as _lib
 from tandem.engine.vocab import VocabInfo
 from tandem.errors import EngineError, LoadFailedError
 from tandem.models.gguf_header import check_gguf
@@ -41,10 +43,6 @@ _BUFFER_LINE = re.compile(r"\b(model|KV|RS|compute|output) buffer size = +([\d.]
 _BUFFER_KIND = {"model": "weights", "KV": "kv", "RS": "kv", "compute": "compute", "output": "output"}
 
 
-def _lib():
-    import llama_cpp  # imported lazily so pure modules and --help work without the native library
-
-    return llama_cpp
 
 
 class LlamaLog:
@@ -103,60 +101,6 @@ def init_backend() -> LlamaLog:
     heap.tune()
     lib.llama_backend_init()
     return router
-
-
-@functools.cache
-def cpu_features() -> frozenset[str]:
-    """What ggml's CPU backend was built for and found on this machine: the "NAME = 1" entries of
-    llama_print_system_info (AVX2, AVX512, NEON, DOTPROD, MATMUL_INT8, REPACK, ...)."""
-    info = _lib().llama_print_system_info().decode("utf-8", "replace")
-    return frozenset(m.group(1) for m in re.finditer(r"(\w+) = 1\b", info))
-
-
-@functools.cache
-def patch_level() -> int:
-    """The level of Tandem's patch to llama.cpp (patches/llama-cpp-python.patch) in the loaded library: 0 for a
-    stock build (installed some other way), which works without what the patch adds (ContextParams.seq_cells)."""
-    fn = getattr(_lib().llama_cpp._lib, "tandem_patch_level", None)
-    if fn is None:
-        return 0
-    fn.restype, fn.argtypes = ctypes.c_int, []
-    return int(fn())
-
-
-EXACT_KERNELS_LEVEL = 5
-"""Patch level from which a row's logits never depend on how many rows share its decode, one included, once the
-one-row switch is on (patches/llama-cpp-python.patch, parts 2 and 7): exact decoding then needs no pairing."""
-
-
-def exact_kernels() -> bool:
-    """Whether the loaded library can decode a lone row with the kernels a batch takes (see EXACT_KERNELS_LEVEL)."""
-    return patch_level() >= EXACT_KERNELS_LEVEL and _one_row_switch() is not None
-
-
-ONE_ROW_CACHE_TYPES = frozenset({"f16"})
-"""KV cache types whose attention products take tinyBLAS for a lone row as for a batch (probed); with an f32 cache
-a lone row's attention still takes ggml's dot product, so exact decoding pairs lone rows there."""
-
-
-@functools.cache
-def _one_row_switch() -> Callable[[int], None] | None:
-    """The patch's tandem_sgemm_one_row(on) in ggml's CPU backend, as loaded with libllama (None if absent). A
-    wheel holds each library under several names as separate files, so only the copy already loaded counts
-    (RTLD_NOLOAD): another copy would have a switch of its own that no decode reads."""
-    base = Path(_lib().llama_cpp._base_path)
-    noload = getattr(os, "RTLD_NOLOAD", None)
-    if noload is None:
-        return None
-    for path in sorted(base.glob("*ggml-cpu*")):
-        try:
-            fn = getattr(ctypes.CDLL(str(path), mode=noload), "tandem_sgemm_one_row", None)
-        except OSError:
-            continue
-        if fn is not None:
-            fn.restype, fn.argtypes = None, [ctypes.c_int]
-            return fn
-    return None
 
 
 UNKNOWN = -1
@@ -542,7 +486,7 @@ class Context:
                 k += 1
         b.n_tokens = k
         t0 = time.perf_counter()
-        if (switch := _one_row_switch()) is not None:
+        if (switch := one_row_switch()) is not None:
             switch(1 if self.one_row else 0)
         rc = lib.llama_decode(self._ptr, b)
         self.decode_seconds += time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """The memory plan: what a main model and its draft will allocate, computed before anything is loaded.
 
 GGUF headers (tandem.models.gguf_header) and arithmetic; of llama.cpp only which CPU kernels it has
-(tandem.engine.llama.cpu_features, for the repacked weights below). The plan builds the
+(tandem.engine.library.cpu_features, for the repacked weights below). The plan builds the
 ContextParams that `Runtime` hands to llama.cpp, so `tandem fit` and the real load cannot disagree.
 
 The sizes model llama.cpp 0.3.36 on the CPU (flash attention off, one sequence), as measured from its
@@ -40,7 +40,8 @@ import psutil
 from gguf import GGMLQuantizationType as Q
 
 from tandem.config import ModelOptions
-from tandem.engine.llama import GGML_TYPES, ContextParams, cpu_features, exact_kernels
+from tandem.engine.library import cpu_features, exact_kernels
+from tandem.engine.llama import GGML_TYPES, ContextParams
 from tandem.errors import BadInputError, DoesNotFitError, TandemError, about_model
 from tandem.models.gguf_header import GGUFHeader, read_header
 
