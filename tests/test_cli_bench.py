@@ -280,3 +280,27 @@ def test_disconnect_times_the_next_request_after_a_dropped_stream(tiny):
     assert [(row[0], row[1]) for row in rows] == [("1", "tandem"), ("1", "tandem --draft none"), ("2", "tandem"),
                                                   ("2", "tandem --draft none")]
     assert all(0 < float(row[2]) <= float(row[3]) for row in rows)
+
+
+def test_same_text_counts_texts_equal_to_draft_none_through_tandem_serve(tiny, tmp_path):
+    from tandem.engine.library import exact_kernels
+    if not exact_kernels():
+        pytest.skip("greedy text equal by construction needs Tandem's llama.cpp patch, level 5")
+    out = tmp_path / "same.json"
+    r = bench("same-text", "--model", str(tiny["main"]), "--draft", str(tiny["draft_close"]), "--max-tokens", "8",
+              "--servers", "draft-model", "--concurrency", "2", "--json", str(out), *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["regime"] == "kernels" and res["alone_drafted"] > 0 and res["crowd_drafted"] > 0
+    assert res["alone_same"] == res["alone_n"] == 8 and res["crowd_same"] == res["crowd_n"] == 2
+    assert "| draft-model | kernels | 8/8 |" in r.stdout
+
+
+def test_costs_lone_row_prices_exact_decoding_against_the_one_row_kernels(tiny):
+    from tandem.engine.library import exact_kernels
+    if not exact_kernels():
+        pytest.skip("the one-row switch is part of Tandem's llama.cpp patch, level 5")
+    r = bench("costs", "--lone-row", "--model", str(tiny["main"]), "--reps", "3", *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    (row,) = table_rows(r.stdout, "tiny-main")
+    assert row[1].endswith(" ms") and row[2].endswith(" ms") and float(row[3].rstrip("x")) > 0
