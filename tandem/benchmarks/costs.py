@@ -93,10 +93,11 @@ def lone_row(args: argparse.Namespace) -> None:
     print("|---|---:|---:|---:|", flush=True)
     for label, path in mains(args):
         model = Model(path)
+        ctxs: dict[bool, Context] = {}
         try:
-            ctxs = {ex: Context(model, ContextParams(n_ctx=512, n_batch=64, n_threads=args.threads, exact=ex,
-                                                     type_k=args.cache_type, type_v=args.cache_type))
-                    for ex in (False, True)}
+            for ex in (False, True):
+                ctxs[ex] = Context(model, ContextParams(n_ctx=512, n_batch=64, n_threads=args.threads, exact=ex,
+                                                        type_k=args.cache_type, type_v=args.cache_type))
             toks = probe_tokens(ctxs[False], OFFSET + 40)
             for ctx in ctxs.values():
                 ctx.decode(toks[:OFFSET], 0, logits="none")
@@ -107,9 +108,9 @@ def lone_row(args: argparse.Namespace) -> None:
                     ctxs[ex].decode([toks[OFFSET + r % 40]], OFFSET)
                     times[ex].append(time.perf_counter() - t0)
                     ctxs[ex].rollback(OFFSET)
+        finally:
             for ctx in ctxs.values():
                 ctx.close()
-        finally:
             model.close()
         stock, exact = statistics.median(times[False]), statistics.median(times[True])
         print(f"| {label} | {_ms(stock)} | {_ms(exact)} | {exact / stock:.2f}x |", flush=True)

@@ -43,8 +43,6 @@ _BUFFER_LINE = re.compile(r"\b(model|KV|RS|compute|output) buffer size = +([\d.]
 _BUFFER_KIND = {"model": "weights", "KV": "kv", "RS": "kv", "compute": "compute", "output": "output"}
 
 
-
-
 class LlamaLog:
     """llama.cpp's log callback: every line goes to the "llama.cpp" logger; capture() also hands the lines
     logged by the calling thread to a list, for the buffer sizes llama.cpp reports while allocating."""
