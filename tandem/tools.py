@@ -9,9 +9,9 @@ one JSON object, {"tool_calls": [{"name", "arguments"}]} or {"response": "..."}.
 the rest is held and parsed at the end. `parse` is the same reader run on a whole text, so a streamed answer and
 a whole one always agree.
 
-Without constrained decoding a model may answer `tool_choice: required` (or a named function) with text: the text
-is then returned with finish_reason "stop". `required_output` describes what a grammar engine must hold the
-output to for those choices.
+Under `tool_choice: required` (or a named function) a grammar holds the output to calls in the model's format
+(tandem.tool_grammar). A call that repeats an earlier one (same name and arguments) is dropped: a model stuck in
+a loop writes the same call again and again.
 """
 
 from __future__ import annotations
@@ -226,6 +226,18 @@ def _read_held(fmt: str, held: str) -> tuple[list[ToolCall], str] | None:
     return (found, "") if found else None
 
 
+def _unique(calls: list[ToolCall]) -> list[ToolCall]:
+    """The calls without those that repeat an earlier one (same name, same arguments)."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for c in calls:
+        key = (c.name, json.dumps(json.loads(c.arguments), sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
 def _partial_marker(text: str, markers: Sequence[str]) -> int:
     """Length of the longest end of `text` that a marker starts with (it may be completed by the next piece)."""
     best = 0
@@ -287,6 +299,7 @@ class ToolStream:
             calls = [c for c in calls if c.name == self.req.forced]
         if not calls:
             return Parsed(rest if rest or not read[0] else held.strip())
+        calls = _unique(calls)
         if not self.req.parallel:
             calls = calls[:1]
         return Parsed(rest or None, tuple(calls))
@@ -309,52 +322,3 @@ def call_deltas(calls: Sequence[ToolCall]) -> list[list[dict]]:
         out.append([{"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}])
         out.append([{"index": i, "function": {"arguments": c.arguments}}])
     return out
-
-
-# -- the seam for constrained decoding --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OutputConstraint:
-    """What a model's whole output must be under tool_choice required or a named function: `prefix`, then JSON
-    text that `json_schema` accepts, then `suffix`."""
-
-    prefix: str
-    """Literal text before the JSON."""
-    json_schema: dict
-    """JSON schema of the JSON part."""
-    suffix: str
-    """Literal text after the JSON."""
-
-    def lark(self) -> str:
-        """The same as a Lark grammar in llguidance's dialect (%json embeds a JSON schema)."""
-        parts = [json.dumps(self.prefix)] if self.prefix else []
-        parts.append("%json " + json.dumps(self.json_schema))
-        parts += [json.dumps(self.suffix)] if self.suffix else []
-        return "start: " + " ".join(parts) + "\n"
-
-
-def _call_schema(function: dict, args_key: str) -> dict:
-    """One call's schema. No keys beyond the ones named (in the arguments too, unless the tool's schema allows
-    more): an open object lets a model wander in extra keys instead of closing the call."""
-    params = {"additionalProperties": False, **(function.get("parameters") or {"type": "object"})}
-    return {"type": "object", "properties": {"name": {"const": function["name"]}, args_key: params},
-            "required": ["name", args_key], "additionalProperties": False}
-
-
-def required_output(req: ToolRequest, fmt: str) -> OutputConstraint | None:
-    """The constraint a grammar engine should hold a generation to for tool_choice required or a named function,
-    in the model's tool format; None when the choice leaves the model free (auto)."""
-    if req.choice == "auto" or not req.tools:
-        return None
-    functions = [f for f in req.functions if req.forced is None or f["name"] == req.forced]
-    args_key = "parameters" if fmt == "llama3" else "arguments"
-    one = {"anyOf": [_call_schema(f, args_key) for f in functions]} if len(functions) > 1 else \
-        _call_schema(functions[0], args_key)
-    many = {"type": "array", "items": one, "minItems": 1, **({} if req.parallel else {"maxItems": 1})}
-    if fmt == "hermes":
-        return OutputConstraint("<tool_call>\n", one, "\n</tool_call>")
-    if fmt == "mistral":
-        return OutputConstraint("[TOOL_CALLS] ", many, "")
-    if fmt == "llama3":
-        return OutputConstraint("", one, "")
-    return OutputConstraint("", {"type": "object", "properties": {"tool_calls": many}, "required": ["tool_calls"],
-                                 "additionalProperties": False}, "")

@@ -105,3 +105,33 @@ def test_what_cannot_be_compiled_is_a_400_naming_the_field(server, fields, param
     with client(server) as c:
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **fields})
     assert_openai_error(r, 400, param)
+
+
+COUNTRY = {"type": "object", "properties": {  # no additionalProperties, no required: open unless strict
+    "name": {"type": "string", "maxLength": 8}, "continent": {"type": "string", "enum": ["Europe", "Asia"]},
+    "capital": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}}}}
+
+
+def test_strict_json_schema_closes_every_object_and_requires_every_key(server):
+    """OpenAI's strict mode: the model can neither add keys (before: it added them until max_tokens) nor leave
+    any out, in nested objects too."""
+    oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key=TEST_KEY, max_retries=0, timeout=60)
+    r = oai.chat.completions.create(
+        model=oai.models.list().data[0].id, messages=[{"role": "user", "content": "France?"}], temperature=0,
+        max_tokens=200, response_format={"type": "json_schema", "json_schema": {
+            "name": "country", "strict": True, "schema": COUNTRY}})
+    out = json.loads(r.choices[0].message.content)
+    assert r.choices[0].finish_reason == "stop", r.choices[0]
+    assert list(out) == ["name", "continent", "capital"] and list(out["capital"]) == ["name"]
+
+
+@pytest.mark.parametrize("extra", [True, {"type": "string"}])
+def test_strict_json_schema_open_to_more_keys_is_refused_as_openai_does(server, extra):
+    schema = {**COUNTRY, "properties": {**COUNTRY["properties"], "capital": {
+        "type": "object", "additionalProperties": extra}}}
+    with client(server) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "response_format": {
+            "type": "json_schema", "json_schema": {"name": "country", "strict": True, "schema": schema}}})
+    err = assert_openai_error(r, 400, "response_format")
+    assert "Invalid schema for response_format 'country'" in err["message"]
+    assert "('properties', 'capital')" in err["message"] and "additionalProperties" in err["message"]

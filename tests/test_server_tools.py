@@ -14,6 +14,7 @@ from tandem.config import ModelOptions
 from tandem.engine.llama import Model
 from tandem.runtime import Runtime, tokenize_prompt
 from tandem.server.serving import ServerThread
+from tandem.testing.tiny import QWEN_TOOLS, build_extra
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -173,3 +174,60 @@ def test_a_fallback_template_is_reported_in_health_and_used(gemma_server):
     assert prompt.endswith("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
     assert r.status_code == 200, r.text
     assert json.loads(r.text)["usage"]["completion_tokens"] == 2
+
+
+# -- required calls: parsed, in the model's own format, and bounded ------------------------------------------
+def _required(oai, model: str, **kw):
+    body = dict(model=model, messages=[{"role": "user", "content": "Time?"}], tools=[TIME], tool_choice="required",
+                max_tokens=400, temperature=0, **kw)
+    whole = oai.chat.completions.create(**body)
+    chunks = list(oai.chat.completions.create(**body, stream=True))
+    deltas = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
+    streamed = {d.index: d.function.arguments for d in deltas if d.function.arguments}
+    calls = whole.choices[0].message.tool_calls
+    assert [streamed[i] for i in sorted(streamed)] == [c.function.arguments for c in calls]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    return whole
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_a_required_call_comes_back_parsed_and_repeats_cannot_fill_the_budget(oai, tiny, parallel):
+    """A model that wants one call after another (the tiny model with "," pushed up, as SmolLM2 does by itself): the
+    calls are parsed, and a repeated call ends the answer (2 distinct calls of an enum argument at most, then one
+    repeat) long before max_tokens. Before: content '{"tool_calls": [...' cut, finish_reason stop, no tool_calls."""
+    r = _required(oai, tiny["main"].stem, parallel_tool_calls=parallel, logit_bias={"28": 100})
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    args = [json.loads(c.function.arguments) for c in choice.message.tool_calls]
+    assert all(c.function.name == "get_time" for c in choice.message.tool_calls)
+    assert len(args) == 1 if not parallel else 1 <= len(args) <= 2
+    assert len({a["zone"] for a in args}) == len(args)  # no call twice
+    assert r.usage.completion_tokens < 80 < 400  # three calls at most, about 20 tokens each
+
+
+@pytest.fixture(scope="module")
+def qwen_server(tiny) -> Iterator[ServerThread]:
+    opts = ModelOptions(model=str(build_extra(tiny["main"].parent, QWEN_TOOLS)), draft="none", ctx_size=1024, threads=1)
+    srv = start(tiny_app(tiny, factory=lambda: Runtime(opts, spec=RUNTIME_SPEC, announce=lambda _s: None)))
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_a_required_call_in_qwens_format_is_generated_and_parsed(qwen_server, choice):
+    """Qwen2.5's template and <tool_call> token (tiny model): the call is written with the model's own special
+    tokens and comes back in tool_calls (before: content "<tool_call>", finish_reason stop)."""
+    with client(qwen_server) as c:
+        assert c.get("/health").json()["model"]["chat_template"]["tool_format"] == "hermes"
+    oai = openai.OpenAI(base_url=f"{qwen_server.url}/v1", api_key=TEST_KEY, max_retries=0, timeout=60)
+    model = oai.models.list().data[0].id
+    r = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Time?"}],
+                                    tools=[DATE, TIME], tool_choice=choice, parallel_tool_calls=False,
+                                    max_tokens=120, temperature=0)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and msg.content is None, r.choices[0]
+    (call,) = msg.tool_calls
+    assert call.function.name in (("get_time",) if isinstance(choice, dict) else ("get_time", "get_date"))
+    assert isinstance(json.loads(call.function.arguments), dict)
+    r = _required(oai, model)  # parallel calls: bounded, no repeats, streamed alike
+    assert 1 <= len(r.choices[0].message.tool_calls) <= 2 and r.usage.completion_tokens < 80

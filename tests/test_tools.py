@@ -1,4 +1,4 @@
-"""Tool calls read from model output (every format, whole and streamed), the generic prompt, the grammar seam, and
+"""Tool calls read from model output (every format, whole and streamed), the generic prompt, and
 the response bodies they give (checked against the official openai client's types)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tandem import tools
 from tandem.server.responses import Builder, Piece
 from tandem.spec.generate import Done, Token
 from tandem.spec.stats import SpecStats
-from tandem.tools import ToolRequest, ToolStream, call_deltas, parse, required_output
+from tandem.tools import ToolRequest, ToolStream, call_deltas, parse
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -145,22 +145,6 @@ def test_generic_messages_offer_tools_and_rewrite_the_history():
                                                                                "content": "sunny"}})}
     plain = tools.generic_messages([{"role": "user", "content": "hi"}], AUTO)
     assert plain[0]["role"] == "system" and '{"response": "<your answer>"}' in plain[0]["content"]
-
-
-def test_required_output_is_the_seam_for_a_grammar():
-    assert required_output(AUTO, "hermes") is None
-    named = required_output(ToolRequest((WEATHER, TIME), choice="get_weather"), "hermes")
-    assert named.prefix == "<tool_call>\n" and named.suffix == "\n</tool_call>"
-    assert named.json_schema["properties"]["name"] == {"const": "get_weather"}
-    assert named.json_schema["properties"]["arguments"] == {"additionalProperties": False,
-                                                            **WEATHER["function"]["parameters"]}
-    required = required_output(ToolRequest((WEATHER, TIME), choice="required", parallel=False), "generic")
-    calls = required.json_schema["properties"]["tool_calls"]
-    assert calls["maxItems"] == 1 and len(calls["items"]["anyOf"]) == 2
-    assert required_output(ToolRequest((TIME,), choice="required"), "llama3").json_schema["required"] == \
-        ["name", "parameters"]
-    assert required_output(ToolRequest((TIME,), choice="required"), "mistral").prefix == "[TOOL_CALLS] "
-    assert named.lark().startswith('start: "<tool_call>\\n" %json {')
 
 
 def test_tool_schema_problems_are_named():

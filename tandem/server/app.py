@@ -38,12 +38,11 @@ from tandem.server.structured import grammar_of
 from tandem.server.web import PAGES, web_router
 from tandem.server.worker import SERVING, Engine, EngineStatus, JobHandle, JobSpec, ModelInfo, not_ready_error
 from tandem.spec.generate import Done, GenParams
-from tandem.spec.grammar import JSON_OPTIONS, Grammar
 from tandem.spec.penalties import DEFAULT_REPEAT_LAST_N, penalty_processors
 from tandem.spec.processors import Processors
 from tandem.spec.sampling import SamplingParams
 from tandem.templates import ChatFormat
-from tandem.tools import ToolRequest, required_output
+from tandem.tool_grammar import check_choice
 
 _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/api/v0/models", "/health",
                         "/metrics", "/apply-template", *PAGES})
@@ -118,21 +117,6 @@ def _gen_params(req: ChatRequest | CompletionRequest, max_tokens: int, spec: Spe
     return GenParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_list, processors=Processors(penalties),
                      logprobs=req.logprob_count,
                      grammar=grammar_of(req.response_format, req.grammar, req.json_schema), **knobs)
-
-
-def _tool_grammar(gp: GenParams, tools: ToolRequest | None, fmt: ChatFormat | None) -> GenParams:
-    """Under tool_choice required or a named function, hold the output to a call in the model's tool format (a
-    grammar), so it always parses. Needs the model's format: a model not loaded yet is held to it from its next
-    request on (its first answer is parsed as sent)."""
-    out = required_output(tools, fmt.tool_format) if tools is not None and fmt is not None else None
-    if out is None:
-        return gp
-    if gp.grammar is not None:
-        raise BadInputError("tool_choice requires a tool call, and response_format/grammar constrain the output too",
-                            "send only one of them", param="tool_choice")
-    # compact JSON, as structured output writes it: punctuation and names forced, no whitespace to wander in
-    out = dataclasses.replace(out, json_schema={"x-guidance": JSON_OPTIONS, **out.json_schema})
-    return dataclasses.replace(gp, grammar=Grammar.lark(out.lark(), param="tool_choice"))
 
 
 async def _stream(handle: JobHandle, first: list, builder: Builder, include_usage: bool) -> AsyncIterator[str]:
@@ -281,7 +265,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         t = await target(req)
         gp = _gen_params(req, req.token_limit or 1, t.spec)
         tools = req.tool_request()
-        gp = _tool_grammar(gp, tools, loaded_format(t.model))
+        check_choice(tools, gp.grammar)  # the call's grammar is built for the model when the job starts
         job = JobSpec("chat", gp, messages=req.message_dicts(), draft_model=t.draft_model, model=t.model,
                       draft_path=t.draft_path, max_tokens_from_context=req.token_limit is None, tools=tools)
         return await run(request, req, job, t.model_id)

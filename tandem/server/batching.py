@@ -93,7 +93,7 @@ class Batcher:
                 continue
             try:
                 prompt = self._prompt(rt, job.spec)
-                params = job.spec.params
+                params = job.spec.params_for(rt)
                 if job.spec.max_tokens_from_context:
                     params = dataclasses.replace(params, max_tokens=rt.main.capacity)
                 live = _Live(job, None)

@@ -3,10 +3,12 @@ compiled to the one Grammar a generation is constrained by (tandem.spec.grammar)
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tandem.errors import BadInputError
 from tandem.spec.grammar import Grammar
+from tandem.strict import strict_schema
 
 _FORMAT_FIX = ('send {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
                '{"name": "...", "schema": {...}, "strict": true}}')
@@ -54,5 +56,14 @@ def _response_format(rf: dict[str, Any] | None) -> Grammar | None:
     if "schema" not in spec:
         raise BadInputError("response_format.json_schema has no schema", _FORMAT_FIX,
                             param="response_format.json_schema.schema")
-    # strict or not, the output is held to the schema: a constraint costs nothing extra here
-    return Grammar.json_schema(spec["schema"], param="response_format.json_schema.schema")
+    schema = spec["schema"]
+    if strict in (True, "true"):  # every object closed, every property required (tandem.strict)
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError:
+                pass  # Grammar.json_schema names the error
+        schema = strict_schema(schema, f"response_format {spec.get('name', 'schema')!r}")
+    # without strict, the output is held to the schema as sent: an object without additionalProperties: false
+    # stays open to more keys, as JSON Schema says
+    return Grammar.json_schema(schema, param="response_format.json_schema.schema")

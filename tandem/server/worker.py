@@ -31,6 +31,7 @@ from tandem.spec.drafters import ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token
 from tandem.spec.stats import SpecStats
 from tandem.templates import ChatFormat
+from tandem.tool_grammar import constrain
 from tandem.tools import ToolRequest
 
 log = logging.getLogger("tandem.server")
@@ -120,6 +121,11 @@ class JobSpec:
     """Generate up to the model's context size (chat without max_tokens): the engine knows it, not the handler."""
     tools: ToolRequest | None = None
     """The tools offered in a chat's prompt (None: none)."""
+
+    def params_for(self, rt: Runtime) -> GenParams:
+        """The parameters for the loaded model: under tool_choice required or a named function, the output held
+        to calls in its tool format (known only once it is loaded; tandem.tool_grammar)."""
+        return constrain(self.params, self.tools, rt.chat_format.tool_format, rt.main_model)
 
 
 class _Abort:
@@ -502,7 +508,7 @@ class Engine:
         self._set_running(1, rt)
         try:
             prompt = _prompt_tokens(rt, job.spec)
-            params = job.spec.params
+            params = job.spec.params_for(rt)
             if job.spec.max_tokens_from_context:
                 params = dataclasses.replace(params, max_tokens=rt.main.capacity)
             cancel = self._cancelled(job)

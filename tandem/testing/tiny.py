@@ -24,7 +24,8 @@ from gguf import GGUFValueType, GGUFWriter, LlamaFileType
 
 from tandem.models.defaults import draft_path
 
-__all__ = ["TinySpec", "build_fixture_set", "build_tiny_model", "fixture_specs", "smollm2_gguf_path"]
+__all__ = ["QWEN_TOOLS", "TinySpec", "build_extra", "build_fixture_set", "build_tiny_model", "fixture_specs",
+           "smollm2_gguf_path"]
 
 # Bump whenever the bytes written for a given spec change (invalidates fixture caches).
 BUILDER_VERSION = "1"
@@ -39,6 +40,39 @@ _SCALAR_FMT = {
 }
 
 KV = tuple[GGUFValueType, "GGUFValueType | None", Any]  # (type, array sub-type, value)
+_QWEN_TOOL_IDS = (3, 4)
+"""vocab "qwen-tools": the special tokens renamed <tool_call> and </tool_call> (user-defined, as in Qwen2.5)."""
+QWEN25_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n    {%- else %}\n"
+    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n"
+    "    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are "
+    "provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n    {%- for tool in tools %}\n"
+    "        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
+    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
+    "(message.role == \"assistant\" and not message.tool_calls) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n"
+    "        {%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n"
+    "        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is defined %}\n"
+    "                {%- set tool_call = tool_call.function %}\n            {%- endif %}\n"
+    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n"
+    "            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n"
+    "    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
+    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n")
+"""Qwen2.5-Instruct's chat template (as its GGUFs carry it): tools in the system turn, calls as <tool_call>."""
 
 
 def smollm2_gguf_path() -> Path:
@@ -143,8 +177,17 @@ def _tokenizer_kv(vocab: str) -> tuple[tuple[str, KV], ...]:
         for i in _DIFF_RANGE:
             tokens[i] = b"<diff_%d>" % i
         kv["tokenizer.ggml.tokens"] = (vtype, sub, tokens)
+    elif vocab == "qwen-tools":  # Qwen2.5's tool tokens and chat template over SmolLM2's vocabulary
+        (open_, close), user_defined = _QWEN_TOOL_IDS, 4
+        for key, i, value in (("tokens", open_, b"<tool_call>"), ("tokens", close, b"</tool_call>"),
+                              ("token_type", open_, user_defined), ("token_type", close, user_defined)):
+            vtype, sub, values = kv[f"tokenizer.ggml.{key}"]
+            values = list(values)
+            values[i] = value
+            kv[f"tokenizer.ggml.{key}"] = (vtype, sub, values)
+        kv["tokenizer.chat_template"] = (GGUFValueType.STRING, None, QWEN25_TEMPLATE)
     elif vocab != "smollm2":
-        raise ValueError(f"unknown vocab {vocab!r}; expected 'smollm2' or 'different'")
+        raise ValueError(f"unknown vocab {vocab!r}; expected 'smollm2', 'different' or 'qwen-tools'")
     return tuple(kv.items())
 
 
@@ -246,6 +289,16 @@ def fixture_specs(draft_close_noise: float = 0.003) -> dict[str, TinySpec]:
         # a Gemma-3-architecture base model without a chat template (as Gemma-3-270M ships)
         "gemma3": TinySpec(seed=6, arch="gemma3", chat_template=False, name="tiny-gemma3"),
     }
+
+
+QWEN_TOOLS = TinySpec(seed=1, vocab="qwen-tools", name="tiny-qwen-tools")
+"""The main model's weights with Qwen2.5's chat template and <tool_call>/</tool_call> tokens (built on demand)."""
+
+
+def build_extra(out_dir: str | Path, spec: TinySpec) -> Path:
+    """A fixture outside the standard set, built once into ``out_dir`` (keyed by spec hash, as the set is)."""
+    path = Path(out_dir) / f"{spec.name}-{spec.digest()}.gguf"
+    return path if path.is_file() else build_tiny_model(path, spec)
 
 
 def build_fixture_set(out_dir: str | Path) -> dict[str, Path]:
