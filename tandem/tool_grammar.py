@@ -84,7 +84,8 @@ class CallGrammar:
         if self.fmt == "hermes":
             start, end = (_token(m, self.model) for m in _MARKERS["hermes"])
             more = f' ("\\n" call){{0,{n - 1}}}' if n > 1 else ""
-            return f'start: call{more}\ncall: {start} "\\n" {_json(self.one)} "\\n" {end}\n'
+            # a newline may follow the last call (Qwen2.5 writes one before it stops)
+            return f'start: call{more} "\\n"?\ncall: {start} "\\n" {_json(self.one)} "\\n" {end}\n'
         if self.fmt == "mistral":
             return f'start: {_token(_MARKERS["mistral"][0], self.model)} " " {_json(many)}\n'
         if self.fmt == "llama3":
@@ -115,7 +116,7 @@ def scan(fmt: str, text: str) -> tuple[list[str], int]:
         parts = text.split("<tool_call>")[1:]
         done = [_canonical(p.split("</tool_call>", 1)[0]) for p in parts if "</tool_call>" in p]
         after = text.rsplit("</tool_call>", 1)[-1] if done and len(done) == len(parts) else ""
-        return done, len(parts) + bool(after)  # text after the last call starts the next one
+        return done, len(parts) + bool(after.strip())  # text after the last call (a newline aside) starts one
     body = text.split("[TOOL_CALLS]", 1)[-1] if fmt == "mistral" else text
     i = body.find("[")
     if i < 0:

@@ -75,12 +75,13 @@ def test_strict_grammar_refuses_extra_keys_that_the_open_one_lets_repeat(models)
 def test_required_calls_use_the_vocabularys_special_tokens(models):
     req = ToolRequest((TIME,), choice="required", parallel=False)
     qwen, smol = CallGrammar(req, "hermes", models["qwen"]), CallGrammar(req, "hermes", models["smol"])
-    assert qwen.lark(1).startswith("start: call\ncall: <[3]> ")  # the special token, as the model writes it
-    assert smol.lark(1).startswith('start: call\ncall: "<tool_call>" ')  # plain text in a vocabulary without one
+    assert qwen.lark(1).startswith('start: call "\\n"?\ncall: <[3]> ')  # the special token, as the model writes it
+    assert smol.lark(1).startswith('start: call "\\n"?\ncall: "<tool_call>" ')  # plain text in a vocabulary without one
     call = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
     for m, g in ((models["qwen"], qwen), (models["smol"], smol)):
         assert accepts(m, g.grammar(1), call)
         assert not accepts(m, g.grammar(1), call + "\n" + call)  # parallel_tool_calls false: one call
+        assert accepts(m, g.grammar(1), call + "\n")  # and the newline Qwen2.5 writes after it
     tok = models["qwen"].grammar_tokenizer()
     forced = llguidance.LLMatcher(tok, qwen.grammar(1).spec, log_level=0).compute_ff_tokens()
     assert forced[:1] == [3]  # the forced draft is the special token, which the grammar then takes
@@ -109,7 +110,8 @@ def test_scan_finds_finished_calls_and_started_ones():
     assert scan("mistral", "[TOOL_CALLS] [" + a + ", " + a) == ([canon, canon], 2)
     assert scan("hermes", f"<tool_call>\n{a}\n</tool_call>\n<tool_call>\n{{") == ([canon], 2)
     assert scan("generic", '{"tool_calls": [' + a + ",") == ([canon], 2)  # a token ending a call and starting one
-    assert scan("hermes", f"<tool_call>\n{a}\n</tool_call>\n") == ([canon], 2)
+    assert scan("hermes", f"<tool_call>\n{a}\n</tool_call>\n") == ([canon], 1)  # a newline may end the answer
+    assert scan("hermes", f"<tool_call>\n{a}\n</tool_call>\n<") == ([canon], 2)
     assert scan("generic", '{"tool_') == ([], 0)
 
 
