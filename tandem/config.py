@@ -9,6 +9,8 @@ from tandem.spec.policy import POLICIES
 
 SPEC_TYPES = ("draft-model", "ngram", "both")
 """Values of --spec-type."""
+SUFFIX_CACHE_SCOPES = ("shared", "request", "off")
+"""Values of --suffix-cache."""
 
 
 @dataclass
@@ -98,8 +100,16 @@ class SpecOptions:
     says why (draft_paused). --exact, or
     --no-pause-slow-draft, keeps the draft on."""
     spec_type: str = "draft-model"
-    """What drafts: draft-model (the --draft model), ngram (prompt lookup: repeats of earlier text, no draft
-    model needed), or both (an n-gram match of 3+ tokens, else the draft model)."""
+    """What drafts: draft-model (the --draft model; repeats of earlier text of 8+ tokens are drafted from the text,
+    see --suffix-cache), ngram (lookups of earlier text only, no draft model needed), or both (a match of 3+ tokens,
+    else the draft model). Where the draft model is paused or absent, lookups of 3+ tokens still draft."""
+    suffix_cache: str = "shared"
+    """Which earlier text drafts may come from, besides a draft model: shared (this request's prompt and output, and
+    earlier requests' of the same API key, or of all requests when the server has no key), request (this request's
+    own text only), off (no lookups unless --spec-type ngram or both asks, and then of the request's own text).
+    Output never changes: drafts are verified as always."""
+    suffix_cache_mib: int = 64
+    """Memory the cache of earlier requests' text may use; the oldest requests are dropped first."""
 
     def __post_init__(self) -> None:
         if self.draft_policy not in POLICIES:
@@ -108,6 +118,12 @@ class SpecOptions:
         if self.spec_type not in SPEC_TYPES:
             raise BadInputError(f"--spec-type must be one of {', '.join(SPEC_TYPES)}, got {self.spec_type!r}",
                                 "use draft-model, ngram or both", param="spec_type")
+        if self.suffix_cache not in SUFFIX_CACHE_SCOPES:
+            raise BadInputError(f"--suffix-cache must be one of {', '.join(SUFFIX_CACHE_SCOPES)}, got "
+                                f"{self.suffix_cache!r}", "use shared, request or off", param="suffix_cache")
+        if self.suffix_cache_mib < 0:
+            raise BadInputError(f"--suffix-cache-mib must be >= 0, got {self.suffix_cache_mib}",
+                                "use 0 to keep no earlier requests", param="suffix_cache_mib")
 
 
 @dataclass

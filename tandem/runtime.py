@@ -21,15 +21,21 @@ from tandem.models.defaults import default_pair
 from tandem.models.fit import AllocationCheck, FitPlan, ModelPlan, plan_for, repacks
 from tandem.spec.drafters import Drafter, ModelDrafter
 from tandem.spec.generate import Done, GenParams, Steps, Token, generate, sequence
-from tandem.spec.ngram import CombinedDrafter, NgramDrafter
+from tandem.spec.ngram import NGRAM_MIN
+from tandem.spec.suffix import CombinedDrafter, LookupDrafter, SuffixCache
 from tandem.spec.costs import CostModel
 from tandem.spec.payoff import PAUSE_BELOW, best_case_speedup
 from tandem.tools import ToolRequest
 
 log = logging.getLogger("tandem.runtime")
 
-_MAX_COSTS = 16
-"""Cost models kept (one per drafter name; on-demand drafts can add more)."""
+_MAX_COSTS = 48
+"""Cost models kept (one per drafter name and lookup match range; on-demand drafts can add more)."""
+LOOKUP_MIN_MATCH = 3
+"""Shortest lookup match that drafts where lookups are the only source, or come first (--spec-type both)."""
+LONG_MATCH = 8
+"""Shortest lookup match that drafts ahead of a draft model (--spec-type draft-model): a repeat this long is
+accepted more often than a small model's guess, at no draft cost."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +91,12 @@ class Runtime:
         self.plan = plan if plan is not None else plan_runtime(opts, self.spec, announce)
         self.draft_status: str | None = self.plan.draft_status
         self.checks: list[AllocationCheck] = []
-        self.ngram = NgramDrafter()  # no model, a dict per sequence: always there for spec_type per call
-        self._seq_ngrams: dict[int, NgramDrafter] = {}  # sequences 1.. of a parallel main context
+        self.suffix = SuffixCache(self.spec.suffix_cache_mib << 20) if self.spec.suffix_cache == "shared" else None
+        """Earlier requests' prompts and outputs, which lookups draft from (tandem.spec.suffix); None: not kept."""
+        self.no_speculation = opts.draft is not None and opts.draft.lower() == "none"
+        """--draft none: the configured speculation (draft-model) drafts nothing, not even lookups."""
+        self.ngram = LookupDrafter(self.suffix)  # no model, a dict per sequence: always there for spec_type per call
+        self._seq_ngrams: dict[int, LookupDrafter] = {}  # sequences 1.. of a parallel main context
         self._seq_drafters: dict[int, ModelDrafter] = {}
         self._costs: dict[str, CostModel] = {}
         self._verify_costs: dict[int, float] | None = None
@@ -278,22 +288,28 @@ class Runtime:
         (default: --spec-type). A type needing a draft model that is not loaded raises BadInputError. `seq`:
         which sequence of a parallel main context drafts (each keeps its own drafter state)."""
         configured = model is None and spec_type is None
-        if configured and self.draft_paused and self.spec.spec_type != "ngram":
-            return None
-        ngram = self.ngram if seq == 0 else self._seq_ngrams.setdefault(seq, NgramDrafter())
+        lookups = self.spec.suffix_cache != "off"
+        ngram = self.ngram if seq == 0 else self._seq_ngrams.setdefault(seq, LookupDrafter(self.suffix))
+        if configured and self.spec.spec_type != "ngram" and (self.no_speculation or self.draft_paused):
+            # --draft none decodes plainly; a paused draft leaves the lookups, which cost nothing to draft
+            return CombinedDrafter(ngram, None, min_match=LOOKUP_MIN_MATCH) if lookups and self.draft_paused else None
         model = self.sequence_drafter(seq) if model is None else model
         spec_type = self.spec.spec_type if spec_type is None else spec_type
         if spec_type not in SPEC_TYPES:
             raise BadInputError(f"spec_type must be one of {', '.join(SPEC_TYPES)}, got {spec_type!r}",
                                 "use draft-model, ngram or both", param="spec_type")
         if spec_type == "ngram":
-            return ngram
+            return CombinedDrafter(ngram, None, min_match=NGRAM_MIN)
         if model is None:
-            if spec_type == self.spec.spec_type:  # the configured type without a draft: plain decoding
-                return None
+            if spec_type == self.spec.spec_type:  # the configured type without a draft model: lookups only
+                return CombinedDrafter(ngram, None, min_match=LOOKUP_MIN_MATCH) if lookups else None
             raise BadInputError(f"spec_type {spec_type} needs a draft model and none is loaded",
                                 "start with --draft PATH, or use spec_type ngram", param="spec_type")
-        return CombinedDrafter(ngram, model) if spec_type == "both" else model
+        if spec_type == "both":
+            return CombinedDrafter(ngram, model, min_match=LOOKUP_MIN_MATCH)
+        if not lookups:
+            return model
+        return CombinedDrafter(ngram, model, min_match=LONG_MATCH, name=model.name, model_key=model.name)
 
     def sequence_drafter(self, seq: int) -> ModelDrafter | None:
         """The draft model's drafter for sequence `seq` of the main context: the loaded one for 0; for the others,
@@ -325,10 +341,8 @@ class Runtime:
         if key not in self._costs:
             if len(self._costs) >= _MAX_COSTS:
                 del self._costs[next(iter(self._costs))]
-            if self._verify_costs is None:
-                self._verify_costs = calibrate_verify(self.main, max(self.main_model.bos, 0))
             cost = CostModel()
-            for size, seconds in self._verify_costs.items():
+            for size, seconds in self._verified_costs().items():
                 for _ in range(cost.verify.trusted):
                     cost.observe_verify(size, seconds)
             if isinstance(drafter, ModelDrafter):  # alone and as part of `both`: one calibration
@@ -338,6 +352,17 @@ class Runtime:
                 seed_draft_costs(cost, self._draft_costs[drafter.name])
             self._costs[key] = cost
         return self._costs[key]
+
+    def _verified_costs(self) -> dict[int, float]:
+        """The main model's verification costs, timed once (decodes on the main context: call this before a
+        generation starts, never during one: generate() and steps() do)."""
+        if self._verify_costs is None:
+            self._verify_costs = calibrate_verify(self.main, max(self.main_model.bos, 0))
+        return self._verify_costs
+
+    def suffix_report(self) -> dict | None:
+        """The suffix cache's size and hit rate (None: --suffix-cache is not shared)."""
+        return self.suffix.snapshot() if self.suffix is not None else None
 
     def policy_report(self) -> dict[str, dict]:
         """What the draft policy believes about each drafter used so far (CostModel.snapshot), by drafter key."""
@@ -385,10 +410,12 @@ class Runtime:
         one-row kernels for this call (what llama.cpp does, which a draft may not match bit for bit: a bench
         baseline)."""
         drafter = self.speculator(model, spec_type) if use_draft else None
+        if drafter is not None:  # cost models of lookup match ranges are made mid-generation: time the main now
+            self._verified_costs()
         events = generate(self.main, prompt, gp, drafter, cancel, costs=self.cost)
         if exact is False and (self.main.pairs or self.main.one_row):
             events = self._lone_rows(events)
-        paused = use_draft and model is None and spec_type is None and drafter is None and self.draft_paused
+        paused = use_draft and model is None and spec_type is None and self.draft_paused
         status = self.draft_status or (paused or None)
         return events if status is None else self._with_status(events, status)
 
@@ -403,7 +430,9 @@ class Runtime:
         `room(want)`: the positions it may hold now (Scheduler.room_for); `room_relocated(want)`: those it could
         hold with its cells taken afresh (Scheduler.room_relocated_for)."""
         drafter = self.speculator(seq=seq) if use_draft else None
-        paused = use_draft and drafter is None and self.draft_paused
+        if drafter is not None:
+            self._verified_costs()
+        paused = use_draft and self.draft_paused
         return (sequence(self.main, prompt, gp, drafter, cancel, costs=self.cost, seq_id=seq, load=load, room=room,
                          room_relocated=room_relocated),
                 self.draft_status or (paused or None))

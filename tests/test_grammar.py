@@ -19,6 +19,7 @@ from tandem.spec.drafters import ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token, generate
 from tandem.spec.grammar import Grammar, GrammarProcessor, json_schema_processor
 from tandem.spec.ngram import NgramDrafter
+from tandem.spec.suffix import LookupDrafter
 from tandem.spec.processors import Processors
 from tandem.spec.sampling import SamplingParams
 
@@ -151,8 +152,8 @@ def test_t1_outcome_frequencies_agree_with_and_without_draft(main, drafters):
     _assert_same_distribution(counts["plain"], counts["draft"], n)
 
 
-class _CountingNgram(NgramDrafter):
-    """An n-gram drafter that counts the tokens it proposes (all instances together)."""
+class _CountingNgram(LookupDrafter):
+    """A lookup drafter that counts the tokens it proposes (all instances together)."""
 
     proposed = 0
 
@@ -166,7 +167,7 @@ class _CountingNgram(NgramDrafter):
 def counting_ngram(monkeypatch):
     """The n-gram drafter generate() puts in front of a draft model under a grammar, counting its proposals."""
     import tandem.spec.generate as gen
-    monkeypatch.setattr(gen, "NgramDrafter", _CountingNgram)
+    monkeypatch.setattr(gen, "LookupDrafter", _CountingNgram)
     _CountingNgram.proposed = 0
     return _CountingNgram
 

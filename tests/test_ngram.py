@@ -14,7 +14,8 @@ from tandem.errors import BadInputError
 from tandem.runtime import Runtime
 from tandem.spec.drafters import ModelDrafter
 from tandem.spec.generate import Done, GenParams, Token, generate
-from tandem.spec.ngram import CombinedDrafter, NgramDrafter
+from tandem.spec.ngram import NgramDrafter
+from tandem.spec.suffix import CombinedDrafter, LookupDrafter
 from tandem.spec.sampling import SamplingParams
 from tandem.spec.verify import DraftProposal
 from tandem.testing.tiny import TinySpec, build_tiny_model
@@ -114,7 +115,7 @@ class FakeModel:
 
 def test_combined_uses_a_long_ngram_match_else_the_model():
     model = FakeModel()
-    both = CombinedDrafter(NgramDrafter(), model)
+    both = CombinedDrafter(LookupDrafter(), model)
     sp, rng = SamplingParams(), np.random.default_rng(0)
     assert both.name == "ngram+fake"
     assert both.propose([5, 6, 7, 8, 0, 6, 7, 8], 3, sp, rng).tokens == [0, 6, 7]  # 3-gram match
@@ -209,13 +210,15 @@ def test_runtime_ngram_needs_no_draft_model(loopy_path):
     events, plain = spec_and_plain(rt, prompt, gp)
     assert events[-1].stats.draft_model == "ngram" and events[-1].stats.accepted > 0
     assert plain[-1].stats.draft_model is None
-    assert rt.cost(rt.speculator()).ready  # the measured costs stay with the runtime
+    lookup_costs = [c for k, c in rt._costs.items() if k.startswith("ngram/lookup:")]
+    assert lookup_costs and any(c.ready for c in lookup_costs)  # the measured costs stay with the runtime
 
 
 def test_runtime_ngram_does_not_load_a_given_draft(tiny, loopy_path):
     rt = Runtime(ModelOptions(model=str(loopy_path), draft=str(tiny["draft_close"]), ctx_size=512, threads=2),
                  spec=SpecOptions(spec_type="ngram"), announce=lambda _s: None)
-    assert rt.drafter is None and isinstance(rt.speculator(), NgramDrafter)
+    d = rt.speculator()
+    assert rt.drafter is None and isinstance(d, CombinedDrafter) and d.model is None
 
 
 def test_runtime_both_combines_ngram_and_the_draft_model(tiny):
@@ -238,9 +241,10 @@ def test_both_routes_each_step_to_a_part_with_its_own_cost_model(tiny, loopy_pat
     for text in PROMPTS[:2]:
         spec_and_plain(rt, rt.prompt(text=text, raw=True), gp)
     both = rt.speculator()
-    keys = {f"{both.name}/ngram", f"{both.name}/{rt.drafter.name}"}
-    assert keys <= set(rt._costs)  # one per part, apart from the drafters used alone
-    ngram_cost, model_cost = rt.cost(rt.ngram, f"{both.name}/ngram"), rt.cost(rt.drafter, f"{both.name}/{rt.drafter.name}")
+    lookup_keys = [k for k in rt._costs if k.startswith(f"{both.name}/lookup:")]  # one per match range drafted
+    assert lookup_keys and f"{both.name}/{rt.drafter.name}" in rt._costs  # apart from the drafters used alone
+    ngram_cost = next(c for c in (rt.cost(rt.ngram, k) for k in lookup_keys) if c.draft.known)
+    model_cost = rt.cost(rt.drafter, f"{both.name}/{rt.drafter.name}")
     assert ngram_cost is not model_cost and model_cost is not rt.cost(rt.drafter)
     # The loopy main repeats itself, so the n-gram part drafted and was accepted; its drafts are far cheaper
     # than the model's, which a shared cost model could not tell apart.
@@ -251,8 +255,8 @@ def test_both_routes_each_step_to_a_part_with_its_own_cost_model(tiny, loopy_pat
 
 def test_both_falls_back_to_the_model_when_the_ngram_has_no_long_match():
     model = FakeModel()
-    both = CombinedDrafter(NgramDrafter(), model)
-    assert both.parts == (both.ngram, model)
+    both = CombinedDrafter(LookupDrafter(), model)
+    assert both.model is model
     assert both.matches([5, 6, 7, 8, 0, 6, 7, 8]) and not both.matches([5, 6, 7, 0, 6, 7])
 
 

@@ -164,7 +164,8 @@ def test_per_request_draft_knobs(server):
     two = chat(server, PROMPTS[1], max_tokens=30, draft_max=2)["stats"]
     assert 0 < len(two["acceptance_by_position"]) <= 2
     confident = chat(server, PROMPTS[1], max_tokens=20, draft_p_min=1.0)["stats"]
-    assert confident["total_draft_tokens_count"] == 0
+    assert "model" not in confident["draft_tokens_by_source"]  # the draft model is never that sure (text lookups
+    # of earlier requests have no confidence to cut at: they may draft)
     wide = chat(server, PROMPTS[1], max_tokens=30, draft_max=6, draft_min=6)["stats"]
     assert wide["total_draft_tokens_count"] % 6 == 0 and wide["total_draft_tokens_count"] > 0
 

@@ -6,7 +6,8 @@ table, the mode and options that produce it."""
 from __future__ import annotations
 
 MODES = ("costs", "window", "exactness", "rows", "payoff", "kv-types", "fit", "chat", "batch", "serve", "soak", "fuzz",
-         "memory", "grammar", "replicas", "disconnect", "trace", "same-text")
+         "memory", "grammar", "replicas", "disconnect", "trace", "same-text",
+         "suffix")
 """`tandem bench MODE`: each is the module tandem.benchmarks.<MODE with '-' as '_'>."""
 
 

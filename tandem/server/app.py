@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tandem.config import SpecOptions
 from tandem.errors import BadInputError, ModelNotFoundError, TandemError
 from tandem.runtime import Runtime
-from tandem.server.body import check_api_key, parse, read_json
+from tandem.server.body import check_api_key, lookup_scope, parse, read_json
 from tandem.server.errors import install_error_handlers
 from tandem.server.metrics import CONTENT_TYPE, Metrics
 from tandem.server.models import ModelDirectory, ModelSource
@@ -264,6 +264,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         req = parse(ChatRequest, await read_json(request, options.max_body_bytes))
         t = await target(req)
         gp = _gen_params(req, req.token_limit or 1, t.spec)
+        gp = dataclasses.replace(gp, lookup_scope=lookup_scope(request, options.api_key, t.spec.suffix_cache))
         tools = req.tool_request()
         check_choice(tools, gp.grammar)  # the call's grammar is built for the model when the job starts
         job = JobSpec("chat", gp, messages=req.message_dicts(), draft_model=t.draft_model, model=t.model,
@@ -275,6 +276,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         req = parse(CompletionRequest, await read_json(request, options.max_body_bytes))
         t = await target(req)
         gp = _gen_params(req, req.token_limit, t.spec)
+        gp = dataclasses.replace(gp, lookup_scope=lookup_scope(request, options.api_key, t.spec.suffix_cache))
         job = JobSpec("completion", gp, prompt=req.prompt_value(), draft_model=t.draft_model, model=t.model,
                       draft_path=t.draft_path)
         return await run(request, req, job, t.model_id)
@@ -345,6 +347,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
             body["model"]["chat_template"] = st.model.chat.summary() if st.model.chat else None
             body["speculative"] = st.model.draft_model is not None and not st.model.draft_paused
             body["model"]["draft_policy"] = metrics.policy.get(st.model.path, {})
+            body["model"]["suffix_cache"] = metrics.suffix.get(st.model.path)
         if st.state in SERVING:
             body["requests"] = {"running": engine.running, "waiting": engine.waiting}
             body["kv_cache_usage"] = round(engine.kv_usage, 4)

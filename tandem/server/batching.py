@@ -132,7 +132,7 @@ class Batcher:
                 for rid, events in out.items():
                     self._route(rid, events)
                 if any(isinstance(events[-1], Done) for events in out.values()):
-                    self._metrics.record_policy(str(rt.main_model.path), rt.policy_report())
+                    self._metrics.record_policy(str(rt.main_model.path), rt.policy_report(), rt.suffix_report())
             self._admit(key)
         self.published = (self.running, self.kv_usage())
         self._metrics.requests_running.set(self.published[0])

@@ -17,17 +17,42 @@ M = TypeVar("M", bound=BaseModel)
 _KEY_FIX = "send the header 'Authorization: Bearer KEY' with the key given to `tandem serve --api-key`"
 
 
+def api_keys(key: str | None) -> list[str]:
+    """The keys `--api-key` accepts: one, or several separated by commas (one per client)."""
+    return [k.strip() for k in key.split(",") if k.strip()] if key else []
+
+
 def check_api_key(request: Request, key: str | None) -> None:
-    """Raise AuthError unless the request carries `Authorization: Bearer <key>` (no-op when key is None)."""
+    """Raise AuthError unless the request carries `Authorization: Bearer <key>` with one of the keys (no-op when key
+    is None)."""
     if key is None:
         return
     header = request.headers.get("authorization")
     if not header:
         raise AuthError("this server requires an API key and the request has no Authorization header", _KEY_FIX,
                         code="missing_api_key")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    if key_index(request, key) is None:
         raise AuthError("the API key in the Authorization header is wrong", _KEY_FIX, code="invalid_api_key")
+
+
+def key_index(request: Request, key: str | None) -> int | None:
+    """Which of the server's keys the request carries (None: none of them, or the server has no key)."""
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    found = None
+    for i, k in enumerate(api_keys(key)):  # every key compared, in constant time each
+        if hmac.compare_digest(token.strip().encode(), k.encode()):
+            found = i
+    return found
+
+
+def lookup_scope(request: Request, key: str | None, suffix_cache: str) -> str | None:
+    """The suffix cache scope of a request (GenParams.lookup_scope): with --suffix-cache shared, one per API key
+    (all requests share one when the server has no key); None (the request's own text only) otherwise."""
+    if suffix_cache != "shared":
+        return None
+    return "" if key is None else f"key{key_index(request, key)}"
 
 
 def _too_large(limit: int, size: str) -> BodyTooLargeError:

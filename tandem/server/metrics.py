@@ -45,6 +45,11 @@ class Metrics:
         self.drafted_by_pos = Counter("tandem_spec_draft_tokens_per_pos",
                                       "Draft tokens proposed at each draft position (0-based)", ["position"],
                                       registry=r)
+        self.drafted_by_source = Counter("tandem_spec_draft_tokens_by_source", "Draft tokens proposed, by source: "
+                                         "grammar (forced), cache (earlier requests' text), ngram (the request's own "
+                                         "text), model (the draft model)", ["source"], registry=r)
+        self.accepted_by_source = Counter("tandem_spec_accepted_tokens_by_source", "Draft tokens accepted and used, "
+                                          "by source", ["source"], registry=r)
         self.guessed = Counter("tandem_spec_guessed_tokens", "Plain steps' spare-row n-gram guesses (exact mode)",
                                registry=r)
         self.guesses_accepted = Counter("tandem_spec_accepted_guessed_tokens",
@@ -69,6 +74,8 @@ class Metrics:
                                   "draft `tokens` tokens", [*labels, "tokens"], registry=r)
         self.policy_streak = Gauge("tandem_spec_policy_plain_steps_since_draft", "Plain steps of the drafter's "
                                    "sequences since one of them last drafted", labels, registry=r)
+        self.suffix: dict[str, dict | None] = {}
+        """The latest suffix cache figures per main model path (replaced whole, as `policy`)."""
         self.policy: dict[str, dict[str, dict]] = {}
         """The latest report (tandem.runtime.Runtime.policy_report) per main model path; replaced whole, so any
         thread may read it."""
@@ -87,6 +94,10 @@ class Metrics:
         self.ignored.inc(stats.ignored)
         self.guessed.inc(stats.guessed)
         self.guesses_accepted.inc(stats.guesses_accepted)
+        for source, n in stats.drafted_by_source.items():
+            self.drafted_by_source.labels(source).inc(n)
+        for source, n in stats.accepted_by_source.items():
+            self.accepted_by_source.labels(source).inc(n)
         # Position counts are of verified drafts; accepted-then-unused ones stay counted here.
         for pos, (d, a) in enumerate(zip(stats.drafted_by_position, stats.accepted_by_position)):
             self.drafted_by_pos.labels(str(pos)).inc(d)
@@ -94,9 +105,11 @@ class Metrics:
         if first_token_s is not None:
             self.ttft.observe(first_token_s)
 
-    def record_policy(self, model: str, report: dict[str, dict]) -> None:
-        """Publish what the draft policy of main model `model` (its path) believes (called by the engine thread)."""
+    def record_policy(self, model: str, report: dict[str, dict], suffix: dict | None = None) -> None:
+        """Publish what the draft policy of main model `model` (its path) believes, and its suffix cache's figures
+        (tandem.spec.suffix.SuffixCache.snapshot; None: no cache), called by the engine thread."""
         self.policy = {**self.policy, model: report}
+        self.suffix = {**self.suffix, model: suffix}
         for drafter, snap in report.items():
             for regime, rate in snap["acceptance"].items():
                 self.policy_acceptance.labels(model, drafter, regime).set(rate)

@@ -317,7 +317,7 @@ class Engine:
             return
         loaded = tuple(_model_info(s.rt, s.id) for s in self._slots)
         for slot in self._slots:
-            self._metrics.record_policy(str(slot.rt.main_model.path), slot.rt.policy_report())
+            self._metrics.record_policy(str(slot.rt.main_model.path), slot.rt.policy_report(), slot.rt.suffix_report())
         loading = tuple(k[1] for k in self._loader.busy if k[0] == "main")
         default = next((i for i in loaded if i.id == self._default), st.model)
         self._status = EngineStatus(st.state, st.reason, model=default, loaded=loaded, loading=loading)
@@ -337,7 +337,7 @@ class Engine:
         self._default = self._model_id(rt.main_model.path)
         self._slots.add(Slot(self._default, rt, DraftSelector(rt, allow_paths=self._allow_paths)))
         info = _model_info(rt, self._default)
-        self._metrics.record_policy(str(rt.main_model.path), rt.policy_report())
+        self._metrics.record_policy(str(rt.main_model.path), rt.policy_report(), rt.suffix_report())
         state = "degraded" if rt.draft_status else "ready"
         self._set_status(EngineStatus(state, rt.draft_status, model=info, loaded=(info,)))
         return True
@@ -524,7 +524,7 @@ class Engine:
                         log.debug("%s token %d %r (%s)", job.id, ev.id, ev.text, ev.source)
                 else:
                     self._metrics.record_generation(ev.stats, first)
-                    self._metrics.record_policy(str(rt.main_model.path), rt.policy_report())
+                    self._metrics.record_policy(str(rt.main_model.path), rt.policy_report(), rt.suffix_report())
                     _log_done(job, ev.stats)
                 job.put(ev)
                 self.progress += 1

@@ -20,11 +20,12 @@ from tandem.spec.drafters import Drafter
 from tandem.spec.logprobs import MAX_TOP, TokenLogprob, token_logprob
 from tandem.spec.grammar import Grammar, GrammarProcessor
 from tandem.spec.costs import CostModel
-from tandem.spec.ngram import CombinedDrafter, NgramDrafter
+from tandem.spec.ngram import NgramDrafter
 from tandem.spec.policy import POLICIES, DraftPolicy, make_policy, regime
 from tandem.spec.processors import NONE, Processors, common_prefix
 from tandem.spec.sampling import SamplingParams, probs, sample
 from tandem.spec.stats import SpecStats
+from tandem.spec.suffix import CombinedDrafter, LookupDrafter
 from tandem.spec.steps import Decode, Steps as DraftSteps, decode
 from tandem.spec.text import TextAssembler
 from tandem.spec.verify import EMPTY, DraftProposal, uniforms_needed, verify
@@ -57,6 +58,10 @@ class GenParams:
     token with the random number plain decoding uses there, and accepts a draft token only if it is that
     sample). False: rejection sampling, which accepts more drafts; the same seed then gives the same text
     only with the same draft and draft lengths."""
+    lookup_scope: str | None = ""
+    """Which earlier requests' text lookups may draft from (tandem.spec.suffix.SuffixCache): requests of the same
+    scope (the server's: one per API key) see each other's prompts and outputs; None: only this request's own text.
+    The generation's prompt and output join its scope's cache when it ends."""
     cache_prompt: bool = True
     """Reuse the start of the prompt that the main model's KV cache still holds (the previous turn of a chat, as
     llama-server's cache_prompt) instead of decoding it again. False: a cold start (benchmarks)."""
@@ -133,9 +138,10 @@ class _Output:
         self.stats.stop_reason = reason
 
     def emit(self, tokens: Sequence[int], n_draft: int, source: str = "draft",
-             rows: np.ndarray | None = None) -> Iterator[Token]:
+             rows: np.ndarray | None = None, drafted_by: str = "model") -> Iterator[Token]:
         """Yield tokens (the first n_draft came from the drafter, or were a guess) until a stop; count unused
-        drafts as ignored. rows[i] is the processed row token i was chosen or verified from (for logprobs)."""
+        drafts as ignored (of source `drafted_by`, SpecStats.drafted_by_source). rows[i] is the processed row token
+        i was chosen or verified from (for logprobs)."""
         used = 0
         for i, tok in enumerate(tokens):
             used = i + 1
@@ -153,7 +159,7 @@ class _Output:
                 self.finish("length")
                 break
         if n_draft > used and source != "guess":
-            self.stats.unuse(n_draft - used)
+            self.stats.unuse(n_draft - used, drafted_by)
 
     @property
     def remaining(self) -> int:
@@ -287,36 +293,62 @@ class _Speculator:
 
 
 class _Speculation:
-    """The speculators of one generation: one per drafter, or one per part of a combined drafter (n-gram
-    first, then the model), each with its own cost model and policy. A combined drafter's step goes to the
-    n-gram part when it has a long enough match and its policy drafts, else to the model part."""
+    """The speculators of one generation: one for a drafter alone; for a combined drafter (text lookups, then a draft
+    model) one per match-size range of the lookups (LookupDrafter.bucket) and one for the model, each with its own
+    cost model and policy. A step goes to the lookups when they match at least min_match tokens and that range's
+    policy drafts, else to the model (if any; else it is a plain step)."""
 
     def __init__(self, drafter: Drafter, gp: GenParams, costs: Callable[[Drafter, str], CostModel],
                  load: Callable[[], int] = lambda: 1, remaining: Callable[[], int | None] = lambda: None):
         self.drafter = drafter
-        parts = getattr(drafter, "parts", None)
-        # A part's acceptance depends on the steps routed to it (the model part of `both` gets only the
-        # steps without an n-gram match), so it keeps a cost model apart from the same drafter used alone.
-        self.parts = ([_Speculator(d, gp, costs(d, f"{drafter.name}/{d.name}"), load, remaining) for d in parts]
-                      if parts else [_Speculator(drafter, gp, costs(drafter, drafter.name), load, remaining)])
-        self.last = self.parts[-1]  # the speculator of the current step
+        self._args = (gp, costs, load, remaining)
+        self.lookup: LookupDrafter | None = drafter.lookup if isinstance(drafter, CombinedDrafter) else None
+        self._buckets: dict[int, _Speculator] = {}
+        # A part's acceptance depends on the steps routed to it (the model part of `both` gets only the steps
+        # without a long enough match), so it keeps a cost model apart from the same drafter used alone.
+        model = drafter.model if isinstance(drafter, CombinedDrafter) else drafter
+        self.model = (None if model is None else
+                      _Speculator(model, gp, costs(model, drafter.model_key if self.lookup else model.name), load,
+                                  remaining))
+        self.last: _Speculator | None = self.model  # the speculator of the current step
+        self.source = "model" if self.lookup is None else "ngram"
+        """Where the current step's drafts come from: "model" (a drafter alone, or the model part), "ngram" (this
+        request's text) or "cache" (earlier requests', tandem.spec.suffix)."""
+
+    @property
+    def parts(self) -> list[_Speculator]:
+        return [*self._buckets.values(), *([self.model] if self.model else [])]
+
+    def _bucket(self, size: int) -> _Speculator:
+        if size not in self._buckets:
+            gp, costs, load, remaining = self._args
+            self._buckets[size] = _Speculator(self.lookup, gp, costs(self.lookup, f"{self.drafter.name}/lookup:{size}+"),
+                                              load, remaining)
+        return self._buckets[size]
 
     def prefill(self, history: Sequence[int], max_k: int) -> DraftSteps[None]:
-        for part in self.parts:
-            yield from part.prefill(history, max_k)
+        if self.lookup is not None:
+            self.lookup.prefill(history)
+        if self.model is not None:
+            yield from self.model.prefill(history, max_k)
 
     def propose(self, history: Sequence[int], max_k: int, rng: np.random.Generator,
                 stop: Callable[[], bool] | None = None) -> DraftSteps[DraftProposal]:
-        if len(self.parts) > 1 and self.drafter.matches(history):
-            self.last = self.parts[0]
-            proposal = yield from self.last.propose(history, max_k, rng, stop)
-            if proposal.tokens:
-                return proposal
-        self.last = self.parts[-1]
-        return (yield from self.last.propose(history, max_k, rng, stop))
+        if self.lookup is not None:
+            match = self.lookup.find(history)
+            if match is not None and match.size >= self.drafter.min_match:
+                self.last, self.source = self._bucket(self.lookup.bucket(match)), match.source
+                proposal = yield from self.last.propose(history, min(max_k, self.lookup.cap(match)), rng, stop)
+                if proposal.tokens:
+                    return proposal
+        self.last, self.source = self.model, "model"
+        if self.model is None:
+            return EMPTY
+        return (yield from self.model.propose(history, max_k, rng, stop))
 
     def verified(self, n_drafted: int, accepted: int, seconds: float, rows: int | None = None) -> None:
-        self.last.verified(n_drafted, accepted, seconds, rows)
+        if self.last is not None:
+            self.last.verified(n_drafted, accepted, seconds, rows)
 
     def restart(self) -> None:
         """Drop what the drafter holds (its draft model's cells), as when its sequence's prefix is evicted
@@ -324,6 +356,11 @@ class _Speculation:
         self.drafter.reset()
         for part in self.parts:
             part.restart()
+
+    def remember(self, history: Sequence[int]) -> None:
+        """The generation ended: the lookups' cache keeps its text for later requests (tandem.spec.suffix)."""
+        if self.lookup is not None:
+            self.lookup.remember(history)
 
 
 CATCH_UP_MIN = 16
@@ -337,14 +374,15 @@ took 317 verification steps, forced tokens then the n-gram continuation of a 2+ 
 
 
 def _grammar_drafter(drafter: Drafter) -> Drafter:
-    """Under a grammar, a draft model alone becomes n-gram drafting first, then the model (a drafter that has an
-    n-gram part already, or is one, stays as it is). Its cost models are keyed apart from --spec-type both's:
-    acceptance under a grammar is not acceptance in free text."""
-    if getattr(drafter, "parts", None) or isinstance(drafter, NgramDrafter):
+    """Under a grammar, a draft model alone becomes n-gram drafting first, then the model; a combined drafter
+    drafts from matches of GRAMMAR_MIN_MATCH tokens on (a drafter that is n-gram lookup alone stays as it is). Its
+    cost models are keyed apart: acceptance under a grammar is not acceptance in free text."""
+    if isinstance(drafter, (NgramDrafter, LookupDrafter)):
         return drafter
-    combined = CombinedDrafter(NgramDrafter(), drafter, min_match=GRAMMAR_MIN_MATCH)
-    combined.name = f"grammar:ngram+{drafter.name}"
-    return combined
+    if isinstance(drafter, CombinedDrafter):
+        return CombinedDrafter(drafter.lookup, drafter.model, min_match=GRAMMAR_MIN_MATCH,
+                               name=f"grammar:{drafter.name}")  # (its model part keyed apart too)
+    return CombinedDrafter(LookupDrafter(), drafter, min_match=GRAMMAR_MIN_MATCH, name=f"grammar:ngram+{drafter.name}")
 
 
 def _fresh_costs() -> Callable[[Drafter, str], CostModel]:
@@ -470,6 +508,10 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
     history = [*prompt, _pick(first_row, gp.sampling, rng)]
     stats.prompt_time = time.perf_counter() - t0
     yield from out.emit(history[-1:], 0, rows=first_row[None])
+    if spec is not None:
+        bind = getattr(drafter, "bind", None)
+        if bind is not None:
+            bind(gp.lookup_scope)
     if spec is not None and not out.done:
         # 1b. Catch the drafter up on the prompt now, after the first token, if it is to draft at the first step
         # (a drafter keeps what it holds of a shared prefix too).
@@ -540,19 +582,24 @@ def sequence(main: Context, prompt: Sequence[int], gp: GenParams, drafter: Draft
             main.rollback(keep, seq_id=seq_id)
         # 6. Record the step; let the cost model and the policy learn from it (a guess step is a plain step).
         new, n_drafted = result.tokens(proposal), 0 if guess else len(proposal.tokens)
-        stats.record_step(n_drafted, result.accepted, guessed=len(proposal.tokens) if guess else 0)
         n_forced = min(len(forced), result.accepted)  # forced tokens accepted; the drafter's come after them
+        source = spec.source if spec is not None else "model"
+        stats.record_step(n_drafted, result.accepted, guessed=len(proposal.tokens) if guess else 0,
+                          sources=() if guess else ((("grammar", len(forced), n_forced),) if forced else ())
+                          + ((source, n_drafted - len(forced), result.accepted - n_forced),))
         if spec is not None:
             spec.verified(n_drafted - len(forced), 0 if guess else result.accepted - n_forced, t_verify,
                           rows=len(proposal.tokens) + 1)
         # 7. Emit the accepted drafts (or guess) and the main model's own token; stop early if needed.
         if n_forced:
-            yield from out.emit(new[:n_forced], n_forced, "grammar", rows=logits)
+            yield from out.emit(new[:n_forced], n_forced, "grammar", rows=logits, drafted_by="grammar")
         if out.done:
-            stats.unuse(result.accepted - n_forced)
+            stats.unuse(result.accepted - n_forced, source)
         else:
             yield from out.emit(new[n_forced:], result.accepted - n_forced, "guess" if guess else "draft",
-                                rows=logits[n_forced:])
+                                rows=logits[n_forced:], drafted_by=source)
         history.extend(new)
     stats.generation_time = time.perf_counter() - t0 - stats.prompt_time
+    if spec is not None:
+        spec.remember(history)
     yield Done(stats, out.text.flush())

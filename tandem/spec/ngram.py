@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tandem.spec.drafters import Drafter
 from tandem.spec.processors import NONE, Processors
 from tandem.spec.sampling import SamplingParams
 from tandem.spec.verify import EMPTY, DraftProposal
@@ -103,51 +102,3 @@ class NgramDrafter:
                 self._ends[tuple(history[end - size:end])] = end
         self._n = n
         self._tail = list(history[max(0, n - self.ngram_max):])
-
-
-class CombinedDrafter:
-    """The n-gram draft when its match is long enough, else the draft model's (--spec-type both).
-
-    The test is on the matched n-gram, not on the proposal's length: a match always yields max_tokens
-    tokens (it extends itself), so the context the match rests on is what tells a repeat from chance.
-    generate() routes each step itself (`parts`, `matches`), so that each part has its own cost model and
-    draft-length policy: their costs differ about a thousandfold, and one shared cost model and acceptance
-    profile made `both` fall back to about 1.0x once it had seen both kinds of steps.
-    """
-
-    def __init__(self, ngram: NgramDrafter, model: Drafter, *, min_match: int = 3):
-        self.ngram = ngram
-        self.model = model
-        self.min_match = min_match
-        self.name = f"ngram+{model.name}"
-
-    def reset(self, history: Sequence[int] | None = None) -> None:
-        self.ngram.reset(history)
-        self.model.reset(history)
-
-    @property
-    def parts(self) -> tuple[Drafter, Drafter]:
-        """The n-gram drafter first, then the model."""
-        return self.ngram, self.model
-
-    def matches(self, history: Sequence[int]) -> bool:
-        """Whether the n-gram drafter has a match of at least min_match tokens for this history."""
-        self.ngram.update(history)
-        found = self.ngram.lookup(history)
-        return found is not None and found[0] >= self.min_match
-
-    def prefill(self, history: Sequence[int]) -> None:
-        self.ngram.prefill(history)
-        self.model.prefill(history)
-
-    def kv_cells(self, n_history: int) -> int:
-        return self.model.kv_cells(n_history)
-
-    def propose(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
-                rng: np.random.Generator, p_min: float | None = None,
-                processors: Processors = NONE) -> DraftProposal:
-        """The n-gram proposal if it matched at least min_match tokens, else the model's (generate() routes
-        through `parts` and `matches` instead, with one policy per part)."""
-        if self.matches(history):
-            return self.ngram.propose(history, max_tokens)
-        return self.model.propose(history, max_tokens, sp, rng, p_min=p_min, processors=processors)

@@ -21,6 +21,11 @@ class SpecStats:
     """Per draft position i (0-based): how many steps drafted a token there."""
     accepted_by_position: list[int] = field(default_factory=list)
     """Per draft position i: how many of those tokens were accepted."""
+    drafted_by_source: dict[str, int] = field(default_factory=dict)
+    """Draft tokens by where they came from: "grammar" (forced by a grammar), "cache" (earlier requests' text),
+    "ngram" (this request's own text), "model" (the draft model). They add up to `drafted`."""
+    accepted_by_source: dict[str, int] = field(default_factory=dict)
+    """Accepted (and used) draft tokens by source; they add up to `accepted`."""
     draft_steps: int = 0
     """Verification steps that carried at least one draft token."""
     plain_steps: int = 0
@@ -52,15 +57,21 @@ class SpecStats:
     """Why there is no draft when one was expected (set by --draft-optional fallbacks)."""
 
     # -- recording ---------------------------------------------------------------------------
-    def record_step(self, n_drafted: int, n_accepted: int, *, guessed: int = 0) -> None:
+    def record_step(self, n_drafted: int, n_accepted: int, *, guessed: int = 0,
+                    sources: tuple[tuple[str, int, int], ...] = ()) -> None:
         """One verification step: n_drafted offered, the first n_accepted agreed with the main model; a plain
-        step (n_drafted 0) may carry `guessed` spare-row guesses, of which n_accepted were right."""
+        step (n_drafted 0) may carry `guessed` spare-row guesses, of which n_accepted were right. `sources`:
+        (source, drafted, accepted) of the step's drafts in order (default: all from the draft model)."""
         if n_drafted == 0:
             self.plain_steps += 1
             self.guessed += guessed
             self.guesses_accepted += n_accepted if guessed else 0
             return
         self.draft_steps += 1
+        for source, d, a in sources or (("model", n_drafted, n_accepted),):
+            if d:
+                self.drafted_by_source[source] = self.drafted_by_source.get(source, 0) + d
+                self.accepted_by_source[source] = self.accepted_by_source.get(source, 0) + a
         self.drafted += n_drafted
         self.accepted += n_accepted
         self.rejected += n_drafted - n_accepted
@@ -73,13 +84,16 @@ class SpecStats:
         for i in range(n_accepted):
             self.accepted_by_position[i] += 1
 
-    def unuse(self, n: int) -> None:
-        """n accepted draft tokens were not used because generation stopped: they count as ignored."""
+    def unuse(self, n: int, source: str = "model") -> None:
+        """n accepted draft tokens (of `source`) were not used because generation stopped: they count as ignored."""
+        if n and source in self.accepted_by_source:
+            self.accepted_by_source[source] -= n
         self.accepted -= n
         self.ignored += n
 
-    def ignore(self, n: int) -> None:
+    def ignore(self, n: int, source: str = "model") -> None:
         """n drafted tokens were never verified because generation stopped."""
+        self.drafted_by_source[source] = self.drafted_by_source.get(source, 0) + n
         self.drafted += n
         self.ignored += n
 
@@ -108,7 +122,10 @@ class SpecStats:
         return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
 
     def identity_holds(self) -> bool:
-        return self.accepted + self.rejected + self.ignored == self.drafted
+        """accepted + rejected + ignored == drafted, and the counts by source add up to drafted and accepted."""
+        return (self.accepted + self.rejected + self.ignored == self.drafted
+                and sum(self.drafted_by_source.values()) == self.drafted
+                and sum(self.accepted_by_source.values()) == self.accepted)
 
     def to_dict(self) -> dict:
         """LM Studio's stats names, plus Tandem's extras."""
@@ -124,6 +141,8 @@ class SpecStats:
             "ignored_draft_tokens_count": self.ignored,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "acceptance_by_position": [round(a, 4) for a in self.acceptance_by_position],
+            "draft_tokens_by_source": dict(self.drafted_by_source),
+            "accepted_draft_tokens_by_source": dict(self.accepted_by_source),
             "mean_accepted_length": round(self.mean_accepted_length, 3),
             "draft_steps": self.draft_steps,
             "plain_steps": self.plain_steps,
