@@ -126,3 +126,11 @@ class CancelledError(TandemError):
     """The client went away; generation was stopped."""
 
     http_status = 499
+
+
+class DownloadError(TandemError):
+    """`tandem models pull` could not fetch or verify a model (the source is named in the cause)."""
+
+    http_status = 502
+    error_type = "server_error"
+    exit_code = 1
