@@ -304,3 +304,30 @@ def test_costs_lone_row_prices_exact_decoding_against_the_one_row_kernels(tiny):
     assert r.returncode == 0, r.stderr
     (row,) = table_rows(r.stdout, "tiny-main")
     assert row[1].endswith(" ms") and row[2].endswith(" ms") and float(row[3].rstrip("x")) > 0
+
+
+def test_suffix_runs_fresh_repeated_and_trace_requests_with_the_texts_of_draft_none(tiny, tmp_path):
+    from tandem.engine.library import exact_kernels
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "suffix.json"
+    prompts.write_text("\n".join(json.dumps(p) for p in PROMPTS) + "\n")
+    r = bench("suffix", "--model", str(tiny["main"]), "--prompts", str(prompts),
+              "--max-tokens", "12", "--turns", "2", "--trace-tokens", "16", "--ctx-size", "1024", "--out", str(out),
+              *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert set(res) == {"tandem-plain", "tandem"}
+    assert res["tandem"]["repeat"]["cache_drafts"] > 0  # the repeats drafted from the first answers
+    for name in ("fresh", "repeat", "trace"):
+        assert res["tandem"][name]["tokens"] > 0
+        if exact_kernels():  # (the tiny models nearly tie everywhere: equal text needs the patch's exact kernels)
+            assert res["tandem"][name]["texts"] == res["tandem-plain"][name]["texts"]
+    assert "| repeat |" in r.stdout
+
+
+def test_suffix_clients_runs_traces_at_once_over_http(tiny, tmp_path):
+    out = tmp_path / "clients.json"
+    r = bench("suffix", "--model", str(tiny["main"]), "--clients", "2", "--turns", "1", "--trace-tokens", "8",
+              "--ctx-size", "512", "--out", str(out), *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert set(res) == {"tandem-plain", "tandem"} and all(v["tokens"] > 0 and v["tok_s"] > 0 for v in res.values())

@@ -242,3 +242,24 @@ def test_the_server_scopes_the_cache_by_api_key(tiny):
         assert 'tandem_spec_draft_tokens_by_source_total{source="cache"}' in scrape
     finally:
         srv.stop()
+
+
+def test_a_server_always_under_load_learns_what_lookups_cost():
+    """Lookups decode nothing, so their time is their own whatever else shares the step: a server that always runs
+    several requests must still learn their cost (else its policy stayed at the cold start's one-token drafts)."""
+    from tandem.spec.costs import CostModel
+    from tandem.spec.generate import _Speculator
+    from tandem.spec.steps import run
+    cost = CostModel()
+    for _ in range(cost.verify.trusted):
+        for rows in (1, 2, 5, 9, 17):
+            cost.observe_verify(rows, 0.05 + 0.01 * rows)
+    lookup = LookupDrafter()
+    spec = _Speculator(lookup, GenParams(draft_max=8), cost, load=lambda: 4)
+    history = list(range(100, 160)) * 3
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        proposal = run(spec.propose(history[:120 + i], 8, rng))
+        spec.verified(len(proposal.tokens), len(proposal.tokens), 0.1, rows=4 + len(proposal.tokens))
+    assert cost.draft.known and cost.ready
+    assert len(run(spec.propose(history[:140], 8, rng)).tokens) > 1  # past the cold start's single tokens

@@ -10,6 +10,8 @@ if given), and with --llama-server PATH, llama-server without a draft and with -
 n-grams spans requests). Decode time is each side's own (Tandem's stats.generation_time, llama-server's
 timings.predicted_ms); tok/s is generated tokens over decode time, summed over a scenario's requests. Tandem's texts
 are checked against Tandem without speculation, request by request.
+
+With --clients N: N such traces at once instead, over HTTP (tandem.benchmarks.suffix_clients).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tandem.benchmarks import suffix_clients
 from tandem.benchmarks.common import load_prompts, positive_int
 from tandem.benchmarks.peer import LlamaServerPeer, PeerSettings
 from tandem.config import ModelOptions, SpecOptions
@@ -56,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-tokens", type=positive_int, default=400, help="tokens per trace turn (default: 400)")
     p.add_argument("--llama-server", type=Path, default=None, metavar="PATH",
                    help="also run llama-server at PATH, without a draft and with --spec-type ngram-mod")
+    p.add_argument("--clients", type=positive_int, default=None, metavar="N",
+                   help="run N traces at once over HTTP instead (tandem serve --parallel N vs llama-server -np N)")
     p.add_argument("--out", type=Path, default=Path("bench/out/suffix.json"), help="JSON results")
 
 
@@ -128,6 +133,13 @@ def _run_side(side, prompts: dict[str, str], args: argparse.Namespace, log) -> d
 
 def main(args: argparse.Namespace) -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.clients:
+        results = suffix_clients.run(args, log)
+        print(suffix_clients.markdown(results, args.clients))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({k: {"tok_s": round(r[0], 2), "tokens": r[1], "seconds": round(r[2], 2)}
+                                        for k, r in results.items()}, indent=1))
+        return 0
     prompts = load_prompts(args.prompts, args.only)
     opts = ModelOptions(model=str(args.model), draft=str(args.draft) if args.draft else None, ctx_size=args.ctx_size,
                         threads=args.threads)

@@ -104,7 +104,9 @@ class Library:
                 model_changes["draft"] = str(d.path)
         elif main is not None:  # the model's default draft: its setting, or the embedded pair's own draft
             d = self.default_draft(main)
-            model_changes["draft"] = str(d.path) if d is not None else "none"
+            # None, not 'none', for a --model without a draft model: 'none' turns all speculation off (text lookups
+            # too), which only an explicit --draft none asks for (the embedded main needs 'none' to drop its draft)
+            model_changes["draft"] = str(d.path) if d is not None else ("none" if opts.model is None else None)
         try:
             return dataclasses.replace(opts, **model_changes), dataclasses.replace(spec, **spec_changes)
         except BadInputError as e:

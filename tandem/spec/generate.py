@@ -249,8 +249,10 @@ class _Speculator:
         self.draft_seconds = time.perf_counter() - t0
         self._seen = len(history)
         # Under load the wall time between its draft decodes ran the other sequences' work too: no draft cost then.
-        # Alone, after plain steps or the prompt, the drafter's catch-up would inflate the per-step cost.
-        if self._load == 1 and typical:
+        # Alone, after plain steps or the prompt, the drafter's catch-up would inflate the per-step cost. A drafter
+        # that decodes nothing (text lookups) times only itself at any load: its cost is learnt under load too (else
+        # a server always busy with several requests never learnt it and drafted one token a step).
+        if steps is None or (self._load == 1 and typical):
             self.cost.observe_draft(len(proposal.tokens), self.draft_seconds)
         elif self._load == 1 and self.cost.draft.known and backlog > 2:
             step = min(self.draft_seconds, self.cost.draft_cost(len(proposal.tokens)))
