@@ -39,12 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "chat.png"
 SERVE = [sys.executable, "-m", "tandem", "serve"]
 TINY = ["--model", "main", "--draft", "draft_close", "--ctx-size", "512", "--threads", "1", "--exact",
-        "--no-pause-slow-draft", "--draft-policy", "fixed", "--draft-max", "8", "--parallel", "1"]
+        "--no-pause-slow-draft", "--draft-policy", "fixed", "--draft-max", "8", "--parallel", "1",
+        "--suffix-cache", "request"]
 """The tiny main with its close draft, by name from a models folder that also holds drafts of other sizes and one
 of another vocabulary; drafts of fixed length (on the tiny models drafting never pays, so the adaptive policy
 would rarely draft) and exact decoding (output with a draft is bit-for-bit output without one). One sequence:
 the page is one conversation, and with four sharing 512 positions a request whose pages sit above free ones
-could not grow into them (its pages stay in position order) and ended early."""
+could not grow into them (its pages stay in position order) and ended early. No text shared across requests (the
+suffix cache): a request sent again must draft as it did the first time, for the page and the API to agree."""
 
 
 class Served:

@@ -88,10 +88,11 @@ def test_serve_with_draft_optional_serves_degraded_and_says_why(tiny, broken):
         assert "DEGRADED" in lines[-1] and "llama.cpp could not load" in lines[-1]
         url = next(ln.split("serving on ")[1].split()[0] for ln in lines if "serving on" in ln)
         h = httpx.get(f"{url}/health")
-        assert h.status_code == 200 and h.json()["status"] == "degraded" and h.json()["speculative"] is False
+        # no draft model: text lookups ("ngram"), which need none, are all that may draft
+        assert h.status_code == 200 and h.json()["status"] == "degraded" and h.json()["model"]["draft_model"] == "ngram"
         r = httpx.post(f"{url}{CHAT}", json={"messages": HELLO, "max_tokens": 3}, timeout=30)
         stats = r.json()["stats"]
-        assert r.status_code == 200 and stats["draft_model"] is None
+        assert r.status_code == 200 and stats["draft_model"] == "ngram" and "model" not in stats["draft_tokens_by_source"]
         assert "llama.cpp could not load" in stats["draft_status"]
     finally:
         proc.terminate()
@@ -128,12 +129,13 @@ def test_draft_optional_falls_back_and_every_response_says_why(tiny, case, reaso
                                        "stream_options": {"include_usage": True}} if stream else
                            {"messages": HELLO, "max_tokens": 3})
                 assert r.status_code == 200
-                if stream:
-                    assert '"draft_model": null' in r.text.replace('"draft_model":null', '"draft_model": null')
+                if stream:  # (no draft model: text lookups are all that may draft)
+                    assert '"draft_model": "ngram"' in r.text.replace('"draft_model":"ngram"', '"draft_model": "ngram"')
                     assert reason in r.text
                 else:
                     stats = r.json()["stats"]
-                    assert stats["draft_model"] is None and reason in stats["draft_status"]
+                    assert stats["draft_model"] == "ngram" and reason in stats["draft_status"]
+                    assert "model" not in stats["draft_tokens_by_source"]
 
 
 def test_without_draft_optional_the_app_serves_nothing(tiny):

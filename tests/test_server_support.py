@@ -48,11 +48,13 @@ would be paused by default; these tests are about what speculation does."""
 
 def tiny_app(tiny: dict[str, Path], *, draft: str | None = "draft_close", ctx: int = 2048,
              api_key: str | None = TEST_KEY, max_body_bytes: int = 1 << 20, max_queue: int = 64,
-             factory: Callable[[], Runtime] | None = None) -> FastAPI:
+             factory: Callable[[], Runtime] | None = None, suffix_cache: str = "shared") -> FastAPI:
+    """`suffix_cache`: --suffix-cache (request: no text shared across requests)."""
     opts = model_options(tiny, draft=draft, ctx=ctx)
+    runtime_spec = dataclasses.replace(RUNTIME_SPEC, suffix_cache=suffix_cache)
     return create_app(ServerOptions(api_key=api_key, max_body_bytes=max_body_bytes, max_queue=max_queue),
-                      factory or (lambda: Runtime(opts, spec=RUNTIME_SPEC, announce=lambda _s: None)),
-                      spec_options())
+                      factory or (lambda: Runtime(opts, spec=runtime_spec, announce=lambda _s: None)),
+                      dataclasses.replace(spec_options(), suffix_cache=suffix_cache))
 
 
 def wait_ready(url: str, timeout: float = 60.0) -> dict:

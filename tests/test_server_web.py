@@ -13,9 +13,8 @@ from importlib import resources
 import httpx
 import pytest
 from test_registry import link_models
-from test_server_api import server  # noqa: F401  (the tiny main with its close draft, behind an API key)
 from test_server_models import make_app
-from test_server_support import FIXED_DRAFTS, client, start
+from test_server_support import FIXED_DRAFTS, client, start, tiny_app
 
 from tandem.server.serving import ServerThread
 from tandem.server.web import CSP
@@ -25,6 +24,15 @@ HTML = (WEB / "chat.html").read_text()
 JS = (WEB / "chat.js").read_text()
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="needs Node.js to run the page's JavaScript")
+
+
+@pytest.fixture(scope="module")
+def server(tiny) -> Iterator[ServerThread]:
+    """The tiny main with its close draft, behind an API key; no text shared across requests (the suffix cache):
+    the same request sent twice must draft the same way, for the stream and the whole answer to agree."""
+    srv = start(tiny_app(tiny, suffix_cache="request"))
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -252,7 +252,7 @@ class _Speculator:
         # Alone, after plain steps or the prompt, the drafter's catch-up would inflate the per-step cost. A drafter
         # that decodes nothing (text lookups) times only itself at any load: its cost is learnt under load too (else
         # a server always busy with several requests never learnt it and drafted one token a step).
-        if steps is None or (self._load == 1 and typical):
+        if isinstance(self.drafter, (LookupDrafter, NgramDrafter)) or (self._load == 1 and typical):
             self.cost.observe_draft(len(proposal.tokens), self.draft_seconds)
         elif self._load == 1 and self.cost.draft.known and backlog > 2:
             step = min(self.draft_seconds, self.cost.draft_cost(len(proposal.tokens)))
