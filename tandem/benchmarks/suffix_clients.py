@@ -11,7 +11,6 @@ wall time from the first request to the last answer.
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from tandem.benchmarks.peer import LlamaServerPeer, PeerSettings
+from tandem.benchmarks.serve import _clients
 from tandem.testing.serve_process import ServeProcess
 
 TASKS = ("Write a Python function `summarize(orders)` that takes a list of dicts with keys 'customer', 'amount' and "
@@ -60,25 +60,23 @@ def _trace(url: str, headers: dict, client: int, turns: int, max_tokens: int, mo
 
 
 def clients_rate(url: str, n: int, turns: int, max_tokens: int, model: str = "") -> tuple[float, int, float]:
-    """(aggregate tok/s, tokens, wall seconds) of n traces at once against the server at `url`."""
+    """(aggregate tok/s, tokens, wall seconds) of n traces at once against the server at `url` (one per client, as
+    `tandem bench serve` runs its clients); a client's failure is raised once every client is done."""
     tokens = [0] * n
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
 
-    def one(i: int) -> None:
+    def send(i: int) -> tuple[int, float]:
         try:
             tokens[i] = _trace(url, {}, i, turns, max_tokens, model)
-        except BaseException as e:  # noqa: BLE001 - reported below, after the other clients finish
+        except Exception as e:  # noqa: BLE001 - raised below, after the other clients finish
             errors.append(e)
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        return tokens[i], 0.0
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    rate = _clients(n, send)[0]
     wall = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    return sum(tokens) / wall, sum(tokens), wall
+    return rate, sum(tokens), wall
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, tuple[float, int, float]]:

@@ -18,6 +18,7 @@ import math
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 
@@ -99,7 +100,7 @@ class SuffixCache:
         if len(tokens) <= KEY or len(tokens) > self.max_tokens:
             return
         sid = self._scope(scope)
-        for doc_id, (s, old) in reversed(list(self._docs.items())[-8:]):
+        for doc_id, (s, old) in list(islice(reversed(self._docs.items()), 8)):  # the newest few
             if s == sid and len(old) <= len(tokens) and tokens[:len(old)] == old:
                 self._drop(doc_id)
         while self._docs and self.tokens + len(tokens) > self.max_tokens:
