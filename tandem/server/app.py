@@ -26,6 +26,7 @@ from tandem.errors import BadInputError, ModelNotFoundError, TandemError
 from tandem.runtime import Runtime
 from tandem.server.body import check_api_key, lookup_scope, parse, read_json
 from tandem.server.errors import install_error_handlers
+from tandem.server.messages_api import messages_router
 from tandem.server.metrics import CONTENT_TYPE, Metrics
 from tandem.server.models import ModelDirectory, ModelSource
 from tandem.server.openapi import STREAM_EVENT, errors, install, request_body
@@ -45,7 +46,7 @@ from tandem.templates import ChatFormat
 from tandem.tool_grammar import check_choice
 
 _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/api/v0/models", "/health",
-                        "/metrics", "/apply-template", *PAGES})
+                        "/metrics", "/apply-template", "/v1/messages", "/v1/messages/count_tokens", *PAGES})
 
 
 class _RequestMetrics:
@@ -333,6 +334,8 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         return fmt
 
     app.include_router(template_router(request_format, require_key, options.max_body_bytes))
+    app.include_router(messages_router(engine, options, target=target, loaded_format=loaded_format,
+                                       gen_params=_gen_params))
 
     @app.get("/health", response_model=None,
              responses={200: {"model": Health},

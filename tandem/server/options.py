@@ -14,8 +14,9 @@ class ServerOptions:
     port: int = 8080
     """TCP port to listen on; 0 picks a free one."""
     api_key: str | None = None
-    """Require 'Authorization: Bearer KEY' on /v1 endpoints (default: no key); several keys, comma-separated, give
-    each client its own (the suffix cache keeps their texts apart, see --suffix-cache)."""
+    """Require 'Authorization: Bearer KEY' on /v1 endpoints, or 'x-api-key: KEY' on Anthropic's /v1/messages (default:
+    no key); several keys, comma-separated, give each client its own (the suffix cache keeps their texts apart, see
+    --suffix-cache)."""
     max_body_bytes: int = 1 << 20
     """Largest request body accepted, in bytes; larger bodies get HTTP 413."""
     max_queue: int = 64

@@ -36,7 +36,15 @@ from tandem.tools import ToolRequest
 
 log = logging.getLogger("tandem.server")
 
-Event = Token | Done
+
+@dataclass(frozen=True)
+class Counted:
+    """The one event of a "count" job: the prompt's length in tokens (POST /v1/messages/count_tokens)."""
+
+    tokens: int
+
+
+Event = Token | Done | Counted
 State = Literal["loading", "ready", "degraded", "failed", "draining", "stopped"]
 """ready: serving as configured; degraded: serving without the draft (--draft-optional), `reason` says why;
 failed: the models could not be loaded, nothing is served; draining: shutting down, finishing the requests it
@@ -108,6 +116,7 @@ class JobSpec:
     """One generation request: chat messages, or a text/token prompt, and its parameters."""
 
     endpoint: str
+    """chat, completion, or count (the prompt is only tokenized: one Counted event, nothing generated)."""
     params: GenParams
     messages: Sequence[dict] | None = None
     prompt: str | Sequence[int] | None = None
@@ -411,6 +420,12 @@ class Engine:
                                            param="model", code="model_not_found"))
                 return
             self._park(("main", model), job, loader, str(model))
+            return
+        if job.spec.endpoint == "count":
+            try:
+                job.put(Counted(len(_prompt_tokens(slot.rt, job.spec))))
+            except TandemError as e:
+                job.put(e)
             return
         try:
             choice = slot.drafts.select(job.spec.draft_model, job.spec.draft_path)
