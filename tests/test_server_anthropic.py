@@ -17,6 +17,7 @@ from starlette.requests import Request
 from test_server_support import HELLO, TEST_KEY, assert_identity, assert_openai_error, client, metrics, sample, start, \
     tiny_app
 
+from tandem.errors import LoadingError
 from tandem.server.messages_api import anthropic_key_index
 from tandem.server.serving import ServerThread
 
@@ -317,3 +318,25 @@ def test_a_dropped_stream_stops_its_generation(claude, server, model_id):
     assert generated - 30 < 1500, "the dropped generation ran on"
     assert text == reference.content[0].text
     assert sample(after, "tandem_requests_total", endpoint="/v1/messages", status="200") > 0
+
+
+def test_an_error_mid_stream_is_an_error_event(tiny, model_id):
+    """The engine ends a running stream (here the shutdown's grace period running out): the stream closes with
+    Anthropic's `event: error`, whose body is the error's (no message_stop)."""
+    srv = start(tiny_app(tiny, draft=None))
+    try:
+        body = {"model": model_id, "max_tokens": 2000, "messages": HELLO, **T0, "stream": True}
+        with client(srv) as c, c.stream("POST", "/v1/messages", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines) == "event: message_start"
+            srv.app.state.engine.abort(LoadingError("the server is shutting down and this request did not finish "
+                                                    "within its --shutdown-timeout", "retry against a running server",
+                                                    code="shutting_down"))
+            rest = list(lines)
+        name, data = [line for line in rest if line][-2:]
+        assert name == "event: error", rest[-6:]
+        err = json.loads(data.removeprefix("data: "))
+        assert err["type"] == "error" and err["error"]["type"] == "overloaded_error"
+        assert "shutting down" in err["error"]["message"] and "message_stop" not in "".join(rest)
+    finally:
+        srv.stop()

@@ -130,8 +130,8 @@ def messages_router(engine: Engine, options: ServerOptions, *, target: Callable[
 
     router = APIRouter(prefix="/v1/messages", dependencies=[Depends(require_key)], route_class=_AnthropicRoute)
 
-    async def job_of(request: Request, req: CountTokensRequest, endpoint: str) -> tuple[JobSpec, ChatRequest, str]:
-        """The engine job for a request, the chat request it maps onto, and the model id to answer with."""
+    async def job_of(request: Request, req: CountTokensRequest, endpoint: str) -> tuple[JobSpec, str]:
+        """The engine job for a request (run as the chat request it maps onto), and the model id to answer with."""
         chat = chat_request(req)
         t = await target(chat)
         gp = gen_params(chat, chat.token_limit or 1, t.spec)
@@ -142,12 +142,12 @@ def messages_router(engine: Engine, options: ServerOptions, *, target: Callable[
         check_choice(tools, gp.grammar)
         job = JobSpec(endpoint, gp, messages=chat.message_dicts(), draft_model=t.draft_model, model=t.model,
                       draft_path=t.draft_path, tools=tools)
-        return job, chat, t.model_id
+        return job, t.model_id
 
     @router.post("", include_in_schema=False)
     async def messages(request: Request) -> Response:
         req = parse(MessagesRequest, await read_json(request, options.max_body_bytes))
-        job, _chat, model_id = await job_of(request, req, "chat")
+        job, model_id = await job_of(request, req, "chat")
         handle = engine.submit(job)
         try:  # the first event before answering: errors the engine finds still get their status
             first = [await handle.next(request.is_disconnected)]
@@ -174,7 +174,7 @@ def messages_router(engine: Engine, options: ServerOptions, *, target: Callable[
     async def count_tokens(request: Request) -> dict[str, int]:
         """The prompt's length in tokens, by the model's own template (tools included) and tokenizer."""
         req = parse(CountTokensRequest, await read_json(request, options.max_body_bytes))
-        job, _chat, _model = await job_of(request, req, "count")
+        job, _model = await job_of(request, req, "count")
         handle = engine.submit(job)
         try:
             counted = await handle.next(request.is_disconnected)

@@ -180,9 +180,10 @@ def chat_messages(req: CountTokensRequest) -> list[dict[str, Any]]:
             out.append(_assistant(blocks, f"{where}.content", calls))
         else:
             out += _user(blocks, f"{where}.content", calls)
-    if req.messages and req.messages[-1].get("role") == "assistant":
-        raise BadInputError(f"messages[{len(req.messages) - 1}] is an assistant message at the end (a prefill), which "
-                            "this server cannot continue", "end with a user message", param=f"messages[{len(req.messages) - 1}]")
+    if req.messages[-1].get("role") == "assistant":
+        last = f"messages[{len(req.messages) - 1}]"
+        raise BadInputError(f"{last} is an assistant message at the end (a prefill), which the chat templates cannot "
+                            "continue", "end with a user message", param=last)
     return out
 
 
