@@ -32,6 +32,7 @@ from tandem.server.models import ModelDirectory, ModelSource
 from tandem.server.openapi import STREAM_EVENT, errors, install, request_body
 from tandem.server.options import ServerOptions
 from tandem.server.responses import Builder, Piece, sse
+from tandem.server.responses_api import Generation, responses_router
 from tandem.server.schemas import (ChatRequest, Completion, CompletionRequest, Health, LMStudioList, LMStudioModel,
                                    ModelCard, ModelList)
 from tandem.server.templating import template_router
@@ -45,8 +46,9 @@ from tandem.spec.sampling import SamplingParams
 from tandem.templates import ChatFormat
 from tandem.tool_grammar import check_choice
 
-_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/api/v0/models", "/health",
-                        "/metrics", "/apply-template", "/v1/messages", "/v1/messages/count_tokens", *PAGES})
+_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/api/v0/models",
+                        "/health", "/metrics", "/apply-template", "/v1/messages",
+                        "/v1/messages/count_tokens", *PAGES})
 
 
 class _RequestMetrics:
@@ -336,6 +338,7 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
     app.include_router(template_router(request_format, require_key, options.max_body_bytes))
     app.include_router(messages_router(engine, options, target=target, loaded_format=loaded_format,
                                        gen_params=_gen_params))
+    app.include_router(responses_router(Generation(engine, target, _gen_params, loaded_format, require_key, options)))
 
     @app.get("/health", response_model=None,
              responses={200: {"model": Health},
