@@ -21,6 +21,7 @@ import pytest
 from test_server_support import (FIXED_DRAFTS, TEST_KEY, assert_identity, assert_openai_error, client, metrics,
                                  sample, start, tiny_app)
 
+from tandem.errors import LoadingError
 from tandem.server.serving import ServerThread
 
 OTHER_KEY = "other-key-456"
@@ -55,8 +56,10 @@ def test_a_response_whole(oai, tiny):
     assert r.model_extra["timings"]["predicted_n"] == 20
     assert_identity(stats)
     plain = oai.responses.create(input="Hello, who are you?", max_output_tokens=20, temperature=0,
-                                 extra_body={"draft_model": "none"})  # Tandem's fields pass through
+                                 extra_body={"draft_model": "none"}, metadata={"run": "1"}, user="u1",
+                                 reasoning={"effort": "high"})  # Tandem's fields pass through; reasoning is a no-op
     assert plain.model_extra["stats"]["draft_model"] is None and plain.output_text == r.output_text
+    assert plain.metadata == {"run": "1"} and plain.user == "u1" and plain.reasoning.effort is None
 
 
 _TEXT_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
@@ -245,6 +248,29 @@ def test_a_dropped_stream_stops_the_generation(server):
     generated = sample(after, "tandem_generated_tokens_total") - sample(before, "tandem_generated_tokens_total")
     assert generated < 1500, "the dropped generation ran on"
     assert sample(after, "tandem_requests_total", endpoint="/v1/responses", status="200") >= 2
+
+
+def test_an_error_mid_stream_is_an_error_event_then_response_failed(tiny):
+    """The engine ends a running stream (here the shutdown's grace period running out): OpenAI's `error` event,
+    then `response.failed` carrying the error, and no response.completed."""
+    srv = start(tiny_app(tiny, draft=None))
+    try:
+        oai = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=TEST_KEY, max_retries=0, timeout=60)
+        stream = oai.responses.create(input="Hello", max_output_tokens=2000, stream=True)
+        events = [next(stream)]
+        assert events[0].type == "response.created"
+        srv.app.state.engine.abort(LoadingError("the server is shutting down and this request did not finish "
+                                                "within its --shutdown-timeout", "retry against a running server",
+                                                code="shutting_down"))
+        events += list(stream)
+        error, failed = events[-2:]
+        assert error.type == "error" and error.code == "shutting_down" and "shutting down" in error.message
+        assert failed.type == "response.failed" and failed.response.status == "failed"
+        assert failed.response.error.code == "shutting_down" and failed.response.id == events[0].response.id
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert "response.completed" not in {e.type for e in events}
+    finally:
+        srv.stop()
 
 
 # -- Codex CLI ---------------------------------------------------------------------------------------------------

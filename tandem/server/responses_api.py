@@ -10,6 +10,9 @@ Stored responses (`store`, true by default) stay in memory, in a bounded LRU per
 continues one (its conversation, then its output, then the new input; the new `instructions` replace the old, as
 OpenAI does), GET returns it, DELETE forgets it. An id stored under one key is not found with another. The store is
 lost on restart, so a client that chains responses across a restart gets a 404 naming the id.
+
+The routes are left out of GET /openapi.json, as /v1/messages is: the document (and `tandem bench fuzz`, which
+checks every route against it) describes OpenAI's chat shapes and their `data:`-only streams.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from starlette.background import BackgroundTask
 from tandem.config import SpecOptions
 from tandem.errors import BadInputError, TandemError
 from tandem.server.body import key_index, lookup_scope, read_json
-from tandem.server.openapi import errors
 from tandem.server.options import ServerOptions
 from tandem.server.responses import Piece
 from tandem.server.responses_build import ResponseBuilder
@@ -167,9 +169,7 @@ def responses_router(gen: Generation) -> APIRouter:
         finally:
             handle.cancel()
 
-    @router.post("/responses", responses={200: {"description": "The response object, or with `stream: true` its "
-                                                               "server-sent events"},
-                                          **errors(400, 401, 403, 404, 413, 422, 500, 503, 507)})
+    @router.post("/responses", include_in_schema=False)
     async def create(request: Request) -> Response:
         raw = await read_json(request, options.max_body_bytes)
         req = parse_request(raw)
@@ -216,11 +216,11 @@ def responses_router(gen: Generation) -> APIRouter:
         keep(body)
         return JSONResponse(body)
 
-    @router.get("/responses/{response_id}", response_model=None, responses=errors(401, 404))
+    @router.get("/responses/{response_id}", include_in_schema=False)
     async def retrieve(request: Request, response_id: str) -> dict:
         return store.get(scope(request), response_id).response
 
-    @router.delete("/responses/{response_id}", response_model=None, responses=errors(401, 404))
+    @router.delete("/responses/{response_id}", include_in_schema=False)
     async def delete(request: Request, response_id: str) -> dict:
         store.delete(scope(request), response_id)
         return {"id": response_id, "object": "response.deleted", "deleted": True}
