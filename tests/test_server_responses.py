@@ -22,6 +22,7 @@ from test_server_support import (FIXED_DRAFTS, TEST_KEY, assert_identity, assert
                                  sample, start, tiny_app)
 
 from tandem.errors import LoadingError
+from tandem.server.responses_api import ResponseNotFoundError, ResponseStore
 from tandem.server.serving import ServerThread
 
 OTHER_KEY = "other-key-456"
@@ -135,6 +136,26 @@ def test_stored_responses_are_kept_per_key_unless_store_false(oai, server):
         assert c.delete(f"/v1/responses/{kept.id}").json() == {"id": kept.id, "object": "response.deleted",
                                                                "deleted": True}
         assert_openai_error(c.get(f"/v1/responses/{kept.id}"), 404)
+
+
+def test_the_store_is_bounded_least_recently_used_first():
+    """Past its count (or its bytes) the store drops the response used longest ago; a read counts as a use."""
+    store = ResponseStore(max_count=2, max_bytes=1 << 20)
+    for name in ("a", "b"):
+        store.put("", {"id": name, "output": []}, [])
+    store.get("", "a")  # a is now the most recently used
+    store.put("", {"id": "c", "output": []}, [])
+    assert store.get("", "a") and store.get("", "c")
+    with pytest.raises(ResponseNotFoundError):
+        store.get("", "b")
+    with pytest.raises(ResponseNotFoundError):
+        store.get("key1", "a")  # another key's scope
+    small = ResponseStore(max_count=100, max_bytes=200)
+    for name in ("a", "b", "c"):
+        small.put("", {"id": name, "output": [], "pad": "x" * 60}, [])
+    with pytest.raises(ResponseNotFoundError):
+        small.get("", "a")
+    assert small.get("", "c")
 
 
 def test_a_function_call_round_trip(oai):
