@@ -4,6 +4,10 @@ the draft's accepted tokens are coloured, the stats line and the draft selector 
 switches speculation off, errors show their message, the page's text is the API's, axe-core finds nothing to fix,
 and CORS lets exactly the origins `--cors` names call the API from a browser.
 
+These tests read answers in the page's plain view (one span per run of one source, as the API's token sources);
+tests/test_browser_markdown.py tests its Markdown view, the default, which the accessibility check and the
+screenshot here show too.
+
 `make test` installs Chromium (and npm, which fetches axe-core) from apt; without them these tests skip.
 TANDEM_UPDATE_SCREENSHOT=1 also refreshes docs/chat.png, from the default model pair (see test_screenshot).
 """
@@ -117,12 +121,17 @@ def browser() -> Iterator:
         b.close()
 
 
-def open_page(browser, url: str, *, key: str | None = KEY, **context):
+def open_page(browser, url: str, *, key: str | None = KEY, markdown: bool = False, **context):
     """A fresh browser context (its own localStorage) on the page; `key` is stored as if the user had entered it.
+    Without `markdown` the page starts with its Markdown view off, answers as plain text in one span per run of one
+    source (what these tests compare with the API's text; tests/test_browser_markdown.py tests the Markdown view).
     Script errors are collected in page.errors."""
     ctx = browser.new_context(viewport={"width": 1000, "height": 640}, **context)
     if key:
         ctx.add_init_script(f"localStorage.setItem('tandem.key', {json.dumps(key)})")
+    if not markdown:
+        ctx.add_init_script("localStorage.getItem('tandem.markdown') === null && "
+                            "localStorage.setItem('tandem.markdown', '0')")
     page = ctx.new_page()
     page.errors = []
     page.on("pageerror", lambda e: page.errors.append(str(e)))
@@ -307,7 +316,7 @@ def test_stop_ends_the_answer_where_it_is(page, server):
     page.click("#stop")
     page.wait_for_selector(".msg.assistant .error")
     assert page.text_content(".msg.assistant .error") == "stopped" and page.is_disabled("#stop")
-    assert len(page.text_content(".msg.assistant .body")) > len("stopped")
+    assert page.text_content(".msg.assistant .body")  # what came before the stop stays
     after = ask(page, "Hello?", max_tokens=4)  # the server is free again
     assert after["error"] == [] and after["text"]
 
@@ -341,7 +350,7 @@ def axe(page, source: str) -> list[str]:
 
 def test_axe_finds_no_violations(browser, server, axe_source):
     # bypass_csp: the page's policy admits no script but its own, and axe is injected
-    page = open_page(browser, server.url, key=None, bypass_csp=True)
+    page = open_page(browser, server.url, key=None, markdown=True, bypass_csp=True)
     try:
         page.wait_for_selector("#keybox", state="visible")
         page.wait_for_function("() => document.getElementById('status').className === 'error'")
@@ -355,7 +364,7 @@ def test_axe_finds_no_violations(browser, server, axe_source):
         page.select_option("#draft", "none")
         ask(page, "1 2 3 4 1 2 3 4 1 2 3 4", max_tokens=24)
         ask(page, "word " * 600)
-        assert page.locator(".body > span.draft").count() and page.locator(".msg .error").count()
+        assert page.locator(".body.md .draft").count() and page.locator(".msg .error").count()
         found["answers and an error"] = axe(page, axe_source)
         assert found == {state: [] for state in found}
         assert page.errors == []
@@ -378,13 +387,13 @@ def test_screenshot(browser, server, root, tmp_path):
     try:
         if real is not None:
             assert real.url, "".join(real.output)
-        page = open_page(browser, real.url if real else server.url, key=None if real else KEY)
+        page = open_page(browser, real.url if real else server.url, key=None if real else KEY, markdown=True)
         wait_for_models(page)
         if real is not None:  # a first answer warms the models up: the shot's stats are then the usual ones
             ask(page, "Hello!", max_tokens=8, timeout=600)
             page.click("#clear")
         got = ask(page, SHOT_PROMPT, max_tokens=120 if real else 60, timeout=600 if real else 120)
-        assert got["error"] == [] and got["text"] and page.locator(".body > span.draft").count()
+        assert got["error"] == [] and page.locator(".body.md .draft").count()
         shot = tmp_path / "chat.png"
         page.screenshot(path=str(shot))
         page.context.close()

@@ -1,5 +1,7 @@
-"""The chat page: served without a key under a strict policy, wired to routes and element ids that exist, and
-its JavaScript (run under Node) turning a real server's stream into coloured pieces and stats."""
+"""The chat page: served without a key under a strict policy with its vendored libraries (packaged, with their
+licences), wired to routes and element ids that exist, and its JavaScript (run under Node) turning a real server's
+stream into coloured pieces and stats, finding each rendered character's source, and reading back a stored
+conversation however it was left."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from importlib import resources
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,8 +21,9 @@ from test_server_models import make_app
 from test_server_support import FIXED_DRAFTS, client, start, tiny_app
 
 from tandem.server.serving import ServerThread
-from tandem.server.web import CSP
+from tandem.server.web import CSP, PAGES
 
+ROOT = Path(__file__).resolve().parents[1]
 WEB = resources.files("tandem") / "web"
 HTML = (WEB / "chat.html").read_text()
 JS = (WEB / "chat.js").read_text()
@@ -80,19 +85,47 @@ process.stdin.on("end", () => {
 # -- the files and their wiring ---------------------------------------------------------------------------
 
 def test_page_needs_no_key_and_comes_with_a_strict_policy(server):
-    for path, kind in (("/", "text/html"), ("/chat.js", "text/javascript")):
+    assert {"/", "/chat.js", "/vendor/marked.umd.js", "/vendor/purify.min.js", "/vendor/highlight.min.js",
+            "/vendor/a11y-light.min.css"} == set(PAGES)
+    for path, (name, kind) in PAGES.items():
         r = httpx.get(f"{server.url}{path}")  # no Authorization header: the page holds no data
-        assert r.status_code == 200 and r.headers["content-type"].startswith(kind)
+        assert r.status_code == 200 and r.headers["content-type"] == kind, path
         assert r.headers["content-security-policy"] == CSP and "script-src 'self'" in CSP
         assert r.headers["x-content-type-options"] == "nosniff"
-    assert httpx.get(f"{server.url}/").text == HTML
+        assert r.content == WEB.joinpath(*name.split("/")).read_bytes()
+    assert "style-src 'self' 'unsafe-inline'" in CSP  # the highlighting theme is a file of this server
+    assert httpx.get(f"{server.url}/vendor/README.md").status_code == 404  # only the libraries are served
     assert httpx.get(f"{server.url}/v1/models").status_code == 401  # while the API still needs the key
 
 
 def test_page_loads_nothing_from_other_hosts_and_has_no_inline_script():
     for text in (HTML, JS):
         assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", text, re.I)
-    assert re.findall(r"<script[^>]*>", HTML) == ['<script src="/chat.js">']  # the policy blocks inline code
+    scripts = re.findall(r"<script[^>]*>", HTML)  # the policy blocks inline code
+    assert scripts == ['<script src="/vendor/marked.umd.js">', '<script src="/vendor/purify.min.js">',
+                       '<script src="/vendor/highlight.min.js">', '<script src="/chat.js">']
+    loaded = re.findall(r'<script src="([^"]+)"', HTML) + re.findall(r'<link rel="stylesheet" href="([^"]+)"', HTML)
+    assert len(loaded) == 5 and set(loaded) <= set(PAGES)  # each from this server
+
+
+def test_vendored_libraries_are_packaged_with_their_licences_and_versions():
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    vendor = WEB / "vendor"
+    files = sorted(f.name for f in vendor.iterdir())
+    for name in files:  # every file goes into the wheel (setuptools' "web/*" does not take a subfolder: its `*`
+        # stops at a slash)
+        assert any(re.fullmatch(re.escape(pattern).replace(r"\*", "[^/]*"), f"web/vendor/{name}")
+                   for pattern in package_data["tandem"]), name
+    readme = (vendor / "README.md").read_text()
+    banners = {"marked.umd.js": r"marked v([\d.]+)", "purify.min.js": r"DOMPurify ([\d.]+)",
+               "highlight.min.js": r"Highlight\.js v([\d.]+)"}
+    for name, banner in banners.items():
+        version = re.search(banner, (vendor / name).read_text()[:400]).group(1)
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}`"))
+        assert f"| {version} |" in row, (name, version, row)  # the README says which version is here
+        licences = re.findall(r"`([\w.-]+LICENSE[\w-]*)`", row)
+        assert licences and all(lic in files for lic in licences), row
+    assert {"marked.LICENSE", "dompurify.LICENSE", "dompurify.LICENSE-MPL", "highlight.js.LICENSE"} <= set(files)
 
 
 def test_every_element_the_script_uses_exists():
@@ -110,8 +143,14 @@ def test_every_path_the_script_requests_is_served(server):
             assert r.status_code != 404, path
 
 
-def test_model_output_is_never_parsed_as_html():
-    assert "innerHTML" not in JS and "insertAdjacentHTML" not in JS and "document.write" not in JS
+def test_model_output_is_parsed_as_html_only_by_the_sanitiser():
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "DOMParser",
+                 "createContextualFragment", "srcdoc", "eval(", "Function("):
+        assert sink not in JS, sink
+    # the one place HTML is made: marked's output, straight into DOMPurify, out as a DOM fragment
+    parsed = re.findall(r"[\w.]*\.parser?\([^)]*\)", JS)
+    assert parsed == ["JSON.parse(payload)", "JSON.parse(raw)", "parser.parser([token])"]
+    assert "DOMPurify.sanitize(parser.parser([token]), purify)" in JS and "RETURN_DOM_FRAGMENT: true" in JS
 
 
 # -- the script's logic, under Node, against the real server ----------------------------------------------
@@ -198,3 +237,59 @@ def test_stats_line_counts_spare_row_guesses():
     turn = js("stream", 'data: {"choices": [{"delta": {"content": "ab"}, "token_sources": [{"text": "a", "source": '
                         '"main"}, {"text": "b", "source": "guess"}]}]}\n\ndata: [DONE]\n\n', 9)
     assert turn["pieces"] == [{"text": "a", "source": "main"}, {"text": "b", "source": "guess"}] and turn["done"]
+
+
+# -- Markdown's sources and the stored conversation, under Node -------------------------------------------------
+
+@needs_node
+def test_rendered_text_finds_its_sources():
+    pieces = [{"text": "Use **", "source": "main"}, {"text": "sorted", "source": "draft"},
+              {"text": "** and `key=` :\n\n```python\n", "source": "main"}, {"text": "return", "source": "draft"},
+              {"text": " sorted(x)\n```\n", "source": "guess"}]
+    # the text nodes marked gives: "Use ", "sorted" (in <strong>), " and ", "key=" (in <code>), " :", "\n", code
+    segments = ["Use ", "sorted", " and ", "key=", " :", "\n", "return sorted(x)", "\n"]
+    assert js("alignRuns", pieces, segments) == [
+        [{"text": "Use ", "source": "main"}], [{"text": "sorted", "source": "draft"}],
+        [{"text": " and ", "source": "main"}], [{"text": "key=", "source": "main"}], [{"text": " :", "source": "main"}], [{"text": "\n", "source": "main"}],
+        [{"text": "return", "source": "draft"}, {"text": " sorted(x)", "source": "guess"}],
+        [{"text": "\n", "source": "guess"}]]
+    # text the answer does not have (an entity's character) takes the source before it and skips nothing
+    got = js("alignRuns", [{"text": "a &copy; ", "source": "main"}, {"text": "b", "source": "draft"}], ["a \u00a9 b"])
+    assert got == [[{"text": "a \u00a9 ", "source": "main"}, {"text": "b", "source": "draft"}]]
+    assert js("alignRuns", [], ["x"]) == [[{"text": "x", "source": "main"}]]
+
+
+@needs_node
+def test_stored_conversation_is_read_back_or_refused_whole():
+    good = {"version": 1, "system": "Be brief.", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello", "pieces": [{"text": "hel", "source": "main"},
+                                                             {"text": "lo", "source": "draft"}],
+         "meta": "9.0 tok/s", "error": None}]}
+    got = js("parseStoredChat", json.dumps(good))
+    assert got["problem"] is None and got["chat"]["system"] == "Be brief."
+    assert got["chat"]["messages"] == [good["messages"][0], {**good["messages"][1], "error": None}]
+    assert js("parseStoredChat", None) == {"chat": {"system": "", "messages": []}, "problem": None}
+    for raw, why in (("{not json", "not JSON"), ("[1, 2]", "no messages"), ('"text"', "no messages"),
+                     ("null", "no messages"), ("x" * 101, "too large")):
+        got = js("parseStoredChat", raw, 100)
+        assert got["chat"] == {"system": "", "messages": []} and why in got["problem"], (raw[:20], got)
+    # well-formed messages are kept; pieces that do not spell the text, or name a strange source, are replaced
+    odd = {"messages": [{"role": "tool", "content": "x"}, {"role": "user"}, {"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "ab", "pieces": [{"text": "a", "source": "draft"}]},
+                        {"role": "assistant", "content": "c", "pieces": [{"text": "c", "source": "x y"}], "meta": 5}]}
+    got = js("parseStoredChat", json.dumps(odd))
+    assert "2 stored message(s)" in got["problem"]
+    assert got["chat"]["messages"] == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "ab", "pieces": [{"text": "ab", "source": "main"}], "meta": "", "error": None},
+        {"role": "assistant", "content": "c", "pieces": [{"text": "c", "source": "main"}], "meta": "", "error": None}]
+
+
+@needs_node
+def test_system_prompt_goes_first():
+    messages = [{"role": "user", "content": "q", "extra": 1}, {"role": "assistant", "content": "a", "pieces": []}]
+    assert js("requestMessages", "You write Python.", messages) == [
+        {"role": "system", "content": "You write Python."}, {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"}]
+    assert js("requestMessages", "  ", messages[:1]) == [{"role": "user", "content": "q"}]

@@ -1,7 +1,12 @@
 // Tandem's chat page: streams /v1/chat/completions with token sources and colours the tokens the draft got
-// accepted. The pure functions at the top (SSE parsing, turn assembly, stats and draft lists) are exported
-// for tests under Node; the DOM code at the bottom runs only in a browser. Model output is only ever set
-// with textContent, never parsed as HTML.
+// accepted. Answers are shown as Markdown (marked), code highlighted (highlight.js), with the draft's tokens still
+// coloured; the conversation and its system prompt are kept in the browser's local storage. The pure functions at
+// the top (SSE parsing, turn assembly, stats and draft lists, source alignment, the stored conversation) are
+// exported for tests under Node; the DOM code at the bottom runs only in a browser.
+//
+// Model output never runs: the Markdown's HTML goes through DOMPurify, which returns a DOM fragment (this file
+// never hands an element HTML to parse), raw HTML in an answer is shown as the text it is, and the page's content
+// security policy admits no script but the server's own files.
 "use strict";
 
 /** Split an SSE buffer into complete `data:` payloads; `rest` is an unfinished event to keep. */
@@ -118,22 +123,144 @@ function healthLine(h) {
   return { text: `${h.status}: ${h.reason || "see the server's log"}`, level: "error" };
 }
 
+/**
+ * Where each piece of rendered text came from. `pieces` are the answer's runs ({text, source}) and `segments` the
+ * text nodes of its Markdown rendering, in document order; the result holds, per segment, its runs of one source.
+ *
+ * Rendering drops Markdown's syntax (fences, `*`, `#`, list markers, link targets) but keeps the words in order, so
+ * each rendered character is matched to the next equal character of the answer (looking at most WINDOW ahead: a
+ * character the answer does not have, such as an entity's, takes the source before it and matches nothing).
+ * Whitespace matches the answer's next whitespace, past Markdown's marks only. One pass over both texts, so the
+ * answer can be re-rendered whole on every frame while it streams: robust where a rendering of pieces one by one is
+ * not (a fence or an emphasis that spans several pieces).
+ */
+function alignRuns(pieces, segments) {
+  const WINDOW = 512;
+  const MARKS = "*_`~#>|-+=.)]";
+  const text = pieces.map((p) => p.text).join("");
+  let j = 0;  // the next character of the answer not yet matched
+  let k = 0;  // the piece holding answer position `end - 1`
+  let end = pieces.length ? pieces[0].text.length : 0;
+  let last = "main";
+  const sourceAt = (pos) => {  // positions only grow
+    while (k < pieces.length - 1 && pos >= end) end += pieces[++k].text.length;
+    return pieces.length ? pieces[k].source : "main";
+  };
+  const space = (c) => c === " " || c === "\n" || c === "\t" || c === "\r" || c === "\u00a0";
+  return segments.map((seg) => {
+    const runs = [];
+    for (const c of seg) {  // by code point: a character outside the BMP is one match
+      let source = last;
+      if (space(c)) {  // the answer's next space, past Markdown's marks only (the `**` that closes a bold word)
+        let at = j;
+        while (at < text.length && at - j < 8 && MARKS.includes(text[at])) at++;
+        if (at < text.length && space(text[at])) {
+          source = sourceAt(at);
+          j = at + 1;
+        }
+      } else {
+        const at = text.indexOf(c, j);
+        if (at >= 0 && at - j <= WINDOW) {
+          source = sourceAt(at);
+          j = at + c.length;
+        }
+      }
+      last = source;
+      const run = runs[runs.length - 1];
+      if (run && run.source === source) run.text += c;
+      else runs.push({ text: c, source });
+    }
+    return runs;
+  });
+}
+
+/** The most characters of a stored conversation the page reads back or writes (local storage holds about 5 MB). */
+const STORE_LIMIT = 2000000;
+
+/** A conversation as kept in local storage: the system prompt and the messages, assistant ones with their coloured
+ * pieces, stats line and error. Returns {chat, problem}: an empty chat and why when the text is too long, not JSON
+ * or not a conversation; messages that are not well-formed are left out (and said so). */
+function parseStoredChat(raw, limit = STORE_LIMIT) {
+  const empty = { system: "", messages: [] };
+  if (raw === null || raw === undefined || raw === "") return { chat: empty, problem: null };
+  if (typeof raw !== "string" || raw.length > limit) {
+    return { chat: empty, problem: `the stored conversation is too large to read back (${raw.length} characters)` };
+  }
+  let obj;
+  try {
+    obj = JSON.parse(raw);
+  } catch (e) {
+    return { chat: empty, problem: "the stored conversation is not readable (not JSON)" };
+  }
+  if (!obj || typeof obj !== "object" || !Array.isArray(obj.messages)) {
+    return { chat: empty, problem: "the stored conversation is not readable (no messages)" };
+  }
+  const chat = { system: typeof obj.system === "string" ? obj.system : "", messages: [] };
+  let dropped = 0;
+  for (const m of obj.messages) {
+    if (!m || (m.role !== "user" && m.role !== "assistant") || typeof m.content !== "string") {
+      dropped++;
+      continue;
+    }
+    const msg = { role: m.role, content: m.content };
+    if (m.role === "assistant") {
+      const ok = Array.isArray(m.pieces) && m.pieces.every((p) => p && typeof p.text === "string" &&
+        typeof p.source === "string" && /^[a-z]{1,16}$/.test(p.source)) &&
+        m.pieces.map((p) => p.text).join("") === m.content;
+      msg.pieces = ok ? m.pieces.map((p) => ({ text: p.text, source: p.source }))
+        : [{ text: m.content, source: "main" }];
+      msg.meta = typeof m.meta === "string" ? m.meta : "";
+      msg.error = typeof m.error === "string" ? m.error : null;
+    }
+    chat.messages.push(msg);
+  }
+  return { chat, problem: dropped ? `${dropped} stored message(s) were not readable and are left out` : null };
+}
+
+/** The messages a request sends: the system prompt first (when there is one), then the conversation. */
+function requestMessages(system, messages) {
+  const out = system.trim() ? [{ role: "system", content: system }] : [];
+  return out.concat(messages.map((m) => ({ role: m.role, content: m.content })));
+}
+
 if (typeof module !== "undefined") {
-  module.exports = { parseSSE, newTurn, applyEvent, statsLine, draftOptions, requestBody, healthLine };
+  module.exports = { parseSSE, newTurn, applyEvent, statsLine, draftOptions, requestBody, healthLine, alignRuns,
+    parseStoredChat, requestMessages };
 }
 
 // -- the page ------------------------------------------------------------------------------------------------
 
 if (typeof document !== "undefined") {
   const $ = (id) => document.getElementById(id);
-  const history = [];  // {role, content} of the conversation so far
+  const CHAT = "tandem.chat";  // local storage: the conversation (parseStoredChat)
+  const chat = { system: "", messages: [] };  // {role, content} (+ pieces, meta, error for answers)
+  const views = [];  // the answers on the page: {div, body, meta, msg, blocks (the Markdown drawn), ...}
   let models = [];
   let controller = null;
+  let epoch = 0;  // a new chat during an answer: that answer belongs to the old one
   let health = null;  // the last /health body
+  let storageOff = false;  // said once
+
+  // Local storage may be off (a private window's policy): the page then works without it.
+  const stored = (key) => {
+    try {
+      return localStorage.getItem(key);
+    } catch (e) {
+      return null;
+    }
+  };
+  const store = (key, value) => {
+    try {
+      localStorage.setItem(key, value);
+      return true;
+    } catch (e) {
+      return false;  // over the quota, or storage off
+    }
+  };
 
   const headers = () => {
     const h = { "Content-Type": "application/json" };
-    const key = localStorage.getItem("tandem.key");
+    const key = stored("tandem.key");
     if (key) h.Authorization = `Bearer ${key}`;
     return h;
   };
@@ -198,6 +325,192 @@ if (typeof document !== "undefined") {
     if (opts.some((o) => o.value === chosen)) sel.value = chosen;  // kept while the new model can use it
   }
 
+  // -- Markdown ------------------------------------------------------------------------------------------------
+
+  const markdown = typeof marked !== "undefined" && typeof DOMPurify !== "undefined" && DOMPurify.isSupported
+    ? markdownRenderer() : null;  // without the vendored libraries, answers show as plain text
+
+  /** A function that draws an answer ({content, pieces}) as sanitised DOM nodes: Markdown, code highlighted, the
+   * draft's tokens coloured, a copy button on each code block. It returns the answer's top-level blocks, each
+   * {key, nodes, level}; given the blocks it returned last time, it keeps those that have not changed (the same
+   * text from the same sources, after the same blocks), so that a streaming answer costs per frame about its last
+   * block, not its whole length. `final`: the answer is complete. */
+  function markdownRenderer() {
+    const esc = (t) => String(t).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;",
+      "'": "&#39;" })[c]);
+    const highlighter = typeof hljs !== "undefined" ? hljs : null;
+    let guessLanguage = false;  // auto-detection tries every language: only on blocks that are complete
+    let headingLevel = 1;  // of the last heading drawn: the page's h1 before an answer's first
+    const parser = new marked.Marked({ gfm: true });
+    parser.use({
+      renderer: {
+        // Raw HTML in an answer is shown as the text it is: a coding model writes tags it means literally.
+        html({ text, block }) {
+          return block ? `<p class="raw">${esc(text.replace(/\n+$/, ""))}</p>\n` : esc(text);
+        },
+        // An image is shown as a link: the page loads nothing an answer names.
+        image({ href, text }) {
+          return `<a href="${esc(href)}">${esc(text || href)}</a>`;
+        },
+        // A task list's box as text: a disabled checkbox would be a form field without a label.
+        checkbox({ checked }) {
+          return checked ? "\u2611 " : "\u2610 ";
+        },
+        // The page's title is its h1: an answer's headings sit below it (# is an h2), and a level the answer skips
+        // is not skipped on the page (at most one level deeper than the heading before).
+        heading({ tokens, depth }) {
+          const h = Math.min(depth + 1, headingLevel + 1, 6);
+          headingLevel = h;
+          return `<h${h}>${this.parser.parseInline(tokens)}</h${h}>\n`;
+        },
+        code({ text, lang }) {
+          const language = ((lang || "").trim().split(/\s+/)[0] || "").toLowerCase();
+          let html = esc(text);
+          if (highlighter && language && highlighter.getLanguage(language)) {
+            html = highlighter.highlight(text, { language, ignoreIllegals: true }).value;
+          } else if (highlighter && !language && guessLanguage) {
+            html = highlighter.highlightAuto(text).value;
+          }
+          const cls = language ? ` language-${esc(language)}` : "";
+          return `<pre><code class="hljs${cls}">${html}</code></pre>\n`;
+        },
+      },
+    });
+    const purify = {
+      ALLOWED_TAGS: ["a", "blockquote", "br", "code", "del", "em", "h2", "h3", "h4", "h5", "h6", "hr", "li", "ol", "p",
+        "pre", "span", "strong", "table", "tbody", "td", "th", "thead", "tr", "ul"],
+      ALLOWED_ATTR: ["href", "title", "class", "start", "align"],
+      RETURN_DOM_FRAGMENT: true,
+    };
+    DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+      if (node.tagName === "A") {  // links open beside the chat, without access to it
+        node.setAttribute("target", "_blank");
+        node.setAttribute("rel", "noopener noreferrer");
+      }
+    });
+    return (msg, final, before) => {
+      const tokens = parser.lexer(msg.content);  // the whole answer: a late line can change an earlier block
+      const links = JSON.stringify(tokens.links || {});  // reference links: defined anywhere, used anywhere
+      const pieces = msg.pieces;
+      let p = 0;  // the piece at answer offset `pAt`
+      let pAt = 0;
+      const sourcesOf = (a, b) => {  // the pieces' runs within [a, b): offsets only grow
+        while (p < pieces.length && pAt + pieces[p].text.length <= a) pAt += pieces[p++].text.length;
+        const runs = [];
+        for (let i = p, at = pAt; i < pieces.length && at < b; at += pieces[i++].text.length) {
+          const text = pieces[i].text.slice(Math.max(a - at, 0), Math.min(b - at, pieces[i].text.length));
+          if (text) runs.push({ text, source: pieces[i].source });
+        }
+        return runs;
+      };
+      const blocks = [];
+      let offset = 0;
+      headingLevel = 1;
+      let reusing = true;
+      tokens.forEach((token, i) => {
+        const runs = sourcesOf(offset, offset + token.raw.length);
+        offset += token.raw.length;
+        guessLanguage = final || i < tokens.length - 1;  // the last block may still grow
+        const key = [links, headingLevel, guessLanguage, ...runs.map((r) => `${r.source}:${r.text}`)].join("\u0000");
+        const old = before[i];
+        if (reusing && old && old.key === key) {
+          headingLevel = old.level;
+          blocks.push(old);
+          return;
+        }
+        reusing = false;
+        const frag = DOMPurify.sanitize(parser.parser([token]), purify);
+        colourSources(frag, runs);
+        for (const pre of frag.querySelectorAll("pre")) addCopyButton(pre);
+        blocks.push({ key, nodes: [...frag.childNodes], level: headingLevel });
+      });
+      return blocks;
+    };
+  }
+
+  /** Wraps the rendered text that came from the draft (or from a guess) in spans of its source's class. */
+  function colourSources(frag, pieces) {
+    const nodes = [];
+    const walk = document.createTreeWalker(frag, NodeFilter.SHOW_TEXT);
+    while (walk.nextNode()) nodes.push(walk.currentNode);
+    const runs = alignRuns(pieces, nodes.map((n) => n.data));
+    nodes.forEach((node, i) => {
+      if (runs[i].every((r) => r.source === "main")) return;
+      // whitespace between blocks (a list's items, a table's rows) is layout, and may hold no element there
+      if (!node.data.trim() && !node.parentNode.closest?.("pre")) return;
+      node.replaceWith(...runs[i].map((r) => {
+        if (r.source === "main") return document.createTextNode(r.text);
+        const span = document.createElement("span");
+        span.className = r.source;
+        span.textContent = r.text;
+        return span;
+      }));
+    });
+  }
+
+  function addCopyButton(pre) {
+    const code = pre.querySelector("code");
+    const lang = [...code.classList].find((c) => c.startsWith("language-"));
+    const bar = document.createElement("div");
+    bar.className = "codebar";
+    const name = document.createElement("span");
+    name.textContent = lang ? lang.slice(9) : "code";
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "copy";
+    button.textContent = "Copy";
+    button.setAttribute("aria-label", `Copy ${lang ? lang.slice(9) + " " : ""}code`);
+    bar.append(name, button);
+    code.tabIndex = 0;  // it scrolls sideways: keyboards must reach it
+    const box = document.createElement("div");
+    box.className = "code";
+    pre.replaceWith(box);
+    box.append(bar, pre);
+  }
+
+  async function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+      return;
+    }
+    // Served over http to another host than this one, a page has no Clipboard API: copy a selection instead.
+    const area = document.createElement("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.style.position = "fixed";
+    area.style.opacity = "0";
+    document.body.append(area);
+    area.select();
+    const ok = document.execCommand("copy");
+    area.remove();
+    if (!ok) throw new Error("the browser refused to copy");
+  }
+
+  async function copyCode(button) {
+    const code = button.closest(".code").querySelector("pre code");
+    const label = button.getAttribute("aria-label");
+    let said;
+    try {
+      await copyText(code.textContent);
+      said = "Copied";
+    } catch (e) {
+      said = "Copy failed: select the code and press Ctrl+C";
+    }
+    button.focus();
+    button.textContent = said;  // in the log, a live region: read out too
+    button.setAttribute("aria-label", said);
+    button.classList.add("done");
+    setTimeout(() => {
+      button.textContent = "Copy";
+      button.setAttribute("aria-label", label);
+      button.classList.remove("done");
+    }, 2000);
+  }
+
+  // -- the conversation on the page ----------------------------------------------------------------------------
+
+  const rendered = () => markdown !== null && $("markdown").checked;
+
   function bubble(role) {
     const div = document.createElement("div");
     div.className = `msg ${role}`;
@@ -211,23 +524,121 @@ if (typeof document !== "undefined") {
     return { div, body, meta };
   }
 
-  function render(turn, view) {
-    // Only what changed: the last span (a run of one source grows) and the spans after it, not the whole answer
-    // on every chunk.
-    const spans = view.body.getElementsByTagName("span");
-    for (let i = Math.max(spans.length - 1, 0); i < turn.pieces.length; i++) {
-      const span = spans[i] || view.body.appendChild(document.createElement("span"));
-      span.className = turn.pieces[i].source;
-      span.textContent = turn.pieces[i].text;
+  function userBubble(text) {
+    bubble("user").body.textContent = text;
+  }
+
+  function answerBubble(msg) {
+    const view = { ...bubble("assistant"), msg, blocks: [], timer: null, cost: 0, last: 0 };
+    views.push(view);
+    return view;
+  }
+
+  /** Shows an answer as it is now. `final`: the answer is complete (its last block's code, when it names no
+   * language, is then guessed too). */
+  function draw(view, final = false) {
+    const msg = view.msg;
+    if (rendered()) {
+      // The whole answer is parsed again (Markdown is not local: a fence opened early closes late), the blocks
+      // that changed are drawn again, at most once a frame (see drawSoon).
+      const start = performance.now();
+      if (!view.body.classList.contains("md")) {
+        view.body.className = "body md";
+        view.body.replaceChildren();
+        view.blocks = [];
+      }
+      const blocks = markdown(msg, final, view.blocks);
+      let same = 0;
+      while (same < blocks.length && blocks[same] === view.blocks[same]) same++;
+      for (const block of view.blocks.slice(same)) for (const node of block.nodes) node.remove();
+      view.body.append(...blocks.slice(same).flatMap((block) => block.nodes));
+      view.blocks = blocks;
+      view.cost = performance.now() - start;
+    } else {
+      // Plain text, one span per run of one source; only what changed: the last span (a run of one source grows)
+      // and the spans after it.
+      if (!view.body.classList.contains("raw")) {
+        view.body.className = "body raw";
+        view.body.replaceChildren();
+      }
+      const spans = view.body.getElementsByTagName("span");
+      for (let i = Math.max(spans.length - 1, 0); i < msg.pieces.length; i++) {
+        const span = spans[i] || view.body.appendChild(document.createElement("span"));
+        span.className = msg.pieces[i].source;
+        span.textContent = msg.pieces[i].text;
+      }
     }
-    view.meta.textContent = turn.error ? "" : statsLine(turn.stats);
-    if (turn.error && !view.body.querySelector(".error")) {
-      const err = document.createElement("div");
-      err.className = "error";
-      err.textContent = turn.error;
-      view.body.append(err);
+    view.last = performance.now();
+    view.meta.textContent = msg.error ? "" : msg.meta;
+    let error = view.div.querySelector(".error");
+    if (msg.error && !error) {
+      error = document.createElement("div");
+      error.className = "error";
+      view.meta.before(error);
     }
+    if (error) error.textContent = msg.error || "";
+    if (error && !msg.error) error.remove();
     view.div.scrollIntoView({ block: "end" });
+  }
+
+  /** Draws a streaming answer on a coming animation frame, not per chunk; and, when drawing is slow (a long
+   * answer), at most a quarter of the time: the next drawing waits three times the last one's cost. */
+  function drawSoon(view) {
+    if (view.timer !== null) return;
+    const wait = Math.max(0, view.last + 3 * view.cost - performance.now());
+    view.timer = setTimeout(() => requestAnimationFrame(() => {
+      view.timer = null;
+      if (!view.final) draw(view);
+    }), wait);
+  }
+
+  function notice(text) {
+    const p = document.createElement("p");
+    p.className = "notice";
+    p.textContent = text;
+    $("log").append(p);
+  }
+
+  /** Keeps the conversation in local storage; when it does not fit, the oldest turns are left out of the copy. */
+  function save() {
+    let messages = chat.messages;
+    for (;;) {
+      const text = JSON.stringify({ version: 1, system: chat.system, messages });
+      if (text.length <= STORE_LIMIT && store(CHAT, text)) break;
+      if (!messages.length) {
+        if (!storageOff) notice("this browser keeps nothing for this page (local storage is off or full): a reload " +
+          "starts a new chat");
+        storageOff = true;
+        return false;
+      }
+      messages = messages.slice(messages[0].role === "user" && messages.length > 1 ? 2 : 1);
+    }
+    if (messages.length < chat.messages.length) {
+      notice(`the conversation is too long to keep in this browser: a reload keeps only its last ${messages.length} ` +
+        "messages");
+    }
+    return true;
+  }
+
+  function restore() {
+    const { chat: found, problem } = parseStoredChat(stored(CHAT));
+    chat.system = found.system;
+    chat.messages = found.messages;
+    $("system").value = chat.system;
+    for (const m of chat.messages) {
+      if (m.role === "user") userBubble(m.content);
+      else draw(answerBubble(m), true);
+    }
+    if (problem) notice(chat.messages.length ? problem : `${problem}; this is a new chat`);
+  }
+
+  function newChat() {
+    epoch++;
+    if (controller) controller.abort();
+    chat.messages = [];
+    views.length = 0;
+    $("log").replaceChildren();
+    save();
   }
 
   async function send(ev) {
@@ -235,17 +646,26 @@ if (typeof document !== "undefined") {
     const text = $("input").value.trim();
     if (!text || controller) return;
     $("input").value = "";
-    history.push({ role: "user", content: text });
-    bubble("user").body.textContent = text;
-    const view = bubble("assistant");
+    const mine = epoch;
+    const question = { role: "user", content: text };
+    chat.system = $("system").value;
+    const messages = requestMessages(chat.system, [...chat.messages, question]);
+    userBubble(text);
     const turn = newTurn();
+    const msg = { role: "assistant", content: "", pieces: turn.pieces, meta: "", error: null };
+    const view = answerBubble(msg);
     const temperature = parseFloat($("temperature").value);
     const maxTokens = parseInt($("max_tokens").value, 10) || null;
-    const body = requestBody($("model").value, $("draft").value, history,
+    const body = requestBody($("model").value, $("draft").value, messages,
       Number.isFinite(temperature) ? temperature : 0, maxTokens);
     controller = new AbortController();
     $("stop").disabled = false;
     $("log").setAttribute("aria-busy", "true");  // screen readers read the answer once, when it is complete
+    const update = () => {
+      msg.content = turn.text;
+      msg.meta = turn.error ? "" : statsLine(turn.stats);
+      msg.error = turn.error;
+    };
     try {
       const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
         signal: controller.signal });
@@ -263,7 +683,9 @@ if (typeof document !== "undefined") {
           const parsed = parseSSE(buffer);
           buffer = parsed.rest;
           for (const payload of parsed.events) applyEvent(turn, payload);
-          render(turn, view);
+          update();
+          if (rendered()) drawSoon(view);
+          else draw(view);
         }
       }
     } catch (e) {
@@ -273,9 +695,13 @@ if (typeof document !== "undefined") {
       $("stop").disabled = true;
       $("log").removeAttribute("aria-busy");
     }
-    render(turn, view);
-    if (turn.text) history.push({ role: "assistant", content: turn.text });
-    else history.pop();  // nothing came back: the question may be asked again
+    update();
+    view.final = true;
+    draw(view, true);
+    if (mine === epoch && turn.text) {  // nothing came back: the question may be asked again
+      chat.messages.push(question, msg);
+      save();
+    }
     loadModels();  // a model loaded on demand is now listed as loaded
   }
 
@@ -285,15 +711,31 @@ if (typeof document !== "undefined") {
   });
   $("stop").addEventListener("click", () => controller && controller.abort());
   $("model").addEventListener("change", fillDrafts);
-  $("clear").addEventListener("click", () => {
-    history.length = 0;
-    $("log").replaceChildren();
+  $("clear").addEventListener("click", newChat);
+  let typing = null;
+  $("system").addEventListener("input", () => {  // kept as it is typed (a reload may come before a send)
+    clearTimeout(typing);
+    typing = setTimeout(() => {
+      chat.system = $("system").value;
+      save();
+    }, 300);
+  });
+  $("log").addEventListener("click", (e) => {
+    const button = e.target.closest("button.copy");
+    if (button) copyCode(button);
+  });
+  $("markdown").checked = markdown !== null && stored("tandem.markdown") !== "0";
+  $("markdown").disabled = markdown === null;
+  $("markdown").addEventListener("change", () => {
+    store("tandem.markdown", $("markdown").checked ? "1" : "0");
+    for (const view of views) draw(view, true);
   });
   $("keybox").addEventListener("submit", (e) => {
     e.preventDefault();
-    localStorage.setItem("tandem.key", $("key").value.trim());
+    store("tandem.key", $("key").value.trim());
     $("keybox").hidden = true;
     loadModels();
   });
+  restore();
   refreshHealth();
 }
