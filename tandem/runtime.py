@@ -15,7 +15,7 @@ from tandem.config import SPEC_TYPES, ModelOptions, SpecOptions
 from tandem.engine import exact, heap
 from tandem.engine.library import EXACT_KERNELS_LEVEL, patch_level
 from tandem.engine.llama import Context, Model
-from tandem.engine.vocab import check_compatible
+from tandem.engine.vocab import Pairing, check_pairing
 from tandem.errors import BadInputError, TandemError, about_model
 from tandem.models.defaults import default_pair
 from tandem.models.fit import AllocationCheck, FitPlan, ModelPlan, plan_for, repacks
@@ -23,6 +23,7 @@ from tandem.spec.drafters import Drafter, ModelDrafter
 from tandem.spec.generate import Done, GenParams, Steps, Token, generate, sequence
 from tandem.spec.ngram import NGRAM_MIN
 from tandem.spec.suffix import CombinedDrafter, LookupDrafter, SuffixCache
+from tandem.spec.translate import Translator
 from tandem.spec.costs import CostModel
 from tandem.spec.payoff import PAUSE_BELOW, best_case_speedup
 from tandem.tools import ToolRequest
@@ -114,6 +115,8 @@ class Runtime:
         if self.chat_format.warning:
             log.warning("%s", self.chat_format.warning)
         self.drafter: ModelDrafter | None = None
+        self.draft_pairing: Pairing | None = None
+        """How the loaded draft drafts for the main model: same ids, or through text (another vocabulary)."""
         draft_model, rss_draft = None, 0
         if p.draft is not None:  # refuse an unusable draft before any KV
             try:
@@ -124,8 +127,8 @@ class Runtime:
                 except TandemError as e:
                     raise about_model(e, "draft") from None
                 rss_draft = _rss() - rss0
-                check_compatible(self.main_model.vocab_info(), draft_model.vocab_info(),
-                                 main_name=self.main_model.name, draft_name=draft_model.name)
+                self.draft_pairing = check_pairing(self.main_model.vocab_info(), draft_model.vocab_info(),
+                                                   main_name=self.main_model.name, draft_name=draft_model.name)
             except TandemError as e:
                 draft_model = self._drop_draft(draft_model, e)
         rss0 = _rss()
@@ -143,7 +146,7 @@ class Runtime:
                 rss0 = _rss()
                 ctx = Context(draft_model, p.draft.params)
                 self._check(p.draft, draft_model, ctx, rss_draft + _rss() - rss0)
-                self.drafter = ModelDrafter(ctx, main_n_ctx=self.main.capacity)
+                self.drafter = ModelDrafter(ctx, main_n_ctx=self.main.capacity, translator=self._translator(ctx))
                 # Every sequence's drafter now, as the plan counts their contexts: made on first use, per-sequence
                 # contexts raised the process's memory mid-serving (a 14 MiB step in the soak at --parallel 4).
                 for seq in range(1, self.main.params.n_seq_max):
@@ -322,8 +325,16 @@ class Runtime:
             shared = self.drafter.ctx.params.n_seq_max > 1
             ctx = self.drafter.ctx if shared else Context(self.drafter.ctx.model, self.drafter.ctx.params)
             self._seq_drafters[seq] = ModelDrafter(ctx, name=self.drafter.name, main_n_ctx=self.main.capacity,
+                                                   translator=self._translator(ctx),
                                                    seq_id=seq if shared else 0)
         return self._seq_drafters[seq]
+
+    def _translator(self, ctx: Context) -> Translator | None:
+        """A translator of its own for a drafter on `ctx` when the draft has another vocabulary (each sequence keeps
+        its own translated history)."""
+        if self.draft_pairing is None or self.draft_pairing.kind != "translated":
+            return None
+        return Translator(self.main_model, ctx.model)
 
     def evicted(self, seq: int) -> None:
         """Sequence `seq`'s cached prefix left the main context (a shared pool made room): its drafter lets go of

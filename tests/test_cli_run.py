@@ -41,7 +41,7 @@ def test_prompt_from_stdin_and_no_draft(tiny):
 @pytest.mark.parametrize("case, expect", [
     ("missing", "does not exist"),
     ("not_gguf", "not a GGUF"),
-    ("incompatible", "token 1000 differs"),
+    ("incompatible", "no shared text encoding"),
     ("too_long", "context holds"),
     ("empty", "prompt is empty"),
 ])

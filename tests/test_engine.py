@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tandem.engine.llama import Context, ContextParams, Model, SeqRows
-from tandem.engine.vocab import check_compatible, incompatibility
+from tandem.engine.vocab import check_pairing, incompatibility
 from tandem.errors import EngineError, IncompatibleDraftError, ModelNotFoundError, NotGGUFError
 
 PARAMS = ContextParams(n_ctx=512, n_batch=64, n_threads=2)
@@ -69,10 +69,10 @@ def test_compatible_pair_passes_and_different_vocab_is_named(tiny, main_model):
     main = main_model.vocab_info()
     assert incompatibility(main, Model(tiny["draft_close"]).vocab_info()) is None
     with pytest.raises(IncompatibleDraftError) as e:
-        check_compatible(main, Model(tiny["different_vocab"]).vocab_info())
+        check_pairing(main, Model(tiny["different_vocab"]).vocab_info())
     msg = e.value.message
-    assert "token 1000" in msg and "<diff_1000>" in msg and "tandem models" in msg
-    assert e.value.http_status == 422
+    assert "vocabulary type differs" in msg and "'wpm'" in msg and "no shared text encoding" in msg
+    assert "tandem models" in e.value.fix and e.value.http_status == 422
 
 
 def test_missing_and_non_gguf_files_are_typed_errors(tmp_path):

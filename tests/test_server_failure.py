@@ -55,7 +55,7 @@ def _serve_fails(tiny, draft: str, *extra: str) -> tuple[int, str, float]:
 @pytest.mark.parametrize(("case", "cause", "fix", "code"), [
     ("missing", "does not exist", "check the path", 2),
     ("not_gguf", "is not a GGUF model", "convert it", 2),
-    ("incompatible", "cannot be used with", "pick a draft from the same model family", 2),
+    ("incompatible", "cannot be used with", "pick a draft whose tokenizer can write", 2),
     ("does_not_fit", "does not fit: draft", "--draft none", 3),
     ("unloadable", "llama.cpp could not load", "check that the file is complete", 1),
 ])

@@ -133,14 +133,16 @@ def _why(lib: Library, name: str, *, as_json: bool) -> int:
     pairs = reg.pairings(main)
     if as_json:
         print(json.dumps({"model": main.id, "drafts": [{"draft": p.draft, "compatible": p.reason is None,
-                                                        "reason": p.reason} for p in pairs]}, indent=2))
+                                                        "reason": p.reason, "translated": p.translated,
+                                                        "text_share": p.text_share} for p in pairs]}, indent=2))
         return 0
     table = Table(title=f"drafts for {main.id}", title_justify="left")
     table.add_column("draft")
     table.add_column("usable")
     table.add_column("why not", overflow="fold")
     for p in sorted(pairs, key=lambda p: (p.reason is not None, p.draft)):
-        table.add_row(p.draft, "yes" if p.reason is None else "no", p.reason or "")
+        usable = "no" if p.reason is not None else f"yes, through text ({p.text_share:.1%})" if p.translated else "yes"
+        table.add_row(p.draft, usable, p.reason or "")
     _console().print(table)
     return 0
 
@@ -160,7 +162,9 @@ def _table(lib: Library) -> None:
             d = lib.describe(e)
             f = e.facts
             table.add_row(e.id, f.arch, f.quantization, human(f.n_params), human(e.size_bytes, "B"),
-                          str(f.context_length or "?"), ", ".join(d["compatible_drafts"]) or "-",
+                          str(f.context_length or "?"), ", ".join(
+                              f"{x} (other vocabulary, {d['translated_drafts'][x]:.1%} of text)"
+                              if x in d["translated_drafts"] else x for x in d["compatible_drafts"]) or "-",
                           d["default_draft"] or "-")
         console.print(table)
         console.print("[dim]`tandem models --why MAIN` says why the other models cannot draft for MAIN.[/dim]")

@@ -195,6 +195,7 @@ class Model:
         self.add_bos: bool = bool(lib.llama_vocab_get_add_bos(self._vocab))
         self._eog = frozenset(t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self._vocab, t))
         self._pieces: list[bytes | None] = [None] * self.n_vocab
+        self._text_pieces: dict[int, bytes] = {}  # special tokens' text (text_piece), on first use
         self._grammar_tokenizer: Any = None  # llguidance's view of the vocabulary, built on first use
         self.name = self.path.stem
 
@@ -248,13 +249,27 @@ class Model:
         """The bytes a token renders to (special tokens render empty). Cached per token."""
         p = self._pieces[token]
         if p is None:
-            buf = ctypes.create_string_buffer(64)
-            n = _lib().llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = _lib().llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            p = self._pieces[token] = buf.raw[:n]
+            p = self._pieces[token] = self._render(token, special=False)
         return p
+
+    def text_piece(self, token: int) -> bytes:
+        """The bytes of a token as text, special tokens included (<|im_start|>): what a prompt spells it as, and
+        what another tokenizer reads (tandem.spec.translate)."""
+        p = self.piece(token)
+        if p:
+            return p
+        p = self._text_pieces.get(token)
+        if p is None:
+            p = self._text_pieces[token] = self._render(token, special=True)
+        return p
+
+    def _render(self, token: int, *, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = _lib().llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = _lib().llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")

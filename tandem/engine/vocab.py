@@ -12,6 +12,15 @@ from tandem.errors import IncompatibleDraftError
 #: Vocab sizes may differ by this many (padding tokens), as llama.cpp's speculative example allows.
 VOCAB_SIZE_TOLERANCE = 128
 
+MIN_TEXT_SHARE = 0.5
+"""A draft of another vocabulary drafts through text (tandem.spec.translate); it is refused when less than this share
+of the main model's tokens can be written in its vocabulary: the rest of the main's text would reach the draft as
+unknown tokens, and its drafts around them could not be right. Tokenizers with byte fallback write nearly everything
+(SmolLM2's writes 99.9% of Qwen2.5's tokens: it lacks a few bytes that valid UTF-8 never or rarely uses)."""
+
+TRANSLATABLE = ("bpe", "spm")
+"""Vocabulary types whose token texts Tandem can read as text: GPT-2-style byte-level BPE and SentencePiece."""
+
 
 @dataclass(frozen=True)
 class VocabInfo:
@@ -84,12 +93,89 @@ def incompatibility(main: VocabInfo, draft: VocabInfo) -> str | None:
     return None
 
 
-def check_compatible(main: VocabInfo, draft: VocabInfo, *, main_name: str = "main", draft_name: str = "draft") -> None:
-    """Raise IncompatibleDraftError naming the first mismatch."""
-    reason = incompatibility(main, draft)
-    if reason is not None:
+@dataclass(frozen=True)
+class Pairing:
+    """How a draft can serve a main model: with the same token ids, through text, or not at all."""
+
+    kind: str | None
+    """"same" (one vocabulary), "translated" (another vocabulary, drafting through text) or None (unusable)."""
+    text_share: float
+    """Share of the main model's tokens the draft's vocabulary can write (1.0 for the same vocabulary)."""
+    reason: str | None = None
+    """Why the pair is unusable (kind None); for "translated", why the ids differ."""
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: printable stand-ins for the 256 bytes (token texts are spelt in it)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+_BYTES = _byte_decoder()
+
+
+def _token_bytes(vocab_type: str, token: str) -> bytes:
+    """The bytes a token's text stands for (SentencePiece's byte tokens <0xNN> included)."""
+    if vocab_type == "spm":
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            return bytes([int(token[3:5], 16)])
+        return token.replace("\u2581", " ").encode("utf-8", "surrogatepass")
+    return bytes(_BYTES.get(c, 0x3F) for c in token)
+
+
+def _unwritable(v: VocabInfo) -> frozenset[int] | None:
+    """Bytes the vocabulary has no token for, where it writes text byte by byte (byte-level BPE's alphabet,
+    SentencePiece's byte fallback): any text without them can be written. None: it does not (then only the
+    characters its tokens spell can be written)."""
+    if v.vocab_type == "bpe":
+        return frozenset(b for c, b in _BYTES.items() if c not in set(v.tokens))
+    have = {t for t in v.tokens if len(t) == 6 and t.startswith("<0x") and t.endswith(">")}
+    return frozenset(b for b in range(256) if f"<0x{b:02X}>" not in have) if len(have) >= 128 else None
+
+
+def text_share(main: VocabInfo, draft: VocabInfo) -> float:
+    """Share of the main model's tokens whose text the draft's vocabulary can write without unknown tokens."""
+    if main.vocab_type not in TRANSLATABLE or draft.vocab_type not in TRANSLATABLE:
+        return 0.0
+    texts = [_token_bytes(main.vocab_type, t) for t in main.tokens]
+    missing = _unwritable(draft)
+    if missing is not None:
+        ok = sum(not missing.intersection(t) for t in texts)
+    else:
+        chars = set("".join(_token_bytes("spm", t).decode("utf-8", "ignore") for t in draft.tokens))
+        ok = sum(set(t.decode("utf-8", "replace")) <= chars for t in texts)
+    return ok / max(len(texts), 1)
+
+
+def pairing(main: VocabInfo, draft: VocabInfo) -> Pairing:
+    """Whether and how `draft` can draft for `main`."""
+    same = incompatibility(main, draft)
+    if same is None:
+        return Pairing("same", 1.0)
+    if main.vocab_type not in TRANSLATABLE or draft.vocab_type not in TRANSLATABLE:
+        return Pairing(None, 0.0, f"{same}, and Tandem drafts through text only between BPE and SentencePiece "
+                                  "tokenizers: no shared text encoding")
+    share = text_share(main, draft)
+    if share < MIN_TEXT_SHARE:
+        return Pairing(None, share, f"{same}, and the draft's vocabulary can write only {share:.0%} of the main "
+                                    f"model's tokens as text (at least {MIN_TEXT_SHARE:.0%} is needed to draft "
+                                    "through text: no shared text encoding)")
+    return Pairing("translated", share, same)
+
+
+def check_pairing(main: VocabInfo, draft: VocabInfo, *, main_name: str = "main", draft_name: str = "draft") -> Pairing:
+    """The pairing, or IncompatibleDraftError naming why the draft cannot serve the main model."""
+    p = pairing(main, draft)
+    if p.kind is None:
         raise IncompatibleDraftError(
-            f"draft {draft_name} cannot be used with {main_name}: {reason}",
-            "pick a draft from the same model family (same tokenizer), e.g. a smaller or more quantized "
-            "variant; `tandem models` lists the compatible drafts",
+            f"draft {draft_name} cannot be used with {main_name}: {p.reason}",
+            "pick a draft whose tokenizer can write the main model's text (any byte-level BPE or SentencePiece model "
+            "with byte fallback), best from the same family; `tandem models` lists the compatible drafts",
             param="draft_model", code="incompatible_draft")
+    return p

@@ -120,5 +120,8 @@ class Library:
             default_id: str | None = default.id if default else None
         except ModelNotFoundError:
             default_id = self.settings.get(entry.id).draft  # shown as set; using it fails loudly
-        return {**entry.to_dict(), "compatible_drafts": [d.id for d in self.registry.compatible_drafts(entry)],
+        drafts = self.registry.compatible_drafts(entry)
+        translated = {d.id: round(p.text_share, 4) for d in drafts
+                      if (p := self.registry.vocab_pairing(entry, d)).kind == "translated"}
+        return {**entry.to_dict(), "compatible_drafts": [d.id for d in drafts], "translated_drafts": translated,
                 "default_draft": default_id, "settings": self.settings.get(entry.id).values()}

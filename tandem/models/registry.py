@@ -18,7 +18,7 @@ from pathlib import Path
 
 import platformdirs
 
-from tandem.engine.vocab import VocabInfo, check_compatible, incompatibility, vocab_info_from_metadata
+from tandem.engine.vocab import Pairing as VocabPairing, VocabInfo, check_pairing, pairing, vocab_info_from_metadata
 from tandem.errors import IncompatibleDraftError, ModelNotFoundError, TandemError
 from tandem.models import defaults
 from tandem.models.gguf_meta import read_header
@@ -106,6 +106,10 @@ class Pairing:
     """Draft model id."""
     reason: str | None
     """None when the pair is usable; else the first reason it is refused."""
+    translated: bool = False
+    """Usable through text: the draft has another vocabulary (tandem.spec.translate)."""
+    text_share: float = 1.0
+    """Share of the main model's tokens the draft's vocabulary can write as text (1.0 for the same vocabulary)."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ class Registry:
             for alias in (e.path.name, str(e.path), str(e.path.resolve()), e.id):
                 self._by_name[alias] = e
         self._vocabs: dict[str, VocabInfo] = {}
-        self._reasons: dict[tuple[str, str], str | None] = {}
+        self._reasons: dict[tuple[str, str], VocabPairing] = {}  # by the two vocabularies' fingerprints
 
     @classmethod
     def scan(cls, config: RegistryConfig | None = None, *, previous: Registry | None = None) -> Registry:
@@ -228,20 +232,32 @@ class Registry:
         """Why `draft` cannot draft for `main` (vocabulary, then size), or None when it can."""
         if main.path.resolve() == draft.path.resolve():
             return "a model cannot draft for itself"
-        key = (main.facts.vocab_fingerprint, draft.facts.vocab_fingerprint)
-        if key not in self._reasons:
-            self._reasons[key] = incompatibility(self.vocab(main), self.vocab(draft))
-        if self._reasons[key] is not None:
-            return self._reasons[key]
+        vocab = self.vocab_pairing(main, draft)
+        if vocab.kind is None:
+            return vocab.reason
         dp, mp = draft.facts.n_params, main.facts.n_params
         if draft.size_bytes >= main.size_bytes and dp >= mp:
             return (f"the draft is not smaller than the main model ({_gb(draft.size_bytes)} vs "
                     f"{_gb(main.size_bytes)}, {dp:,} vs {mp:,} parameters)")
         return None
 
+    def vocab_pairing(self, main: ModelEntry, draft: ModelEntry) -> VocabPairing:
+        """How the draft's vocabulary serves the main model's: the same ids, through text, or not (cached per pair of
+        vocabularies: reading another vocabulary's share of text takes a fraction of a second)."""
+        key = (main.facts.vocab_fingerprint, draft.facts.vocab_fingerprint)
+        if key not in self._reasons:
+            self._reasons[key] = pairing(self.vocab(main), self.vocab(draft))
+        return self._reasons[key]
+
     def pairings(self, main: ModelEntry) -> list[Pairing]:
         """Every other model as a draft for `main`, usable or not (with the reason)."""
-        return [Pairing(main.id, d.id, self.incompatibility(main, d)) for d in self.entries if d is not main]
+        out = []
+        for d in self.entries:
+            if d is not main:
+                vocab = self.vocab_pairing(main, d)
+                out.append(Pairing(main.id, d.id, self.incompatibility(main, d), vocab.kind == "translated",
+                                   round(vocab.text_share, 4)))
+        return out
 
     def compatible_drafts(self, main: ModelEntry) -> list[ModelEntry]:
         """The models that can draft for `main`, smallest first."""
@@ -250,7 +266,7 @@ class Registry:
 
     def check_pair(self, main: ModelEntry, draft: ModelEntry) -> None:
         """Raise IncompatibleDraftError (cause and fix) unless `draft` can draft for `main`."""
-        check_compatible(self.vocab(main), self.vocab(draft), main_name=main.id, draft_name=draft.id)
+        check_pairing(self.vocab(main), self.vocab(draft), main_name=main.id, draft_name=draft.id)
         reason = self.incompatibility(main, draft)
         if reason is not None:
             raise IncompatibleDraftError(f"draft {draft.id} cannot be used with {main.id}: {reason}",

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.engine.llama import Context, Model
-from tandem.engine.vocab import check_compatible
+from tandem.engine.vocab import check_pairing
 from tandem.errors import ModelNotFoundError, TandemError, about_model
 from tandem.models.fit import AllocationCheck, headroom, plan_extra_draft, repacks
 from tandem.models.registry import expand
 from tandem.runtime import Runtime
 from tandem.spec.drafters import ModelDrafter
+from tandem.spec.translate import Translator
 
 log = logging.getLogger("tandem.server")
 
@@ -66,11 +67,11 @@ def _load_draft(rt: Runtime, path: Path) -> ModelDrafter:
     model = Model(path, repack=repacks(plan.params))  # LoadFailedError (500) when llama.cpp cannot load it
     try:
         main = rt.main_model
-        check_compatible(main.vocab_info(), model.vocab_info(), main_name=main.name, draft_name=model.name)
+        pairing = check_pairing(main.vocab_info(), model.vocab_info(), main_name=main.name, draft_name=model.name)
         ctx = Context(model, plan.params)
         log.info("memory plan vs allocation: %s",
                  AllocationCheck(plan, {**model.buffers, **ctx.buffers}, None).describe())
-        return ModelDrafter(ctx)
+        return ModelDrafter(ctx, translator=Translator(main, model) if pairing.kind == "translated" else None)
     except BaseException:
         model.close()
         raise

@@ -159,7 +159,8 @@ class ModelDirectory:
                          "speculative": draft is not None, "state": "loaded" if info else "not-loaded",
                          "arch": e.facts.arch, "quantization": e.facts.quantization, "n_params": e.facts.n_params,
                          "size_bytes": e.size_bytes, "max_context_length": e.facts.context_length,
-                         "compatible_draft_models": d["compatible_drafts"], "default_draft_model": d["default_draft"]})
+                         "compatible_draft_models": d["compatible_drafts"],
+                         "translated_draft_models": d["translated_drafts"], "default_draft_model": d["default_draft"]})
         return {"object": "list", "data": data}
 
     def lmstudio_model(self, e: ModelEntry, info: ModelInfo | None) -> dict:
@@ -167,7 +168,8 @@ class ModelDirectory:
         out = {"id": e.id, "object": "model", "type": "llm", "publisher": "local", "arch": e.facts.arch,
                "compatibility_type": "gguf", "quantization": e.facts.quantization,
                "state": "loaded" if info else "not-loaded", "max_context_length": e.facts.context_length,
-               "compatible_draft_models": d["compatible_drafts"], "default_draft_model": d["default_draft"]}
+               "compatible_draft_models": d["compatible_drafts"], "translated_draft_models": d["translated_drafts"],
+               "default_draft_model": d["default_draft"]}
         if info is not None:
             out["loaded_context_length"] = info.n_ctx
             out["draft_model"] = info.draft_model

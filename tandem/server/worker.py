@@ -89,6 +89,9 @@ class ModelInfo:
     draft_paused: str | None = None
     """Why requests that do not name the draft decode as --draft none does (it cannot pay here); None when
     the configured speculation runs."""
+    draft_text_share: float | None = None
+    """With a draft of another vocabulary, which drafts through text (tandem.spec.translate): the share of the main
+    model's tokens its vocabulary can write. None: the draft shares the main model's vocabulary (or there is none)."""
     chat: ChatFormat | None = None
     """How chats become prompts for this model: its template and tool-call format (/health shows its summary)."""
 
@@ -621,7 +624,9 @@ def _model_info(rt: Runtime, model_id: str | None = None) -> ModelInfo:
                      n_ctx=rt.main.capacity, created=created, draft_model=rt.draft_name,
                      draft_path=str(d.ctx.model.path) if d else None, exact=rt.exact,
                      draft_payoff=None if rt.payoff is None else round(rt.payoff, 3), draft_paused=rt.draft_paused,
-                     invariance=rt.invariance_report(), chat=rt.chat_format)
+                     invariance=rt.invariance_report(), chat=rt.chat_format,
+                     draft_text_share=(round(rt.draft_pairing.text_share, 4) if d and rt.draft_pairing
+                                       and rt.draft_pairing.kind == "translated" else None))
 
 
 def _log_done(job: _Job, s: SpecStats) -> None:

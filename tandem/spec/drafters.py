@@ -13,11 +13,15 @@ from tandem.errors import BadInputError, EngineError
 from tandem.spec.processors import NONE, Processors
 from tandem.spec.sampling import SamplingParams, probs, sample, top_prob
 from tandem.spec.steps import Decode, Steps, run
+from tandem.spec.translate import Translator
 from tandem.spec.verify import EMPTY, DraftProposal
 from tandem.spec.window import DEFAULT_DISCARD, DEFAULT_KEEP, Window
 
 
 log = logging.getLogger("tandem.draft")
+
+GREEDY = SamplingParams()
+"""A translated draft's sampling: its proposals are deterministic (see ModelDrafter)."""
 
 
 class Drafter(Protocol):
@@ -46,7 +50,9 @@ class Drafter(Protocol):
 
 
 class ModelDrafter:
-    """Drafts with a small model that shares the main model's vocabulary.
+    """Drafts with a small model: one that shares the main model's vocabulary, or one with a tokenizer of its own
+    through a `translator` (tandem.spec.translate: it then reads the history as text in its own ids and proposes
+    greedily, deterministic proposals the main model verifies by sampling its own distribution at T > 0).
 
     Its KV cache mirrors the history through a sliding `Window` (tandem.spec.window): all of it while it
     fits, else the pinned first tokens plus the most recent ones. Each step it rewinds to the longest
@@ -61,7 +67,7 @@ class ModelDrafter:
 
     def __init__(self, ctx: Context, *, p_min: float = 0.0, name: str | None = None,
                  main_n_ctx: int | None = None, keep: int = DEFAULT_KEEP, discard: float = DEFAULT_DISCARD,
-                 seq_id: int = 0):
+                 seq_id: int = 0, translator: Translator | None = None):
         """`main_n_ctx`: the positions a sequence of the main context holds; a draft window smaller than that must
         be able to shift. `seq_id`: the sequence of `ctx` this drafter's KV cells are.
 
@@ -76,13 +82,35 @@ class ModelDrafter:
         self.window = Window(size, keep=min(keep, size // 2), discard=discard)
         self.shifts = 0
         """KV shifts done, over all sequences (each drops a chunk of the window)."""
+        self.translator = translator
+        """Main ids <-> this draft's ids through text, for a draft with another vocabulary; None: the same ids."""
         self._kv: list[int] = []  # tokens held in the draft KV cache, by position
         self._committed = 0       # prefix of _kv known to equal the history (through the window mapping)
         if main_n_ctx is not None and size < main_n_ctx:
             self._require_shift()
         self.ctx.rollback(0, seq_id=seq_id)  # its record starts empty: so does its sequence
 
+    def _own(self, history: Sequence[int]) -> Sequence[int]:
+        """The history in this draft's ids. A translation may cut the history's newest text anew (two tokens the
+        last step translated may now be one), so only its kept prefix stays known to match the KV cache."""
+        if self.translator is None:
+            return history
+        own = self.translator.to_draft(history)
+        self._committed = min(self._committed, self.translator.kept)
+        return own
+
+    def _fits(self, history: Sequence[int], k: int) -> bool:
+        """Whether a step of k drafts after `history` (this draft's ids) can run: a translated history may hold more
+        tokens than the main context's (another tokenizer cuts text finer), and a window that cannot slide then
+        stops drafting for the rest of the sequence instead of failing it."""
+        return self.translator is None or self.window.overflow(len(history), k) <= 0 or self.ctx.can_shift
+
     def reset(self, history: Sequence[int] | None = None) -> None:
+        if self.translator is not None:
+            if history is None:
+                self.translator.reset()
+            else:
+                history = self.translator.to_draft(history)
         if history is not None and self.window.dropped == 0:  # the KV mirrors the history one to one: keep a prefix
             self._committed = 0  # nothing is known to match the new history until _sync compares it
             self._sync(history)
@@ -108,8 +136,8 @@ class ModelDrafter:
         w = self.window
         if w.index(self._committed) > len(history):  # a shorter, unrelated history: start over
             self.reset()
-        n = self._committed
         limit = min(len(self._kv), w.n_positions(len(history)) - 1)
+        n = min(self._committed, limit)
         while n < limit and self._kv[n] == history[w.index(n)]:
             n += 1
         if n < len(self._kv):
@@ -147,6 +175,9 @@ class ModelDrafter:
         the first `limit` tokens it has not read (the rest at later calls or at its next draft)."""
         if len(history) < 2:
             return
+        history = self._own(history)
+        if not self._fits(history, 1):
+            return
         self._sync(history)
         self._slide(self.window.overflow(len(history), 1))
         pending = self.window.view(history, len(self._kv))[:-1][:limit]
@@ -166,13 +197,24 @@ class ModelDrafter:
 
     def propose_steps(self, history: Sequence[int], max_tokens: int, sp: SamplingParams,
                       rng: np.random.Generator, p_min: float | None = None, processors: Processors = NONE, *,
-                      alone: bool = False, stop: Callable[[], bool] | None = None) -> Steps[DraftProposal]:
+                      alone: bool = False, stop: Callable[[], bool] | None = None,
+                      translate: bool = True) -> Steps[DraftProposal]:
         """propose() one draft decode at a time: yields a Decode (this drafter's context and sequence) for each
         decode and gets its logits through send(), so that a scheduler can decode every sequence's draft rows of
         a draft position as one batch. `alone`: ask for each decode in a batch of its own (a draft whose
         probabilities steer the output must not get other logits from other sequences' rows beside it). `stop()`:
         checked before each further decode; when it says so (a cancelled request) the draft ends there, so the
-        step does not hold up the others with drafts nobody will read."""
+        step does not hold up the others with drafts nobody will read. `translate` False: `history` is already in
+        this draft's ids (and so is the proposal)."""
+        if translate and self.translator is not None:  # draft in its own ids, greedily, and propose their text in main ids
+            if max_tokens <= 0 or not history:
+                return EMPTY
+            history_own = self._own(history)
+            if not self._fits(history_own, max_tokens):
+                return EMPTY
+            own = yield from self.propose_steps(history_own, max_tokens, GREEDY, rng, p_min,
+                                                alone=alone, stop=stop, translate=False)
+            return DraftProposal(self.translator.to_main(history, own.tokens, max_tokens))
         p_min = self.p_min if p_min is None else p_min
         max_tokens = min(max_tokens, self.window.max_draft)
         if max_tokens <= 0 or not history:

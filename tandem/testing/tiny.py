@@ -92,7 +92,7 @@ class TinySpec:
     n_ff: int = 128
     n_ctx_train: int = 2048
     scale: float = 0.3  # std of random weights; 0.3 gives diverse greedy output
-    vocab: str = "smollm2"  # "smollm2" or "different"
+    vocab: str = "smollm2"  # "smollm2", "different", "qwen-tools", "other" (another tokenizer) or "wordpiece" (no text)
     # If set, weights = those of replace(self, seed=noise_from) + noise_scale * N(0, 1) drawn
     # from `seed`; dims/scale come from this spec, so keep them equal to the base model's.
     noise_from: int | None = None
@@ -186,9 +186,62 @@ def _tokenizer_kv(vocab: str) -> tuple[tuple[str, KV], ...]:
             values[i] = value
             kv[f"tokenizer.ggml.{key}"] = (vtype, sub, values)
         kv["tokenizer.chat_template"] = (GGUFValueType.STRING, None, QWEN25_TEMPLATE)
+    elif vocab == "other":
+        kv = _other_vocab(kv)
+    elif vocab == "wordpiece":
+        return _wordpiece_vocab()
     elif vocab != "smollm2":
-        raise ValueError(f"unknown vocab {vocab!r}; expected 'smollm2', 'different' or 'qwen-tools'")
+        raise ValueError(f"unknown vocab {vocab!r}; expected 'smollm2', 'different', 'qwen-tools', 'other' or 'wordpiece'")
     return tuple(kv.items())
+
+
+_OTHER_SIZE, _OTHER_ROTATE = 32768, 3000
+"""vocab="other": SmolLM2's first _OTHER_SIZE tokens (and the merges that make them), the ordinary ones renumbered
+by a rotation: another tokenizer over the same text encoding (byte-level BPE), with other ids, that cuts rarer words
+finer. A draft with it drafts for a SmolLM2-vocabulary main only through text (tandem.spec.translate). Built on the
+main model's weights (noise_from, token rows renumbered the same way) it is the main model restricted to those
+tokens: it agrees with the main wherever both cut the text alike, as a smaller model of another family would often."""
+
+
+def _other_order(n_tokens: int, types: list[int]) -> list[int]:
+    """SmolLM2 token id of each "other" token id: the special tokens first (BOS, EOS and the chat markers keep their
+    ids), then the ordinary ones rotated."""
+    specials = types.index(1)
+    n = n_tokens - specials
+    return list(range(specials)) + [specials + (i + _OTHER_ROTATE) % n for i in range(n)]
+
+
+def _other_vocab(kv: dict[str, KV]) -> dict[str, KV]:
+    tokens = kv["tokenizer.ggml.tokens"][2][:_OTHER_SIZE]
+    types = kv["tokenizer.ggml.token_type"][2][:_OTHER_SIZE]
+    order = _other_order(len(tokens), types)
+    kept = set(tokens)
+    merges = [m for m in kv["tokenizer.ggml.merges"][2] if m.replace(b" ", b"", 1) in kept
+              and all(part in kept for part in m.split(b" ", 1))]
+    out = dict(kv)
+    for key, values in (("tokens", tokens), ("token_type", types)):
+        vtype, sub, _ = kv[f"tokenizer.ggml.{key}"]
+        out[f"tokenizer.ggml.{key}"] = (vtype, sub, [values[i] for i in order])
+    vtype, sub, _ = kv["tokenizer.ggml.merges"]
+    out["tokenizer.ggml.merges"] = (vtype, sub, merges)
+    return out
+
+
+def _wordpiece_vocab() -> tuple[tuple[str, KV], ...]:
+    """vocab="wordpiece": a BERT-style WordPiece vocabulary (lower-case letters and digits): a tokenizer Tandem does
+    not translate from (no shared text encoding with byte-level BPE), so no SmolLM2-vocabulary main can use a draft
+    with it."""
+    tokens = [b"[PAD]", *(b"[unused%d]" % i for i in range(99)), b"[UNK]", b"[CLS]", b"[SEP]", b"[MASK]",
+              *(c.encode() for c in "abcdefghijklmnopqrstuvwxyz0123456789"),
+              *(b"##" + c.encode() for c in "abcdefghijklmnopqrstuvwxyz0123456789")]
+    types = [3, *([3] * 99), 2, 3, 3, 3, *([1] * 72)]
+    A, S, U32, I32 = GGUFValueType.ARRAY, GGUFValueType.STRING, GGUFValueType.UINT32, GGUFValueType.INT32
+    return (("tokenizer.ggml.model", (S, None, b"bert")),
+            ("tokenizer.ggml.tokens", (A, S, tokens)),
+            ("tokenizer.ggml.token_type", (A, I32, types)),
+            ("tokenizer.ggml.bos_token_id", (U32, None, 101)),
+            ("tokenizer.ggml.unknown_token_id", (U32, None, 100)),
+            ("tokenizer.ggml.padding_token_id", (U32, None, 0)))
 
 
 def _shapes(spec: TinySpec, n_vocab: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -259,7 +312,13 @@ def build_tiny_model(out_path: str | Path, spec: TinySpec = TinySpec()) -> Path:
         w.add_rope_dimension_count(spec.n_embd // spec.n_head)
     for key, (vtype, sub, value) in tok.items():
         w.add_key_value(key, value, vtype, sub_type=sub)
-    for name, t in _weights(spec, n_vocab):
+    tensors = _weights(spec, n_vocab)
+    if spec.vocab == "other":  # the SmolLM2-vocabulary model's weights, token rows renumbered as the vocabulary is
+        full = dict(_tokenizer_kv("smollm2"))
+        order = _other_order(n_vocab, list(full["tokenizer.ggml.token_type"][2][:n_vocab]))
+        base = _weights(dataclasses.replace(spec, vocab="smollm2"), len(full["tokenizer.ggml.tokens"][2]))
+        tensors = [(name, t[order] if name == "token_embd.weight" else t) for name, t in base]
+    for name, t in tensors:
         w.add_tensor(name, t.astype(np.float16) if spec.ftype == "f16" and t.ndim > 1 else t)
     try:
         w.write_header_to_file()
@@ -282,7 +341,10 @@ def fixture_specs(draft_close_noise: float = 0.003) -> dict[str, TinySpec]:
         "draft_close": TinySpec(seed=2, noise_from=1, noise_scale=draft_close_noise,
                                 name="tiny-draft-close"),
         "draft_small": TinySpec(seed=3, n_layer=1, name="tiny-draft-small"),
-        "different_vocab": TinySpec(seed=4, vocab="different", name="tiny-different-vocab"),
+        # a draft with no text encoding in common with the main model: unusable (see _wordpiece_vocab)
+        "different_vocab": TinySpec(seed=4, vocab="wordpiece", name="tiny-different-vocab"),
+        # a draft with another tokenizer over the same text encoding: it drafts through text (see _other_vocab)
+        "other_vocab": TinySpec(seed=7, vocab="other", noise_from=1, noise_scale=0.0, name="tiny-other-vocab"),
         "main_f16": dataclasses.replace(main, ftype="f16", name="tiny-main-f16"),
         # several times the main model's cost per token: a draft that can never pay
         "draft_heavy": TinySpec(seed=5, n_layer=4, n_embd=512, n_ff=1024, ftype="f16", name="tiny-draft-heavy"),
