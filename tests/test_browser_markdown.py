@@ -184,6 +184,7 @@ def test_model_output_never_runs(browser, server):
 
 def test_conversation_and_system_prompt_survive_a_reload(page):
     sent = answer_with(page, RICH)
+    page.click("#systembox summary")
     page.fill("#system", "You are a terse Python expert.")
     ask(page, "How do I add numbers?")
     assert sent[0]["messages"] == [{"role": "system", "content": "You are a terse Python expert."},
@@ -193,7 +194,7 @@ def test_conversation_and_system_prompt_survive_a_reload(page):
     assert f"draft draft_close: {accepted} of {accepted + 3} accepted" in meta
     page.reload()
     wait_for_models(page)
-    assert page.input_value("#system") == "You are a terse Python expert."
+    assert page.input_value("#system") == "You are a terse Python expert." and page.is_visible("#system")
     assert page.locator(".msg.user .body").all_text_contents() == ["How do I add numbers?"]
     md = page.locator(".msg.assistant .body.md")
     assert md.locator("pre code.hljs").text_content() == CODE and md.locator(".draft").count() == 6
@@ -241,6 +242,7 @@ def test_axe_finds_no_violations_in_the_markdown_view(browser, server, axe_sourc
                      permissions=["clipboard-read", "clipboard-write"])
     try:
         wait_for_models(page)
+        page.click("#systembox summary")
         page.fill("#system", "You are a terse Python expert.")
         answer_with(page, RICH)
         ask(page, "How do I add numbers?")

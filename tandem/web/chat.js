@@ -625,6 +625,7 @@ if (typeof document !== "undefined") {
     chat.system = found.system;
     chat.messages = found.messages;
     $("system").value = chat.system;
+    $("systembox").open = chat.system.trim() !== "";  // a system prompt in use is in sight
     for (const m of chat.messages) {
       if (m.role === "user") userBubble(m.content);
       else draw(answerBubble(m), true);
