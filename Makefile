@@ -26,8 +26,13 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.llama | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The model `make serve` serves: a `tandem models pull` name (fetched once into Tandem's models folder, then served
+# with its default draft), or `default` for the embedded SmolLM2-135M pair (no download; quick runs).
+MODEL ?= qwen2.5-coder-1.5b-instruct-q4_k_m
+
 serve: install
-	$(BIN)/tandem serve $(ARGS)
+	@if [ "$(MODEL)" = default ]; then $(BIN)/tandem serve $(ARGS); \
+	else $(BIN)/tandem models pull $(MODEL) && $(BIN)/tandem serve --model $(MODEL) $(ARGS); fi
 
 test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -198,3 +198,28 @@ def test_translated_stats_keep_the_identity_under_a_grammar(main, drafter):
     plain, _ = run(main, prompt, dataclasses.replace(gp))
     spec, done = run(main, prompt, gp, drafter)
     assert spec == plain and done.stats.drafted > 0
+
+
+def test_a_catalogue_main_gets_its_catalogue_draft_by_default(tiny, tmp_path, monkeypatch):
+    """`make serve` serves a pulled catalogue model with the draft the catalogue names (SmolLM2 for the Qwen main, a
+    draft of another vocabulary), unless the user set another; here the tiny main and its other-vocabulary draft stand
+    in for them (the catalogue's table is the only thing replaced)."""
+    from tandem.models import catalogue, library
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("main", "other_vocab", "draft_small"):
+        (models / f"{name}.gguf").symlink_to(tiny[name])
+    fake = {"tiny-main": catalogue.KnownModel("tiny-main", "main.gguf", tiny["main"].stat().st_size, "0" * 64, "",
+                                              default_draft="tiny-other"),
+            "tiny-other": catalogue.KnownModel("tiny-other", "other_vocab.gguf", tiny["other_vocab"].stat().st_size,
+                                               "0" * 64, "")}
+    monkeypatch.setattr(catalogue, "CATALOGUE", fake)
+    monkeypatch.setattr(library, "CATALOGUE", fake)
+    monkeypatch.setattr(library, "known_file", lambda name, size: next(
+        (m for m in fake.values() if m.filename == name and m.size == size), None))
+    reg = Registry.scan(RegistryConfig(models_dir=models, index_dir=tmp_path / "index", builtin=False))
+    lib = Library(reg, SettingsFile(tmp_path / "models.toml"))
+    assert lib.default_draft(reg.find("main")).id == "other_vocab"
+    lib.set_draft("main", "draft_small")  # the user's choice wins
+    assert lib.default_draft(reg.find("main")).id == "draft_small"

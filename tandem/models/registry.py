@@ -236,6 +236,8 @@ class Registry:
         if vocab.kind is None:
             return vocab.reason
         dp, mp = draft.facts.n_params, main.facts.n_params
+        if vocab.kind == "translated" and dp >= mp:  # (a smaller file of more weights only pays within a family)
+            return f"the draft is not smaller than the main model ({dp:,} vs {mp:,} parameters)"
         if draft.size_bytes >= main.size_bytes and dp >= mp:
             return (f"the draft is not smaller than the main model ({_gb(draft.size_bytes)} vs "
                     f"{_gb(main.size_bytes)}, {dp:,} vs {mp:,} parameters)")
