@@ -331,3 +331,29 @@ def test_suffix_clients_runs_traces_at_once_over_http(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert set(res) == {"tandem-plain", "tandem"} and all(v["tokens"] > 0 and v["tok_s"] > 0 for v in res.values())
+
+
+def test_agent_times_each_tool_round_trip_through_the_messages_api(tiny, tmp_path):
+    """Qwen2.5's template and tool tokens (tiny model): every turn forces a call, answered by a tool_result; from the
+    second turn on the prompt cache holds the conversation so far (turn n+1 reuses at least turn n's prompt)."""
+    from tandem.testing.tiny import QWEN_TOOLS, build_extra
+    out = tmp_path / "agent.json"
+    r = bench("agent", "--model", str(build_extra(tiny["main"].parent, QWEN_TOOLS)), "--draft", "none",
+              "--prompt-tokens", "1000", "--round-trips", "2", "--result-lines", "6", "--max-tokens", "200",
+              "--ctx-size", "2048", "--json", str(out), *ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert abs(res["first_prompt_tokens"] - 1000) <= 30 and res["draft"] == "none"
+    (turns,) = [s["turns"] for s in res["servers"].values()]
+    assert [t["turn"] for t in turns] == [1, 2, 3] and turns[0]["ratio"] == 1.0
+    assert all(len(t["calls"]) == 1 and t["calls"][0]["name"] in ("list_files", "read_file", "search_code",
+                                                                  "run_tests") for t in turns)
+    assert all(0 < t["start_s"] <= t["ttft_s"] <= t["total_s"] for t in turns)
+    assert turns[0]["cached_tokens"] <= 8  # (the warm-up's system prompt shares the template's first tokens)
+    for before, now in zip(turns, turns[1:]):
+        assert now["cached_tokens"] >= before["cached_tokens"] + before["input_tokens"] - 2  # (BPE may merge)
+        assert now["ratio"] == pytest.approx(now["ttft_s"] / turns[0]["ttft_s"], abs=1e-3)
+    rows = [row for row in table_rows(r.stdout, "") if row[0].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2", "3"] and rows[0][3] == "1.00x"
+    assert f"tandem: {'PASS' if res['servers']['tandem']['pass'] else 'FAIL'}: every later turn's TTFT <= 1.5x" \
+        in r.stdout

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 MODES = ("costs", "window", "exactness", "rows", "payoff", "kv-types", "fit", "chat", "batch", "serve", "soak", "fuzz",
          "memory", "grammar", "replicas", "disconnect", "trace", "same-text",
-         "suffix")
+         "suffix", "agent")
 """`tandem bench MODE`: each is the module tandem.benchmarks.<MODE with '-' as '_'>."""
 
 
