@@ -9,6 +9,11 @@ one JSON object, {"tool_calls": [{"name", "arguments"}]} or {"response": "..."}.
 the rest is held and parsed at the end. `parse` is the same reader run on a whole text, so a streamed answer and
 a whole one always agree.
 
+Qwen2.5-Coder (hermes format) often answers a tool request under tool_choice auto with a ```json fenced block (or a
+bare JSON object) {"name", "arguments"} instead of its own <tool_call> tags; an answer that is only such JSON, every
+object naming a declared tool, is read as those calls (`whole_json_calls`). Anything else in that shape (a name not
+declared, text around it) stays text. So a hermes answer that opens like that is held as a call would be.
+
 Under `tool_choice: required` (or a named function) a grammar holds the output to calls in the model's format
 (tandem.tool_grammar). A call that repeats an earlier one (same name and arguments) is dropped: a model stuck in
 a loop writes the same call again and again.
@@ -17,6 +22,7 @@ a loop writes the same call again and again.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -226,6 +232,59 @@ def _read_held(fmt: str, held: str) -> tuple[list[ToolCall], str] | None:
     return (found, "") if found else None
 
 
+_JSON_ANSWER = frozenset({"hermes"})
+"""Formats whose model may answer with a call as a whole-answer JSON object, fenced or bare (see the module doc)."""
+_OPENINGS = ('{"', '[{"')
+"""How a JSON answer of calls starts, whitespace left out."""
+_FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\r?\n(.*?)(?:\s*```)?", re.S | re.I)
+"""A ```json (or bare ```) fenced block; its closing fence may be missing (an answer cut by max_tokens)."""
+
+
+def _opening(lead: str) -> str:
+    """Whether an answer starting with `lead` (non-empty, stripped on the left) may be a whole-answer JSON call:
+    "yes", "no", or "maybe" (too short to tell)."""
+    if lead.startswith("```"):
+        tag, newline, rest = lead[3:].partition("\n")
+        if not newline:
+            return "maybe" if len(tag) < 16 and "json".startswith(tag.strip().lower()) else "no"
+        if tag.strip().lower() not in ("", "json"):
+            return "no"
+        lead = rest
+    elif "```".startswith(lead):
+        return "maybe"
+    head = re.sub(r"\s+", "", lead[:64])
+    if head.startswith(_OPENINGS):
+        return "yes"
+    return "maybe" if any(o.startswith(head) for o in _OPENINGS) else "no"
+
+
+def _closed_then_text(held: str) -> bool:
+    """Whether a held fenced answer has text after its closing fence (then it is not only a call)."""
+    lead = held.lstrip()
+    if not lead.startswith("```"):
+        return False
+    end = lead.find("```", lead.find("\n") + 1) if "\n" in lead else -1
+    return end >= 0 and bool(lead[end + 3:].strip())
+
+
+def whole_json_calls(text: str, req: ToolRequest) -> list[ToolCall] | None:
+    """The calls of an answer that is only a fenced or bare JSON object (or list) of {"name", "arguments"}, each
+    naming one of the request's tools; None for anything else."""
+    body = text.strip()
+    if body.startswith("```"):
+        m = _FENCE.fullmatch(body)
+        if m is None:
+            return None
+        body = m.group(1)
+    values = _objects(body)
+    flat = [v for value in values or () for v in (value if isinstance(value, list) else [value])]
+    declared = {f.get("name") for f in req.functions}
+    if not flat or not all(isinstance(v, dict) and v.get("name") in declared and set(v) & {"arguments", "parameters"}
+                           and set(v) <= {"name", "arguments", "parameters", "id"} for v in flat):
+        return None
+    return _calls(flat, "arguments", "parameters")
+
+
 def _unique(calls: list[ToolCall]) -> list[ToolCall]:
     """The calls without those that repeat an earlier one (same name, same arguments)."""
     seen: set[tuple[str, str]] = set()
@@ -252,7 +311,9 @@ def _partial_marker(text: str, markers: Sequence[str]) -> int:
 class ToolStream:
     """Reads a model's output piece by piece: `feed` returns the text that can go out now, `finish` the rest
     and the calls. Text from a call marker on (or the whole answer, in the JSON formats, when it starts with
-    "{") is held until the end; so is trailing whitespace, which a call after it would drop."""
+    "{"; in hermes, when it opens as a JSON call, fenced or bare) is held until the end; so is trailing
+    whitespace, which a call after it would drop. A held fenced block with text after its closing fence is not
+    only a call: it goes out then."""
 
     def __init__(self, fmt: str, req: ToolRequest):
         self.fmt, self.req = fmt, req
@@ -260,18 +321,33 @@ class ToolStream:
         self._pending = ""  # text not sent yet
         self._held = False  # a call may have started: nothing more goes out before finish()
         self._sent = False  # some text went out
+        self._answer = fmt in _JSON_ANSWER  # the answer's opening is still to be read for a whole-answer JSON call
+        self._json = False  # held as a whole-answer JSON call
 
     def feed(self, text: str) -> str:
         """The text that can be sent now."""
         self._pending += text
         if self._held:
-            return ""
+            if not self._json or not _closed_then_text(self._pending):
+                return ""
+            self._held = self._json = False  # a fenced block and more text: text (a marker after it still holds)
         if not self._sent and self.fmt in _JSON_FIRST:
             lead = self._pending.lstrip()
             if not lead:
                 return ""
             if lead.startswith("{"):
                 self._held = True
+                return ""
+        if not self._sent and self._answer:
+            lead = self._pending.lstrip()
+            if not lead:
+                return ""
+            opening = _opening(lead)
+            if opening == "maybe":
+                return ""
+            self._answer = False
+            if opening == "yes":
+                self._held = self._json = True
                 return ""
         cut = min((i for i in (self._pending.find(m) for m in self._markers) if i >= 0), default=-1)
         if cut >= 0:
@@ -292,6 +368,9 @@ class ToolStream:
         """The rest of the text and the calls (what `content` still lacks; None when only calls remain)."""
         held, self._pending = self._pending, ""
         read = _read_held(self.fmt, held) if self._held else None
+        if read is None and self._json:
+            found = whole_json_calls(held, self.req)
+            read = (found, "") if found else None
         if read is None:
             return Parsed(held.rstrip() if self._sent else held.strip())
         calls, rest = read

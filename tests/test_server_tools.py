@@ -231,3 +231,60 @@ def test_a_required_call_in_qwens_format_is_generated_and_parsed(qwen_server, ch
     assert isinstance(json.loads(call.function.arguments), dict)
     r = _required(oai, model)  # parallel calls: bounded, no repeats, streamed alike
     assert 1 <= len(r.choices[0].message.tool_calls) <= 2 and r.usage.completion_tokens < 80
+
+
+def _call_schema(name: str) -> dict:
+    """A JSON schema whose only answer is the call {"name": name, "arguments": {"zone": "CET"}}: it makes the tiny
+    model answer as Qwen2.5-Coder answers under tool_choice auto, a bare JSON call instead of <tool_call> tags."""
+    return {"type": "object", "additionalProperties": False, "required": ["name", "arguments"], "properties": {
+        "name": {"const": name}, "arguments": {"type": "object", "additionalProperties": False, "required": ["zone"],
+                                               "properties": {"zone": {"enum": ["CET"]}}}}}
+
+
+@pytest.mark.parametrize("name", ["get_time", "get_stock"])
+def test_a_json_answer_naming_a_declared_tool_is_a_call_in_every_api(qwen_server, name):
+    """Qwen's template (hermes) under tool_choice auto: an answer that is only {"name", "arguments"} naming a declared
+    tool comes back as a call, whole and streamed, from chat completions, the Messages API and the Responses API
+    (before: the JSON as content, finish_reason stop); naming no declared tool (get_stock), it stays text."""
+    import anthropic
+    oai = openai.OpenAI(base_url=f"{qwen_server.url}/v1", api_key=TEST_KEY, max_retries=0, timeout=60)
+    model = oai.models.list().data[0].id
+    schema = _call_schema(name)
+    kw = dict(model=model, messages=[{"role": "user", "content": "Time?"}], tools=[DATE, TIME], tool_choice="auto",
+              max_tokens=60, temperature=0, response_format={"type": "json_schema", "json_schema": {
+                  "name": "call", "schema": schema}})
+    r = oai.chat.completions.create(**kw)
+    chunks = list(oai.chat.completions.create(**kw, stream=True))
+    streamed_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    streamed_args = "".join(t.function.arguments or "" for c in chunks if c.choices
+                            for t in c.choices[0].delta.tool_calls or [])
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    claude = anthropic.Anthropic(base_url=qwen_server.url, api_key=TEST_KEY, max_retries=0, timeout=60)
+    msg = claude.messages.create(model=model, max_tokens=60, messages=kw["messages"],
+                                 tools=[{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]}
+                                        for t in (DATE, TIME)],
+                                 extra_body={"temperature": 0,  # (the SDK has no temperature argument any more)
+                                             "output_config": {"format": {"type": "json_schema", "schema": schema}}})
+    resp = oai.responses.create(model=model, input="Time?", max_output_tokens=60, temperature=0,
+                                tools=[{"type": "function", **t["function"]} for t in (DATE, TIME)],
+                                text={"format": {"type": "json_schema", "name": "call", "schema": schema}})
+    if name == "get_stock":
+        assert json.loads(r.choices[0].message.content)["name"] == "get_stock" and not r.choices[0].message.tool_calls
+        assert streamed_text == r.choices[0].message.content and finishes == ["stop"] and not streamed_args
+        assert [b.type for b in msg.content] == ["text"] and msg.stop_reason == "end_turn"
+        assert [o.type for o in resp.output] == ["message"] and json.loads(resp.output_text)["name"] == "get_stock"
+        return
+    msg_ = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and msg_.content is None, r.choices[0]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in msg_.tool_calls] == [("get_time",
+                                                                                                 {"zone": "CET"})]
+    assert streamed_text == "" and finishes == ["tool_calls"] and json.loads(streamed_args) == {"zone": "CET"}
+    assert msg.stop_reason == "tool_use" and [(b.type, b.name, b.input) for b in msg.content] == [
+        ("tool_use", "get_time", {"zone": "CET"})]
+    assert [(o.type, o.name, json.loads(o.arguments)) for o in resp.output] == [("function_call", "get_time",
+                                                                                 {"zone": "CET"})]
+    fence = '```json\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n```'  # as Qwen2.5-Coder writes it most
+    kw = {**kw, "response_format": None, "extra_body": {"grammar": f"root ::= {json.dumps(fence)}"}}
+    fenced = oai.chat.completions.create(**kw)
+    assert fenced.choices[0].finish_reason == "tool_calls" and fenced.choices[0].message.content is None, fenced
+    assert [json.loads(c.function.arguments) for c in fenced.choices[0].message.tool_calls] == [{"zone": "UTC"}]

@@ -35,6 +35,24 @@ CASES = [
     ("hermes", "It is <tool_call>not json</tool_call>", "It is <tool_call>not json</tool_call>", []),
     ("hermes", "No call here, just text.", "No call here, just text.", []),
     ("hermes", "A tag-like end <tool", "A tag-like end <tool", []),
+    # Qwen2.5-Coder under tool_choice auto: the call as a whole-answer JSON block, fenced or bare
+    ("hermes", '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```', None,
+     [("get_weather", {"city": "Paris"})]),
+    ("hermes", '\n```\n[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]'
+               '\n```\n', None, [("get_time", {}), ("get_weather", {"city": "Rome"})]),
+    ("hermes", '{"name": "get_weather", "arguments": {"city": "Oslo"}}', None, [("get_weather", {"city": "Oslo"})]),
+    ("hermes", '```JSON\n{"name": "get_time", "arguments": "{}"}', None, [("get_time", {})]),  # cut before ```
+    ("hermes", '```json\n{"name": "get_stock", "arguments": {"ticker": "X"}}\n```',  # not a declared tool
+     '```json\n{"name": "get_stock", "arguments": {"ticker": "X"}}\n```', []),
+    ("hermes", '{"name": "get_weather", "arguments": {"city": "Oslo"}, "why": "asked"}',  # more than a call
+     '{"name": "get_weather", "arguments": {"city": "Oslo"}, "why": "asked"}', []),
+    ("hermes", '{"name": "get_weather"}', '{"name": "get_weather"}', []),  # no arguments: a JSON answer, not a call
+    ("hermes", '```json\n{"name": "get_time", "arguments": {}}\n```\nThis asks for the time.',
+     '```json\n{"name": "get_time", "arguments": {}}\n```\nThis asks for the time.', []),  # text around it
+    ("hermes", 'Call it so: {"name": "get_time", "arguments": {}}', 'Call it so: {"name": "get_time", "arguments": {}}',
+     []),
+    ("hermes", '```python\nprint("hi")\n```', '```python\nprint("hi")\n```', []),
+    ("hermes", "[1] A footnote.", "[1] A footnote.", []),
     ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [("get_weather", {"city": "Paris"})]),
     ("llama3", '<|python_tag|>{"name": "get_time", "parameters": {}}; {"name": "get_weather", "parameters": '
                '{"city": "Bern"}}', None, [("get_time", {}), ("get_weather", {"city": "Bern"})]),
@@ -111,10 +129,29 @@ def test_text_before_a_call_goes_out_before_the_end():
     assert rest.content is None and [c.name for c in rest.calls] == ["get_time"]
 
 
-def test_a_json_answer_is_held_only_in_the_json_formats():
+def test_a_json_answer_is_held_in_the_json_formats_and_in_hermes_as_qwen_writes_a_call_under_auto():
     assert ToolStream("generic", AUTO).feed('{"response": "hi"') == ""
     assert ToolStream("llama3", AUTO).feed('{"name"') == ""
-    assert ToolStream("hermes", AUTO).feed('{"a": 1}') == '{"a": 1}'
+    assert ToolStream("mistral", AUTO).feed('{"a": 1}') == '{"a": 1}'
+    hermes = ToolStream("hermes", AUTO)
+    assert hermes.feed('{"a": 1}') == ""  # may be a whole-answer call: held, and text at the end when it is not one
+    assert hermes.finish() == tools.Parsed('{"a": 1}')
+    for text in ("Sure, ", "{ not json", "```python\n", "`code`"):  # what cannot open a JSON call goes out at once
+        assert ToolStream("hermes", AUTO).feed(text) == text.rstrip(), text
+    fenced = ToolStream("hermes", AUTO)
+    assert fenced.feed("``") == "" and fenced.feed("`js") == "" and fenced.feed('on\n{"name": "get_time",') == ""
+    assert fenced.feed(' "arguments": {}}\n```') == ""
+    assert fenced.feed("\nThat") == '```json\n{"name": "get_time", "arguments": {}}\n```\nThat'  # text after it
+    assert fenced.feed(" is all.") == " is all." and fenced.finish() == tools.Parsed("")
+
+
+@pytest.mark.parametrize("choice,parallel,names", [("get_weather", True, ["get_weather"]),
+                                                   ("auto", False, ["get_time"])])
+def test_a_json_answer_of_calls_keeps_the_named_function_and_one_call_without_parallel(choice, parallel, names):
+    text = '```json\n[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Bern"}}]' \
+           '\n```'
+    assert [c.name for c in parse(text, "hermes", ToolRequest((WEATHER, TIME), choice, parallel)).calls] == names
+    assert tools.whole_json_calls(text, ToolRequest((WEATHER,))) is None  # get_time is not declared there
 
 
 def test_named_choice_keeps_only_that_function_and_parallel_false_keeps_one():
