@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tandem.errors import BadInputError
@@ -184,9 +184,10 @@ class LlamaServerPeer:
 
 
 def parallel_peer(binary: Path, main: Path, draft: Path | None, *, ctx_size: int, threads: int,
-                  parallel: int) -> LlamaServerPeer:
+                  parallel: int, spec_type: str | None = None) -> LlamaServerPeer:
     """llama-server -np `parallel` as the concurrent modes (bench serve, disconnect) run it: Tandem's settings
-    (f16 KV, the draft drafting up to 16 tokens whatever its confidence), not started."""
-    return LlamaServerPeer(binary, PeerSettings(main=main, draft=draft, ctx_size=ctx_size, threads=threads or 2,
-                                                cache_type_k="f16", cache_type_v="f16", parallel=parallel,
-                                                draft_max=16, draft_p_min=0.0))
+    (f16 KV, the draft drafting up to 16 tokens whatever its confidence; or `spec_type`, e.g. ngram-mod), not
+    started."""
+    settings = PeerSettings(main=main, draft=draft, ctx_size=ctx_size, threads=threads or 2, cache_type_k="f16",
+                            cache_type_v="f16", parallel=parallel, draft_max=16, draft_p_min=0.0)
+    return LlamaServerPeer(binary, settings if spec_type is None else replace(settings, spec_type=spec_type))

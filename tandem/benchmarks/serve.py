@@ -35,7 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, None)
     add_concurrency_arguments(p, positions=512)
     p.add_argument("--llama-server", type=Path, default=None, metavar="PATH",
-                   help="also run llama-server -np N at PATH, without and with the draft")
+                   help="also run llama-server -np N at PATH, without and with the draft, and with ngram-mod")
+    p.add_argument("--peer-draft", type=Path, default=None, metavar="PATH",
+                   help="the draft llama-server uses (default: --draft; llama-server cannot draft across "
+                        "vocabularies, so give a draft of the main model's own for a draft of another vocabulary)")
     p.add_argument("--also-parallel", type=int, default=None, metavar="P",
                    help="also run Tandem with --parallel P (P x positions in one pool) at every N: a single client "
                         "at N = 1 shows what serving several clients costs one")
@@ -126,9 +129,11 @@ def main(args: argparse.Namespace) -> int:
             continue
         vocab = vocab or Model(main_path)
         prompts = [tokenize_prompt(vocab, text) for text in rendered]
-        for name, peer_draft in (("llama-server", None), ("llama-server + draft", draft)):
+        peers = (("llama-server", None, None), ("llama-server + draft", args.peer_draft or draft, None),
+                 ("llama-server ngram-mod", None, "ngram-mod"))
+        for name, peer_draft, spec_type in peers:
             peer = parallel_peer(args.llama_server, main_path, peer_draft, ctx_size=args.ctx_size * n,
-                                 threads=args.threads, parallel=n)
+                                 threads=args.threads, parallel=n, spec_type=spec_type)
             try:
                 peer.start()
                 print(_row(name, n, _clients(n, lambda i: peer.stream(prompts[i], args.max_tokens), args.rounds)),
