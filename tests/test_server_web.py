@@ -169,6 +169,14 @@ def test_draft_selector_lists_only_compatible_drafts(registry_server):
 
 
 @needs_node
+def test_draft_selector_names_a_draft_of_another_vocabulary_as_such():
+    model = {"id": "qwen", "default_draft_model": "smol", "compatible_draft_models": ["qwen-0.5b", "smol"],
+             "translated_draft_models": {"smol": 0.9999}}
+    labels = {o["value"]: o["label"] for o in js("draftOptions", model)}
+    assert labels["qwen-0.5b"] == "qwen-0.5b" and labels["smol"] == "smol (through text, 100%)"
+
+
+@needs_node
 @pytest.mark.parametrize("size", [7, 1000])
 def test_stream_becomes_coloured_pieces_equal_to_the_whole_answer(server, size):
     messages = [{"role": "user", "content": "Write a poem about the sea."}]

@@ -92,7 +92,12 @@ function draftOptions(model) {
   if (!model) return [];
   const dflt = model.default_draft_model || model.draft_model;
   const opts = [{ value: "", label: `default (${dflt || "none"})` }, { value: "none", label: "none (no speculation)" }];
-  for (const id of model.compatible_draft_models || []) opts.push({ value: id, label: id });
+  const translated = model.translated_draft_models || {};
+  for (const id of model.compatible_draft_models || []) {
+    // a draft of another vocabulary drafts through text (the share of the main model's tokens it can write)
+    const share = translated[id];
+    opts.push({ value: id, label: share === undefined ? id : `${id} (through text, ${Math.round(share * 100)}%)` });
+  }
   return opts;
 }
 
