@@ -182,6 +182,16 @@ def test_draft_model_by_name_and_by_path(server, tiny):
     assert again["stats"]["draft_model"] == tiny["draft_close"].stem
 
 
+def test_a_draft_of_another_vocabulary_loads_per_request_and_drafts_through_text(server, tiny):
+    """draft_model naming a GGUF of another tokenizer: loaded on demand, it drafts through text (the stats count its
+    proposals in main ids) and the text stays the main model's."""
+    plain = chat(server, PROMPTS[1], max_tokens=32, draft_model="none")["choices"][0]["message"]["content"]
+    other = chat(server, PROMPTS[1], max_tokens=32, draft_model=str(tiny["other_vocab"]))
+    assert other["stats"]["draft_model"] == tiny["other_vocab"].stem
+    assert other["stats"]["total_draft_tokens_count"] > 0 and other["choices"][0]["message"]["content"] == plain
+    assert_identity(other["stats"])
+
+
 def test_metrics_move_by_the_request_counts(server):
     before = metrics(server.url)
     r = chat(server, PROMPTS[3], max_tokens=50)
