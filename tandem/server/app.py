@@ -38,8 +38,9 @@ from tandem.server.schemas import (ChatRequest, Completion, CompletionRequest, H
 from tandem.server.templating import template_router
 from tandem.server.structured import grammar_of
 from tandem.server.web import PAGES, web_router
+from tandem.server.events import all_events, cancel, first_events
 from tandem.server.worker import SERVING, Engine, EngineStatus, JobHandle, JobSpec, ModelInfo, not_ready_error
-from tandem.spec.generate import Done, GenParams
+from tandem.spec.generate import GenParams
 from tandem.spec.penalties import DEFAULT_REPEAT_LAST_N, penalty_processors
 from tandem.spec.processors import Processors
 from tandem.spec.sampling import SamplingParams
@@ -141,11 +142,6 @@ async def _stream(handle: JobHandle, first: list, builder: Builder, include_usag
         handle.cancel()
 
 
-async def _cancel(handle: JobHandle) -> None:
-    """The streaming response's background task (async: a sync one would run on a worker thread)."""
-    handle.cancel()
-
-
 @dataclasses.dataclass(frozen=True)
 class _Target:
     """The models one request resolved to."""
@@ -238,27 +234,15 @@ def create_app(options: ServerOptions, runtime_factory: Callable[[], Runtime], s
         builder = Builder(job.endpoint, model_id, token_sources=req.return_token_sources,
                           logprobs=req.logprob_count is not None)
         handle = engine.submit(job)
-        try:
-            first = [await handle.next(request.is_disconnected)]
-        except BaseException:
-            handle.cancel()
-            raise
-        first += handle.ready()
+        first = await first_events(handle, request)
         if job.tools is not None:  # the model is loaded now: its tool format is known
             fmt = loaded_format(job.model)
             builder.read_tool_calls(fmt.tool_format if fmt else "generic", job.tools)
         if req.stream:
             return StreamingResponse(_stream(handle, first, builder, req.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                                     background=BackgroundTask(_cancel, handle))
-        events = first
-        try:
-            while not isinstance(events[-1], Done):
-                events.append(await handle.next(request.is_disconnected))
-                events += handle.ready()
-        finally:
-            handle.cancel()
-        return JSONResponse(builder.whole(Piece.of(events)))
+                                     background=BackgroundTask(cancel, handle))
+        return JSONResponse(builder.whole(Piece.of(await all_events(handle, first, request))))
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 

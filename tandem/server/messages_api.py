@@ -33,8 +33,9 @@ from tandem.server.messages_schema import CountTokensRequest, MessagesRequest, c
 from tandem.server.options import ServerOptions
 from tandem.server.responses import Piece
 from tandem.server.schemas import ChatRequest
+from tandem.server.events import all_events, cancel, first_events
 from tandem.server.worker import Counted, Engine, JobHandle, JobSpec
-from tandem.spec.generate import Done, GenParams
+from tandem.spec.generate import GenParams
 from tandem.templates import ChatFormat
 from tandem.tool_grammar import check_choice
 
@@ -106,11 +107,6 @@ async def _stream(handle: JobHandle, first: list, builder: MessageBuilder) -> As
         handle.cancel()
 
 
-async def _cancel(handle: JobHandle) -> None:
-    """The streaming response's background task (async: a sync one would run on a worker thread)."""
-    handle.cancel()
-
-
 def messages_router(engine: Engine, options: ServerOptions, *, target: Callable[[Any], Awaitable[Any]],
                     loaded_format: Callable[[str | None], ChatFormat | None],
                     gen_params: Callable[[ChatRequest, int, SpecOptions], GenParams]) -> APIRouter:
@@ -149,26 +145,14 @@ def messages_router(engine: Engine, options: ServerOptions, *, target: Callable[
         req = parse(MessagesRequest, await read_json(request, options.max_body_bytes))
         job, model_id = await job_of(request, req, "chat")
         handle = engine.submit(job)
-        try:  # the first event before answering: errors the engine finds still get their status
-            first = [await handle.next(request.is_disconnected)]
-        except BaseException:
-            handle.cancel()
-            raise
-        first += handle.ready()
+        first = await first_events(handle, request)
         fmt = loaded_format(job.model) if job.tools is not None else None  # loaded now: its tool format is known
         builder = MessageBuilder(model_id, stops=req.stops, tools=job.tools,
                                  tool_format=fmt.tool_format if fmt else "generic")
         if req.stream:
             return StreamingResponse(_stream(handle, first, builder), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"}, background=BackgroundTask(_cancel, handle))
-        events = first
-        try:
-            while not isinstance(events[-1], Done):
-                events.append(await handle.next(request.is_disconnected))
-                events += handle.ready()
-        finally:
-            handle.cancel()
-        return JSONResponse(builder.whole(Piece.of(events)))
+                                     headers={"Cache-Control": "no-cache"}, background=BackgroundTask(cancel, handle))
+        return JSONResponse(builder.whole(Piece.of(await all_events(handle, first, request))))
 
     @router.post("/count_tokens", include_in_schema=False)
     async def count_tokens(request: Request) -> dict[str, int]:

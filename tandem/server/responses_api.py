@@ -37,8 +37,9 @@ from tandem.server.responses import Piece
 from tandem.server.responses_build import ResponseBuilder
 from tandem.server.responses_schema import Item, ResponsesRequest, parse_request, responses_param
 from tandem.server.schemas import ChatRequest
+from tandem.server.events import all_events, cancel, first_events
 from tandem.server.worker import Engine, JobHandle, JobSpec
-from tandem.spec.generate import Done, GenParams
+from tandem.spec.generate import GenParams
 from tandem.templates import ChatFormat
 from tandem.tool_grammar import check_choice
 
@@ -122,20 +123,6 @@ def _output_items(response: dict[str, Any]) -> list[Any]:
                                    for item in response["output"]])
 
 
-async def _first_events(handle: JobHandle, request: Request) -> list:
-    """The job's first events (as the chat route's `run` waits for them, so engine errors keep their status)."""
-    try:
-        first = [await handle.next(request.is_disconnected)]
-    except BaseException:
-        handle.cancel()
-        raise
-    return first + handle.ready()
-
-
-async def _cancel(handle: JobHandle) -> None:
-    handle.cancel()
-
-
 def responses_router(gen: Generation) -> APIRouter:
     """The /v1/responses routes over `gen` (the app's engine and chat steps), with their own response store."""
     store = ResponseStore()
@@ -190,7 +177,7 @@ def responses_router(gen: Generation) -> APIRouter:
         builder = ResponseBuilder(req, t.model_id)
         handle = gen.engine.submit(job)
         try:
-            first = await _first_events(handle, request)
+            first = await first_events(handle, request)
         except BadInputError as e:  # the template refused the messages, the prompt is over the context, ...
             raise responses_param(e) from None
         if tools is not None:  # the model is loaded now: its tool format is known
@@ -204,15 +191,8 @@ def responses_router(gen: Generation) -> APIRouter:
 
         if req.stream:
             return StreamingResponse(stream(handle, first, builder, keep), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"}, background=BackgroundTask(_cancel, handle))
-        events = first
-        try:
-            while not isinstance(events[-1], Done):
-                events.append(await handle.next(request.is_disconnected))
-                events += handle.ready()
-        finally:
-            handle.cancel()
-        body = builder.whole(Piece.of(events))
+                                     headers={"Cache-Control": "no-cache"}, background=BackgroundTask(cancel, handle))
+        body = builder.whole(Piece.of(await all_events(handle, first, request)))
         keep(body)
         return JSONResponse(body)
 
